@@ -1,33 +1,362 @@
-"""PLACEHOLDER gemm with the final signature; being replaced by the packed SIMD GEMM."""
+"""Packed, cache-blocked, register-tiled GEMM: C (+)= op(A) · op(B).
+
+float32 (training) follows the Goto/BLIS loop nest:
+
+    for jc in N by NC:                      (slab columns)
+      for pc in K by KC:
+        pack op(B)[pc:pc+kc, jc:jc+nc] -> bbuf  [32-column panel][k][32]   (L3)
+        for ic in M by MC:
+          pack op(A)[ic:ic+mc, pc:pc+kc] -> abuf [8-row panel][k][8]       (L2)
+          for jr in nc by 32:               (one B micro-panel stays in L1)
+            for ir in mc by 8:
+              8x32 micro-kernel: 16 `<16 x float>` accumulators, per k step
+              2 vector loads of B, 8 broadcasts of A, 16 FMAs
+
+Packed buffers are zero-padded to whole panels and 64-byte aligned (Numba's
+allocations are not, and panels that split cache lines ran 1.5-2.5x slower).
+Transposed operands are handled by the packing routines (in-register 8x16
+transposes where k runs along memory rows), never materialised.  Tiles at the
+right/bottom edge are computed into an 8x32 scratch tile and copied out.
+
+When M is small (conv1, the FC layers at small batch) packing B costs as much
+as the arithmetic it feeds, so with B not transposed and M <= SMALL_M the
+micro-kernel reads B in place, row stride ldb, prefetching ahead.
+
+Two threads: `prange` over slabs of C split along the larger of M and N, each
+running the serial nest above with its own buffers.
+
+float64 is for gradient checks only: a plain blocked kernel on contiguous
+copies of op(A), op(B), vectorised by LLVM along the rows of C.
+
+Every entry point receives its operands as flat 1-D views with a leading
+dimension (elements between rows), so one compiled specialisation per dtype
+covers contiguous arrays, row-strided views and transposes alike.
+"""
+import numba
 import numpy as np
 from numba import njit, prange
 
+from .simd import prefetch, vbroadcast, vfma, vload, vstore, vtranspose_8x16, vzero, vadd
+
+MR = 8          # micro-tile rows (broadcast A values)
+NR = 32         # micro-tile columns (two 16-lane vectors)
+MC = 192        # rows of A per packed block:     192 x 384 x 4 B = 288 KiB, in L2
+KC = 384        # depth per packed block
+NC = 1024       # columns of B per packed block:  384 x 1024 x 4 B = 1.5 MiB, in L3
+SMALL_M = 0   # at most this many rows (per call): B is read in place instead of packed
+PREFETCH_K = 128  # B rows ahead to prefetch when B is read in place
+PAR_MIN_FLOPS = 4_000_000  # below this a second thread costs more than it saves
+
+
+@njit(cache=True)
+def _aligned_f32(n):
+    """A float32 buffer of n elements whose data pointer is 64-byte aligned."""
+    raw = np.empty(n + 16, dtype=np.float32)
+    off = ((64 - raw.ctypes.data % 64) % 64) // 4
+    return raw[off:off + n]
+
+
+@njit(cache=True)
+def _micro_8x32(kc, ap, a_off, bp, b_off, b_ld, pf, c, c_off, ldc, add):
+    # ap: packed A panel, [kc][8] from a_off;  bp: B micro-panel, row p at b_off + p*b_ld (32 wide)
+    # c: C tile, row r at c_off + r*ldc (32 wide); add: C += tile, else C = tile
+    # pf: when nonzero, prefetch B PREFETCH_K rows ahead (B read in place from memory)
+    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
+    c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
+    c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+    c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
+    pa = a_off
+    pb = b_off
+    pfo = PREFETCH_K * b_ld
+    for _ in range(kc):
+        if pf:
+            prefetch(bp, pb + pfo)
+            prefetch(bp, pb + pfo + 16)
+        b0 = vload(bp, pb)
+        b1 = vload(bp, pb + 16)
+        a = vbroadcast(ap, pa)
+        c00 = vfma(a, b0, c00); c01 = vfma(a, b1, c01)
+        a = vbroadcast(ap, pa + 1)
+        c10 = vfma(a, b0, c10); c11 = vfma(a, b1, c11)
+        a = vbroadcast(ap, pa + 2)
+        c20 = vfma(a, b0, c20); c21 = vfma(a, b1, c21)
+        a = vbroadcast(ap, pa + 3)
+        c30 = vfma(a, b0, c30); c31 = vfma(a, b1, c31)
+        a = vbroadcast(ap, pa + 4)
+        c40 = vfma(a, b0, c40); c41 = vfma(a, b1, c41)
+        a = vbroadcast(ap, pa + 5)
+        c50 = vfma(a, b0, c50); c51 = vfma(a, b1, c51)
+        a = vbroadcast(ap, pa + 6)
+        c60 = vfma(a, b0, c60); c61 = vfma(a, b1, c61)
+        a = vbroadcast(ap, pa + 7)
+        c70 = vfma(a, b0, c70); c71 = vfma(a, b1, c71)
+        pa += MR
+        pb += b_ld
+    if add:
+        c00 = vadd(c00, vload(c, c_off)); c01 = vadd(c01, vload(c, c_off + 16))
+        c10 = vadd(c10, vload(c, c_off + ldc)); c11 = vadd(c11, vload(c, c_off + ldc + 16))
+        c20 = vadd(c20, vload(c, c_off + 2 * ldc)); c21 = vadd(c21, vload(c, c_off + 2 * ldc + 16))
+        c30 = vadd(c30, vload(c, c_off + 3 * ldc)); c31 = vadd(c31, vload(c, c_off + 3 * ldc + 16))
+        c40 = vadd(c40, vload(c, c_off + 4 * ldc)); c41 = vadd(c41, vload(c, c_off + 4 * ldc + 16))
+        c50 = vadd(c50, vload(c, c_off + 5 * ldc)); c51 = vadd(c51, vload(c, c_off + 5 * ldc + 16))
+        c60 = vadd(c60, vload(c, c_off + 6 * ldc)); c61 = vadd(c61, vload(c, c_off + 6 * ldc + 16))
+        c70 = vadd(c70, vload(c, c_off + 7 * ldc)); c71 = vadd(c71, vload(c, c_off + 7 * ldc + 16))
+    vstore(c, c_off, c00); vstore(c, c_off + 16, c01)
+    vstore(c, c_off + ldc, c10); vstore(c, c_off + ldc + 16, c11)
+    vstore(c, c_off + 2 * ldc, c20); vstore(c, c_off + 2 * ldc + 16, c21)
+    vstore(c, c_off + 3 * ldc, c30); vstore(c, c_off + 3 * ldc + 16, c31)
+    vstore(c, c_off + 4 * ldc, c40); vstore(c, c_off + 4 * ldc + 16, c41)
+    vstore(c, c_off + 5 * ldc, c50); vstore(c, c_off + 5 * ldc + 16, c51)
+    vstore(c, c_off + 6 * ldc, c60); vstore(c, c_off + 6 * ldc + 16, c61)
+    vstore(c, c_off + 7 * ldc, c70); vstore(c, c_off + 7 * ldc + 16, c71)
+
+
+@njit(cache=True)
+def _pack_b32(b, ldb, tb, pc, kc, j_lo, j_hi, dst, dst_off):
+    # b: op(B)[k, j] = b[k*ldb + j] (tb False) or b[j*ldb + k] (tb True)
+    # dst: [panel of 32 columns][kc][32] from dst_off, columns j_lo..j_hi zero-padded to 32s
+    q = 0
+    for j0 in range(j_lo, j_hi, NR):
+        w = min(NR, j_hi - j0)
+        base = dst_off + q * kc * NR
+        q += 1
+        if not tb:
+            if w == NR:
+                for p in range(kc):
+                    s = (pc + p) * ldb + j0
+                    d = base + p * NR
+                    vstore(dst, d, vload(b, s))
+                    vstore(dst, d + 16, vload(b, s + 16))
+            else:
+                for p in range(kc):
+                    s = (pc + p) * ldb + j0
+                    d = base + p * NR
+                    for jj in range(w):
+                        dst[d + jj] = b[s + jj]
+                    for jj in range(w, NR):
+                        dst[d + jj] = 0.0
+        else:
+            p0 = 0
+            if w == NR:
+                # k runs along memory rows of b: 8 columns x 16 k per register transpose
+                while p0 + 16 <= kc:
+                    for g in range(4):
+                        vtranspose_8x16(b, (j0 + 8 * g) * ldb + pc + p0, ldb,
+                                        dst, base + p0 * NR + 8 * g, NR)
+                    p0 += 16
+            for p in range(p0, kc):
+                d = base + p * NR
+                for jj in range(w):
+                    dst[d + jj] = b[(j0 + jj) * ldb + pc + p]
+                for jj in range(w, NR):
+                    dst[d + jj] = 0.0
+
+
+@njit(cache=True)
+def _pack_a32(a, lda, ta, ic, mc, pc, kc, dst):
+    # a: op(A)[i, k] = a[i*lda + k] (ta False) or a[k*lda + i] (ta True)
+    # dst: [panel of 8 rows][kc][8], rows ic..ic+mc zero-padded to 8s
+    q = 0
+    for i0 in range(ic, ic + mc, MR):
+        h = min(MR, ic + mc - i0)
+        base = q * kc * MR
+        q += 1
+        if not ta:
+            p0 = 0
+            if h == MR:
+                # k runs along memory rows of a: one register transpose per 8 x 16 block
+                while p0 + 16 <= kc:
+                    vtranspose_8x16(a, i0 * lda + pc + p0, lda, dst, base + p0 * MR, MR)
+                    p0 += 16
+            for p in range(p0, kc):
+                d = base + p * MR
+                for r in range(h):
+                    dst[d + r] = a[(i0 + r) * lda + pc + p]
+                for r in range(h, MR):
+                    dst[d + r] = 0.0
+        else:
+            for p in range(kc):
+                d = base + p * MR
+                s = (pc + p) * lda + i0
+                for r in range(h):
+                    dst[d + r] = a[s + r]
+                for r in range(h, MR):
+                    dst[d + r] = 0.0
+
+
+@njit(cache=True)
+def _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, inplace):
+    # a, b: flat float32 operands (see _pack_a32/_pack_b32); c: flat C, row stride ldc
+    # computes C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1]
+    # inplace: B not transposed and m1 - m0 <= SMALL_M: full B micro-panels are read where they lie
+    mcb = SMALL_M if inplace else MC
+    abuf = _aligned_f32(mcb * KC)
+    bbuf = _aligned_f32(KC * (NR if inplace else NC))
+    tile = _aligned_f32(MR * NR)
+    for jc in range(n0, n1, NC):
+        nc = min(NC, n1 - jc)
+        nfull = nc - nc % NR if inplace else 0  # columns read in place
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            if nfull < nc:
+                _pack_b32(b, ldb, tb, pc, kc, jc + nfull, jc + nc, bbuf, 0)
+            add = accumulate or pc > 0
+            for ic in range(m0, m1, mcb):
+                mc = min(mcb, m1 - ic)
+                _pack_a32(a, lda, ta, ic, mc, pc, kc, abuf)
+                for jr in range(0, nc, NR):
+                    w = min(NR, nc - jr)
+                    boff = ((jr - nfull) // NR) * kc * NR
+                    for ir in range(0, mc, MR):
+                        h = min(MR, mc - ir)
+                        aoff = (ir // MR) * kc * MR
+                        coff = (ic + ir) * ldc + jc + jr
+                        if jr < nfull:
+                            # full-width panel read in place (h < 8 goes via the tile)
+                            if h == MR:
+                                _micro_8x32(kc, abuf, aoff, b, pc * ldb + jc + jr, ldb, True,
+                                            c, coff, ldc, add)
+                                continue
+                            _micro_8x32(kc, abuf, aoff, b, pc * ldb + jc + jr, ldb, True,
+                                        tile, 0, NR, False)
+                        elif h == MR and w == NR:
+                            _micro_8x32(kc, abuf, aoff, bbuf, boff, NR, False, c, coff, ldc, add)
+                            continue
+                        else:
+                            _micro_8x32(kc, abuf, aoff, bbuf, boff, NR, False, tile, 0, NR, False)
+                        for r in range(h):
+                            for jj in range(w):
+                                if add:
+                                    c[coff + r * ldc + jj] += tile[r * NR + jj]
+                                else:
+                                    c[coff + r * ldc + jj] = tile[r * NR + jj]
+
 
 @njit(parallel=True, cache=True)
-def _gemm_nn(a, b, c, accumulate):
+def _gemm32_par(a, lda, ta, b, ldb, tb, c, ldc, m, n, k, accumulate, inplace, nslab, split_n):
+    # slabs of C split along N (in multiples of 32 columns) or M (in multiples of 8 rows)
+    if split_n:
+        step = ((n + NR - 1) // NR + nslab - 1) // nslab * NR
+    else:
+        step = ((m + MR - 1) // MR + nslab - 1) // nslab * MR
+    for s in prange(nslab):
+        lo = s * step
+        if split_n:
+            hi = min(n, lo + step)
+            if lo < hi:
+                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, 0, m, lo, hi, k, accumulate, inplace)
+        else:
+            hi = min(m, lo + step)
+            if lo < hi:
+                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, lo, hi, 0, n, k, accumulate, inplace)
+
+
+@njit(cache=True)
+def _gemm64(a, b, c, accumulate):
+    # a: (M, K) C-contiguous; b: (K, N) C-contiguous; c: (M, N) C-contiguous
     m, k = a.shape
     n = b.shape[1]
-    for i in prange(m):
-        if not accumulate:
+    kb = 256
+    nb = 512
+    if not accumulate:
+        for i in range(m):
             for j in range(n):
                 c[i, j] = 0.0
-        for p in range(k):
-            aip = a[i, p]
-            for j in range(n):
-                c[i, j] += aip * b[p, j]
+    for j0 in range(0, n, nb):
+        j1 = min(n, j0 + nb)
+        for p0 in range(0, k, kb):
+            p1 = min(k, p0 + kb)
+            for i in range(m):
+                for p in range(p0, p1):
+                    aip = a[i, p]
+                    for j in range(j0, j1):
+                        c[i, j] += aip * b[p, j]
+
+
+def _flat(x, trans):
+    """(flat read-only 1-D view, leading dimension, trans) describing the 2-D operand x.
+
+    op(x) is x or x.T.  A view whose unit stride is along axis 0 (x.T of a
+    C-contiguous array, Fortran order) is re-described as its transpose with the
+    flag flipped; an operand with no unit-stride axis is copied once.
+    """
+    item = x.itemsize
+    rows, cols = x.shape
+    s0, s1 = x.strides
+    if cols > 1 and rows > 1 and s1 != item and s0 == item:
+        x = x.T
+        trans = not trans
+        rows, cols = cols, rows
+        s0, s1 = s1, s0
+    if cols > 1 and s1 != item:
+        x = np.ascontiguousarray(x)
+        s0 = x.strides[0]
+    if rows <= 1:
+        ld = cols
+    else:
+        if s0 % item or s0 < 0:
+            x = np.ascontiguousarray(x)
+            s0 = x.strides[0]
+        ld = s0 // item
+    size = (rows - 1) * ld + cols if rows and cols else 0
+    flat = np.lib.stride_tricks.as_strided(x, shape=(size,), strides=(item,), writeable=False)
+    return flat, ld, trans
+
+
+def _check(a, b, out, trans_a, trans_b):
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"gemm needs 2-D operands, got {a.ndim}-D and {b.ndim}-D")
+    if a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"gemm needs float32 or float64 operands of one dtype, got {a.dtype} and {b.dtype}")
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != k2:
+        raise ValueError(f"gemm: inner dimensions differ: op(a) is {m}x{k}, op(b) is {k2}x{n}")
+    if out is not None:
+        if out.shape != (m, n) or out.dtype != a.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"gemm: out must be a C-contiguous {a.dtype} array of shape {(m, n)}, "
+                             f"got {out.dtype} {out.shape} (C-contiguous={out.flags.c_contiguous})")
+        if not out.flags.writeable:
+            raise ValueError("gemm: out is read-only")
+    return m, n, k
 
 
 def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
-    """out = op(a) @ op(b) (or out += ... when accumulate); op = transpose when trans_*.
+    """out = op(a) @ op(b) (out += ... when accumulate); op = transpose when trans_*.
 
-    a, b: 2-D float32 or float64 arrays of one dtype (any strides). Returns out.
+    a, b: 2-D float32 or float64 arrays of one dtype, any strides (views like
+    w.reshape(...) or x.T are fine: transposes are absorbed into packing).
+    out: optional C-contiguous 2-D array of the result dtype, not overlapping
+    a or b; when None a new array is returned (and accumulate is ignored).
+    Uses numba.get_num_threads() threads for large products. Returns out.
     """
-    a2 = np.ascontiguousarray(a.T if trans_a else a)
-    b2 = np.ascontiguousarray(b.T if trans_b else b)
+    m, n, k = _check(a, b, out, trans_a, trans_b)
     if out is None:
-        out = np.empty((a2.shape[0], b2.shape[1]), dtype=a.dtype)
+        out = np.empty((m, n), dtype=a.dtype)
         accumulate = False
-    _gemm_nn(a2, b2, out, accumulate)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        if not accumulate:
+            out[...] = 0
+        return out
+    if a.dtype == np.float64:
+        a2 = np.ascontiguousarray(a.T if trans_a else a)
+        b2 = np.ascontiguousarray(b.T if trans_b else b)
+        _gemm64(a2, b2, out, accumulate)
+        return out
+    af, lda, ta = _flat(a, trans_a)
+    bf, ldb, tb = _flat(b, trans_b)
+    cf = out.reshape(-1)
+    inplace = (not tb) and m <= SMALL_M and n >= NR
+    nthreads = numba.get_num_threads()
+    if nthreads > 1 and 2.0 * m * n * k >= PAR_MIN_FLOPS:
+        split_n = n >= m
+        nslab = min(nthreads, (n + NR - 1) // NR if split_n else (m + MR - 1) // MR)
+        if nslab > 1:
+            _gemm32_par(af, lda, ta, bf, ldb, tb, cf, n, m, n, k, accumulate, inplace, nslab, split_n)
+            return out
+    _gemm32_slab(af, lda, ta, bf, ldb, tb, cf, n, 0, m, 0, n, k, accumulate, inplace)
     return out
 
 

@@ -1,0 +1,207 @@
+"""2-D convolution (PyTorch Conv2d semantics, groups included) on im2col + our GEMM.
+
+Forward, per batch chunk of Nc images:
+    cols (K, Nc*P) = im2col(x chunk)          K = Cin*kh*kw, P = OH*OW
+    Y_g (Cout/g, Nc*P) = W_g (Cout/g, K/g) @ cols[rows of group g]
+    y[n, co, p] = Y[co, n*P + p] + b[co]      (reorder fused with the bias add)
+Backward reorders dy the same way (fused with the bias-gradient sum), then
+    dW_g += dY_g @ cols_g.T                   dcols_g = W_g.T @ dY_g ;  dx = col2im(dcols)
+The batch is processed in chunks so the column buffer stays under _COLS_BYTES.
+"""
+import numpy as np
+from numba import njit, prange
+
+from minialex.kernels.gemm import gemm
+from minialex.kernels.im2col import col2im, conv_output_size, im2col
+
+# Upper bound for one column buffer; AlexNet conv1 at batch 8 needs ~35 MB in float32.
+_COLS_BYTES = 64 * 1024 * 1024
+
+
+def _pair(v):
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _chunk_size(n, k_rows, plane, itemsize):
+    per_image = max(1, k_rows * plane * itemsize)
+    return int(max(1, min(n, _COLS_BYTES // per_image)))
+
+
+def _check(x, w, groups):
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"conv2d expects x (N,C,H,W) and w (Cout,Cin/g,kh,kw), got {x.shape}, {w.shape}")
+    cin = x.shape[1]
+    cout, cin_g = w.shape[0], w.shape[1]
+    if cin % groups or cout % groups or cin // groups != cin_g:
+        raise ValueError(f"groups={groups} does not split x channels {cin} / weight {w.shape}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
+
+
+@njit(parallel=True, cache=True)
+def _scatter_bias(yc, y, b, has_bias):
+    # yc: (Cout, Nc*P) GEMM output ; y: (Nc, Cout, P) view of the output chunk ; b: (Cout,)
+    nc, cout, plane = y.shape
+    for task in prange(nc * cout):
+        n = task // cout
+        co = task - n * cout
+        src = yc[co, n * plane:(n + 1) * plane]
+        dst = y[n, co]
+        if has_bias:
+            bv = b[co]
+            for p in range(plane):
+                dst[p] = src[p] + bv
+        else:
+            for p in range(plane):
+                dst[p] = src[p]
+
+
+@njit(parallel=True, cache=True)
+def _gather_dy(dy, dyc, db, want_db):
+    # dy: (Nc, Cout, P) chunk of the output grad ; dyc: (Cout, Nc*P) ; db: (Cout,) accumulated
+    nc, cout, plane = dy.shape
+    for co in prange(cout):
+        acc = 0.0
+        for n in range(nc):
+            src = dy[n, co]
+            dst = dyc[co, n * plane:(n + 1) * plane]
+            for p in range(plane):
+                v = src[p]
+                dst[p] = v
+                acc += v
+        if want_db:
+            db[co] += acc
+
+
+def conv2d_forward(x, w, b, stride, padding, groups):
+    """y = conv2d(x, w, b) like torch.nn.functional.conv2d (no dilation).
+
+    x: (N, Cin, H, W) ; w: (Cout, Cin/groups, kh, kw) ; b: (Cout,) or None
+    stride, padding: int or (h, w). Returns y: (N, Cout, OH, OW) of x's dtype.
+    """
+    stride, padding = _pair(stride), _pair(padding)
+    _check(x, w, groups)
+    x = np.ascontiguousarray(x)
+    n, cin, h, wd = x.shape
+    cout, cin_g, kh, kw = w.shape
+    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)
+    plane = oh * ow
+    k_rows = cin * kh * kw
+    kg = cin_g * kh * kw
+    cout_g = cout // groups
+    w2 = np.ascontiguousarray(w).reshape(cout, kg)
+    bias = np.zeros(1, dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
+    y = np.empty((n, cout, oh, ow), dtype=x.dtype)
+    y3 = y.reshape(n, cout, plane)
+    nc = _chunk_size(n, k_rows, plane, x.itemsize)
+    cols_buf = np.empty(k_rows * nc * plane, dtype=x.dtype)
+    yc_buf = np.empty(cout * nc * plane, dtype=x.dtype)
+    for n0 in range(0, n, nc):
+        n1 = min(n, n0 + nc)
+        m = (n1 - n0) * plane
+        cols = im2col(x[n0:n1], kh, kw, stride, padding, out=cols_buf[:k_rows * m].reshape(k_rows, m))
+        yc = yc_buf[:cout * m].reshape(cout, m)
+        for g in range(groups):
+            gemm(w2[g * cout_g:(g + 1) * cout_g], cols[g * kg:(g + 1) * kg],
+                 out=yc[g * cout_g:(g + 1) * cout_g])
+        _scatter_bias(yc, y3[n0:n1], bias, b is not None)
+    return y
+
+
+def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True):
+    """Backward of conv2d_forward: accumulates dw (and db unless None), returns dx or None.
+
+    dy: (N, Cout, OH, OW) ; x: (N, Cin, H, W) ; w, dw: (Cout, Cin/groups, kh, kw) ; db: (Cout,) or None
+    """
+    stride, padding = _pair(stride), _pair(padding)
+    _check(x, w, groups)
+    x = np.ascontiguousarray(x)
+    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    n, cin, h, wd = x.shape
+    cout, cin_g, kh, kw = w.shape
+    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)
+    if dy.shape != (n, cout, oh, ow):
+        raise ValueError(f"dy shape {dy.shape} != expected {(n, cout, oh, ow)}")
+    plane = oh * ow
+    k_rows = cin * kh * kw
+    kg = cin_g * kh * kw
+    cout_g = cout // groups
+    w2 = np.ascontiguousarray(w).reshape(cout, kg)
+    # accumulate straight into dw when it can be viewed as (Cout, K/g), else through a scratch
+    dw2 = dw.reshape(cout, kg) if dw.flags.c_contiguous else np.zeros((cout, kg), dtype=dw.dtype)
+    db_acc = np.zeros(cout, dtype=np.float64) if db is not None else np.zeros(1, dtype=np.float64)
+    dy3 = dy.reshape(n, cout, plane)
+    dx = np.empty((n, cin, h, wd), dtype=x.dtype) if need_dx else None
+    nc = _chunk_size(n, k_rows, plane, x.itemsize)
+    cols_buf = np.empty(k_rows * nc * plane, dtype=x.dtype)
+    dyc_buf = np.empty(cout * nc * plane, dtype=x.dtype)
+    for n0 in range(0, n, nc):
+        n1 = min(n, n0 + nc)
+        m = (n1 - n0) * plane
+        dyc = dyc_buf[:cout * m].reshape(cout, m)
+        _gather_dy(dy3[n0:n1], dyc, db_acc, db is not None)
+        cols = im2col(x[n0:n1], kh, kw, stride, padding, out=cols_buf[:k_rows * m].reshape(k_rows, m))
+        for g in range(groups):
+            gemm(dyc[g * cout_g:(g + 1) * cout_g], cols[g * kg:(g + 1) * kg],
+                 out=dw2[g * cout_g:(g + 1) * cout_g], trans_b=True, accumulate=True)
+        if need_dx:
+            # the column buffer is free again: reuse it for the column gradient
+            for g in range(groups):
+                gemm(w2[g * cout_g:(g + 1) * cout_g], dyc[g * cout_g:(g + 1) * cout_g],
+                     out=cols[g * kg:(g + 1) * kg], trans_a=True)
+            dx[n0:n1] = col2im(cols, (n1 - n0, cin, h, wd), kh, kw, stride, padding)
+    if not dw.flags.c_contiguous:
+        dw += dw2.reshape(dw.shape)
+    if db is not None:
+        db += db_acc.astype(db.dtype)
+    return dx
+
+
+def conv2d_forward_ref(x, w, b, stride, padding, groups):
+    """NumPy reference twin of conv2d_forward, written as a direct sum over kernel taps."""
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    n, cin, h, wd = x.shape
+    cout, cin_g, kh, kw = w.shape
+    oh, ow = conv_output_size(h, wd, kh, kw, (sh, sw), (ph, pw))
+    cout_g = cout // groups
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    y = np.zeros((n, cout, oh, ow), dtype=x.dtype)
+    for g in range(groups):
+        xg = xp[:, g * cin_g:(g + 1) * cin_g]
+        wg = w[g * cout_g:(g + 1) * cout_g]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xg[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+                y[:, g * cout_g:(g + 1) * cout_g] += np.einsum("nchw,oc->nohw", patch, wg[:, :, i, j])
+    if b is not None:
+        y += b.reshape(1, cout, 1, 1)
+    return y
+
+
+def conv2d_backward_ref(dy, x, w, dw, db, stride, padding, groups, need_dx=True):
+    """NumPy reference twin of conv2d_backward (same accumulate semantics)."""
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    n, cin, h, wd = x.shape
+    cout, cin_g, kh, kw = w.shape
+    oh, ow = dy.shape[2], dy.shape[3]
+    cout_g = cout // groups
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    dxp = np.zeros_like(xp)
+    for g in range(groups):
+        cs = slice(g * cin_g, (g + 1) * cin_g)
+        os_ = slice(g * cout_g, (g + 1) * cout_g)
+        for i in range(kh):
+            for j in range(kw):
+                hs = slice(i, i + sh * (oh - 1) + 1, sh)
+                ws = slice(j, j + sw * (ow - 1) + 1, sw)
+                dw[os_, :, i, j] += np.einsum("nohw,nchw->oc", dy[:, os_], xp[:, cs, hs, ws])
+                dxp[:, cs, hs, ws] += np.einsum("nohw,oc->nchw", dy[:, os_], w[os_, :, i, j])
+    if db is not None:
+        db += dy.sum(axis=(0, 2, 3))
+    if not need_dx:
+        return None
+    return dxp[:, :, ph:ph + h, pw:pw + wd].copy()

@@ -1,0 +1,136 @@
+"""MaxPool2d (PyTorch semantics): -inf padding, ceil_mode, first-maximum argmax, NaN propagation.
+
+argmax holds, per output, the flat index ih*W + iw of the chosen input inside its (n, c) plane,
+as torch's return_indices does. Like torch's CPU kernel a NaN always wins (the last NaN of a
+window is taken), otherwise the first maximum in row-major window order.
+"""
+import numpy as np
+from numba import njit, prange
+
+
+def _pair(v):
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def pool_output_size(size, k, s, p, ceil_mode):
+    """torch's pooling_output_shape (dilation 1) for one dimension."""
+    num = size + 2 * p - k + ((s - 1) if ceil_mode else 0)
+    out = num // s + 1
+    # the last window must start inside the input or the left padding
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _maxpool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
+    # x: (N*C, H, W) ; y: (N*C, OH, OW) ; arg: (N*C, OH, OW) int64
+    planes, h, w = x.shape
+    oh_n, ow_n = y.shape[1], y.shape[2]
+    for pl in prange(planes):
+        xp = x[pl]
+        for oh in range(oh_n):
+            h0 = oh * sh - ph
+            h1 = min(h0 + kh, h)
+            h0 = max(h0, 0)
+            for ow in range(ow_n):
+                w0 = ow * sw - pw
+                w1 = min(w0 + kw, w)
+                w0 = max(w0, 0)
+                best = -np.inf
+                idx = h0 * w + w0
+                for ih in range(h0, h1):
+                    row = xp[ih]
+                    for iw in range(w0, w1):
+                        v = row[iw]
+                        if v > best or np.isnan(v):
+                            best = v
+                            idx = ih * w + iw
+                y[pl, oh, ow] = best
+                arg[pl, oh, ow] = idx
+
+
+@njit(parallel=True, cache=True)
+def _maxpool_bwd(dy, arg, dx):
+    # dy, arg: (N*C, OH*OW) ; dx: (N*C, H*W), overwritten; one task per plane, so no races
+    planes, m = dy.shape
+    hw = dx.shape[1]
+    for pl in prange(planes):
+        d = dx[pl]
+        for t in range(hw):
+            d[t] = 0
+        g = dy[pl]
+        a = arg[pl]
+        for t in range(m):
+            d[a[t]] += g[t]
+
+
+def maxpool2d_forward(x, kernel, stride, padding, ceil_mode):
+    """x: (N, C, H, W). kernel, stride, padding: int or (h, w).
+
+    Returns (y, argmax): y (N, C, OH, OW) of x's dtype, argmax (N, C, OH, OW) int64.
+    """
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    if ph * 2 > kh or pw * 2 > kw:
+        raise ValueError(f"padding {padding} must be at most half of kernel {kernel}")
+    n, c, h, w = x.shape
+    oh = pool_output_size(h, kh, sh, ph, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, ceil_mode)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input {x.shape} too small for max pool kernel {kernel}")
+    xc = np.ascontiguousarray(x)
+    y = np.empty((n, c, oh, ow), dtype=x.dtype)
+    arg = np.empty((n, c, oh, ow), dtype=np.int64)
+    _maxpool_fwd(xc.reshape(n * c, h, w), y.reshape(n * c, oh, ow), arg.reshape(n * c, oh, ow),
+                 kh, kw, sh, sw, ph, pw)
+    return y, arg
+
+
+def maxpool2d_backward(dy, argmax, x_shape):
+    """dy, argmax: (N, C, OH, OW) ; x_shape: (N, C, H, W). Returns dx: (N, C, H, W)."""
+    n, c, h, w = x_shape
+    dyc = np.ascontiguousarray(dy)
+    a = np.ascontiguousarray(argmax)
+    dx = np.empty((n, c, h, w), dtype=dyc.dtype)
+    m = dyc.shape[2] * dyc.shape[3]
+    _maxpool_bwd(dyc.reshape(n * c, m), a.reshape(n * c, m), dx.reshape(n * c, h * w))
+    return dx
+
+
+def maxpool2d_forward_ref(x, kernel, stride, padding, ceil_mode):
+    """NumPy reference twin: pad with -inf, then take each window's first maximum (NaN wins)."""
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    n, c, h, w = x.shape
+    oh = pool_output_size(h, kh, sh, ph, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, ceil_mode)
+    y = np.empty((n, c, oh, ow), dtype=x.dtype)
+    arg = np.empty((n, c, oh, ow), dtype=np.int64)
+    for i in range(oh):
+        h0, h1 = max(i * sh - ph, 0), min(i * sh - ph + kh, h)
+        for j in range(ow):
+            w0, w1 = max(j * sw - pw, 0), min(j * sw - pw + kw, w)
+            win = x[:, :, h0:h1, w0:w1].reshape(n, c, -1)
+            first = np.argmax(win, axis=2)  # numpy's argmax returns the first NaN if any
+            nan = np.isnan(win)
+            # torch keeps the last NaN of the window
+            last_nan = nan.shape[2] - 1 - np.argmax(nan[:, :, ::-1], axis=2)
+            k = np.where(nan.any(axis=2), last_nan, first)
+            y[:, :, i, j] = np.take_along_axis(win, k[:, :, None], axis=2)[:, :, 0]
+            ww = w1 - w0
+            arg[:, :, i, j] = (h0 + k // ww) * w + (w0 + k % ww)
+    return y, arg
+
+
+def maxpool2d_backward_ref(dy, argmax, x_shape):
+    """NumPy reference twin: scatter-add dy to the argmax positions."""
+    n, c, h, w = x_shape
+    dx = np.zeros((n * c, h * w), dtype=dy.dtype)
+    rows = np.repeat(np.arange(n * c), dy.shape[2] * dy.shape[3])
+    np.add.at(dx, (rows, argmax.reshape(-1)), dy.reshape(-1))
+    return dx.reshape(n, c, h, w)

@@ -1,0 +1,284 @@
+"""A 16-lane float32 vector type for Numba, for the GEMM micro-kernel.
+
+LLVM's auto-vectoriser does not keep a register-blocked GEMM micro-kernel in
+vector registers: fixed-size local accumulator arrays get unrolled and then
+vectorised along k with gathers, scalar accumulators need the SLP vectoriser
+(off in Numba) and spill, and accumulating straight into C stays scalar because
+of possible aliasing.  So the micro-kernel is written with explicit vectors:
+`F32x16` is a Numba type whose data model is LLVM's `<16 x float>`, and the
+intrinsics below map one-to-one onto LLVM instructions (`load`, `store`,
+`llvm.fma.v16f32`, ...).  Locals of this type live in zmm registers on
+AVX-512 machines; elsewhere LLVM legalises each one into two ymm (or four xmm)
+registers, so the code stays correct, just slower.
+
+Memory intrinsics take an array and a *flat element offset from the array's
+data pointer* (for a C-contiguous 2-D array, `i * ncols + j`; for a strided
+view, `i * (strides[0] // 4) + j` when its rows are unit-stride).  They do no
+bounds checking: callers guarantee that all 16 lanes lie inside the buffer.
+
+Usable only from `@njit` code.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+
+_f32 = ir.FloatType()
+_vec = ir.VectorType(_f32, LANES)
+_i32 = ir.IntType(32)
+
+
+class F32x16Type(types.Type):
+    """Numba type of a `<16 x float>` register value."""
+
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16Type()
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _vec)
+
+
+def _is_f32_array(ty):
+    return isinstance(ty, types.Array) and ty.dtype == types.float32
+
+
+def _elem_ptr(context, builder, arrty, arr, idx, idxty):
+    """Pointer to element `idx` (flat, in elements) past the array's data pointer."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    idx = context.cast(builder, idx, idxty, types.intp)
+    return builder.gep(ary.data, [idx])
+
+
+@intrinsic
+def vzero(typingctx):
+    """All-zero vector."""
+    sig = f32x16()
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_vec, [0.0] * LANES)
+
+    return sig, codegen
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """arr[idx : idx + 16] as a vector (unaligned load)."""
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer)):
+        return None
+    sig = f32x16(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        vptr = builder.bitcast(ptr, _vec.as_pointer())
+        return builder.load(vptr, align=4)
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """arr[idx : idx + 16] = v (unaligned store)."""
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer) and v == f32x16):
+        return None
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        vptr = builder.bitcast(ptr, _vec.as_pointer())
+        builder.store(args[2], vptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vbroadcast(typingctx, arr, idx):
+    """arr[idx] in all 16 lanes; LLVM folds it into the FMA as a {1to16} memory operand."""
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer)):
+        return None
+    sig = f32x16(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        s = builder.load(ptr, align=4)
+        v = builder.insert_element(ir.Constant(_vec, ir.Undefined), s, ir.Constant(_i32, 0))
+        mask = ir.Constant(ir.VectorType(_i32, LANES), [0] * LANES)
+        return builder.shuffle_vector(v, ir.Constant(_vec, ir.Undefined), mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """A scalar float32 in all 16 lanes."""
+    if x != types.float32:
+        return None
+    sig = f32x16(x)
+
+    def codegen(context, builder, signature, args):
+        v = builder.insert_element(ir.Constant(_vec, ir.Undefined), args[0], ir.Constant(_i32, 0))
+        mask = ir.Constant(ir.VectorType(_i32, LANES), [0] * LANES)
+        return builder.shuffle_vector(v, ir.Constant(_vec, ir.Undefined), mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c, fused (one rounding), lane-wise."""
+    if not (a == f32x16 and b == f32x16 and c == f32x16):
+        return None
+    sig = f32x16(a, b, c)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(_vec, [_vec, _vec, _vec])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+        return builder.call(fn, list(args))
+
+    return sig, codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b, lane-wise."""
+    if not (a == f32x16 and b == f32x16):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    """a * b, lane-wise."""
+    if not (a == f32x16 and b == f32x16):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vhsum(typingctx, v):
+    """Sum of the 16 lanes as a float32 (tree reduction: halves added pairwise)."""
+    if v != f32x16:
+        return None
+    sig = types.float32(v)
+
+    def codegen(context, builder, signature, args):
+        x = args[0]
+        width = LANES
+        while width > 1:
+            half = width // 2
+            lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half))))
+            hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half, width))))
+            x = builder.fadd(lo, hi)
+            width = half
+        return builder.extract_element(x, ir.Constant(_i32, 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the cache line holding arr[idx] into L1 (read, high locality); never faults."""
+    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+        return None
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, _i32, _i32, _i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_i32, 0),
+                          ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vtranspose_8x16(typingctx, src, src_off, src_ld, dst, dst_off, dst_ld):
+    """Transpose an 8 x 16 float32 block: dst[dst_off + c*dst_ld + r] = src[src_off + r*src_ld + c].
+
+    Eight 16-lane row loads, a three-stage shuffle network, sixteen 8-lane
+    stores (merged into 16-lane stores by LLVM when dst_ld == 8): the in-register
+    transpose used when packing operands whose k axis runs along memory rows.
+    """
+    if not (_is_f32_array(src) and _is_f32_array(dst) and isinstance(src_off, types.Integer)
+            and isinstance(src_ld, types.Integer) and isinstance(dst_off, types.Integer)
+            and isinstance(dst_ld, types.Integer)):
+        return None
+    sig = types.void(src, src_off, src_ld, dst, dst_off, dst_ld)
+
+    def codegen(context, builder, signature, args):
+        s_arr, s_off, s_ld, d_arr, d_off, d_ld = args
+        s_ty, s_offty, s_ldty, d_ty, d_offty, d_ldty = signature.args
+        base = _elem_ptr(context, builder, s_ty, s_arr, s_off, s_offty)
+        ld = context.cast(builder, s_ld, s_ldty, types.intp)
+        rows = []
+        for r in range(8):
+            off = builder.mul(ld, ir.Constant(ld.type, r))
+            p = builder.bitcast(builder.gep(base, [off]), _vec.as_pointer())
+            rows.append(builder.load(p, align=4))
+
+        def shuf(a, b, idx):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+
+        # Out vector q holds columns 2q, 2q+1 (8 rows each).  Build it from the
+        # rows by a 3-stage interleave: element index of row r col c = r*16 + c
+        # in the concatenation; do it with pairwise 2-input shuffles.
+        # Stage 1: pair rows (0,1),(2,3),(4,5),(6,7) -> interleave by element.
+        s1 = []
+        for r in range(0, 8, 2):
+            a, b = rows[r], rows[r + 1]
+            lo = shuf(a, b, [x for c in range(8) for x in (c, 16 + c)])          # cols 0..7
+            hi = shuf(a, b, [x for c in range(8, 16) for x in (c, 16 + c)])     # cols 8..15
+            s1.append((lo, hi))
+        # s1[p] lo: [c0r(2p), c0r(2p+1), c1r.., ...] for cols 0..7 (2 per col)
+        # Stage 2: combine pairs (0,1) and (2,3) -> 4 rows per column.
+        s2 = []
+        for p in range(0, 4, 2):
+            parts = []
+            for h in range(2):
+                a, b = s1[p][h], s1[p + 1][h]
+                lo = shuf(a, b, [x for c in range(4) for x in (2 * c, 2 * c + 1, 16 + 2 * c, 17 + 2 * c)])
+                hi = shuf(a, b, [x for c in range(4, 8) for x in (2 * c, 2 * c + 1, 16 + 2 * c, 17 + 2 * c)])
+                parts.append(lo)
+                parts.append(hi)
+            s2.append(parts)  # each: 4 columns x 4 rows; columns h*8 + (0..3), h*8 + (4..7)
+        # Stage 3: combine the two row-quads -> 8 rows per column, 2 columns per vector.
+        dptr = _elem_ptr(context, builder, d_ty, d_arr, d_off, d_offty)
+        dld = context.cast(builder, d_ld, d_ldty, types.intp)
+        vec8 = ir.VectorType(_f32, 8)
+        for q in range(4):  # s2 part index: columns 4q .. 4q+3
+            a, b = s2[0][q], s2[1][q]
+            for half in range(2):
+                idx = []
+                for c in (2 * half, 2 * half + 1):
+                    idx += [4 * c + t for t in range(4)] + [16 + 4 * c + t for t in range(4)]
+                v = shuf(a, b, idx)
+                for t in range(2):
+                    col = 4 * q + 2 * half + t
+                    part = shuf(v, v, list(range(8 * t, 8 * t + 8)))
+                    off = builder.mul(dld, ir.Constant(dld.type, col))
+                    p = builder.bitcast(builder.gep(dptr, [off]), vec8.as_pointer())
+                    builder.store(part, p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

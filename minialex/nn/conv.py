@@ -1,0 +1,65 @@
+"""Conv2d on im2col + our GEMM (kernels/conv.py)."""
+import numpy as np
+
+from ..kernels.conv import conv2d_backward, conv2d_forward
+from ..kernels.im2col import conv_output_size
+from . import init
+from .module import Module, Parameter
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class Conv2d(Module):
+    """y = conv(x, weight) + bias. weight: (out, in/groups, kh, kw), as in PyTorch.
+
+    Keeps for backward: the input x.
+    """
+
+    saved = ("x",)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, bias=True):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        kh, kw = self.kernel_size
+        fan_in = in_channels // groups * kh * kw
+        self.weight = Parameter(init.pytorch_default((out_channels, in_channels // groups, kh, kw), fan_in))
+        self.bias = Parameter(init.pytorch_default((out_channels,), fan_in)) if bias else None
+        self.x = None
+
+    def forward(self, x):
+        # x: (N, Cin, H, W) -> (N, Cout, OH, OW)
+        self.x = x
+        b = self.bias.data if self.bias is not None else None
+        return conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.groups)
+
+    def backward(self, grad_out):
+        db = self.bias.grad if self.bias is not None else None
+        dx = conv2d_backward(grad_out, self.x, self.weight.data, self.weight.grad, db,
+                             self.stride, self.padding, self.groups, need_dx=True)
+        self.x = None
+        return dx
+
+    def output_shape(self, input_shape):
+        n, _, h, w = input_shape
+        oh, ow = conv_output_size(h, w, *self.kernel_size, self.stride, self.padding)
+        return (n, self.out_channels, oh, ow)
+
+    def macs(self, input_shape):
+        n, c, oh, ow = self.output_shape(input_shape)
+        kh, kw = self.kernel_size
+        return n * c * oh * ow * (self.in_channels // self.groups) * kh * kw
+
+    def extra_repr(self):
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s

@@ -1,0 +1,64 @@
+"""Linear and Flatten."""
+import numpy as np
+
+from ..kernels.linear import linear_backward, linear_forward
+from . import init
+from .module import Module, Parameter
+
+
+class Linear(Module):
+    """y = x @ weight.T + bias. weight: (out_features, in_features), as in PyTorch.
+
+    Keeps for backward: the input x.
+    """
+
+    saved = ("x",)
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(init.pytorch_default((out_features, in_features), in_features))
+        self.bias = Parameter(init.pytorch_default((out_features,), in_features)) if bias else None
+        self.x = None
+
+    def forward(self, x):
+        # x: (N, in_features) -> (N, out_features)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear expects input of shape (N, {self.in_features}), got {tuple(x.shape)}")
+        self.x = x
+        return linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
+
+    def backward(self, grad_out):
+        db = self.bias.grad if self.bias is not None else None
+        dx = linear_backward(grad_out, self.x, self.weight.data, self.weight.grad, db, need_dx=True)
+        self.x = None
+        return dx
+
+    def output_shape(self, input_shape):
+        return (input_shape[0], self.out_features)
+
+    def macs(self, input_shape):
+        return input_shape[0] * self.in_features * self.out_features
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Flatten(Module):
+    """(N, C, H, W) -> (N, C*H*W). Keeps for backward: the input shape."""
+
+    saved = ("in_shape",)
+
+    def __init__(self):
+        super().__init__()
+        self.in_shape = None
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return np.ascontiguousarray(x).reshape(x.shape[0], -1)
+
+    def backward(self, grad_out):
+        return grad_out.reshape(self.in_shape)
+
+    def output_shape(self, input_shape):
+        return (input_shape[0], int(np.prod(input_shape[1:])))

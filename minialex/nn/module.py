@@ -1,0 +1,250 @@
+"""Parameter, Module and Sequential: the bookkeeping every layer shares.
+
+A Module's `forward(x)` keeps what its `backward` needs (each layer lists it in `saved`);
+`backward(grad_out)` accumulates into its parameters' `.grad` and returns the gradient of its
+input. Names and semantics follow PyTorch so that state_dict keys and habits carry over.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable array: `.data` and its gradient `.grad` (same shape and dtype).
+
+    Gradients accumulate across backward calls until `zero_grad()`, as in PyTorch.
+    """
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = np.ascontiguousarray(data)
+        self.grad = np.zeros_like(self.data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def zero_grad(self):
+        self.grad.fill(0)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class of every layer and model."""
+
+    saved = ()  # names of the attributes forward keeps for backward
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        elif name in self._buffers:
+            self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name, array):
+        self._buffers[name] = array
+        object.__setattr__(self, name, array)
+
+    # -- the computation --------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, grad_out):
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def output_shape(self, input_shape):
+        """Shape of forward's output for an input of `input_shape` (no computation)."""
+        return tuple(input_shape)
+
+    def macs(self, input_shape):
+        """Multiply-accumulates of one forward pass on `input_shape`."""
+        return 0
+
+    # -- traversal ----------------------------------------------------------------------
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        for _, m in self.named_modules():
+            yield m
+
+    def named_parameters(self, prefix=""):
+        for name, p in self._parameters.items():
+            yield (f"{prefix}.{name}" if prefix else name), p
+        for cname, child in self._modules.items():
+            yield from child.named_parameters(f"{prefix}.{cname}" if prefix else cname)
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        for name, b in self._buffers.items():
+            yield (f"{prefix}.{name}" if prefix else name), b
+        for cname, child in self._modules.items():
+            yield from child.named_buffers(f"{prefix}.{cname}" if prefix else cname)
+
+    # -- modes and grads ----------------------------------------------------------------
+    def train(self, mode=True):
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.zero_grad()
+
+    def to(self, dtype):
+        """Cast parameters and floating buffers to `dtype` (float64 for gradient checks)."""
+        dtype = np.dtype(dtype)
+        for m in self.modules():
+            for name, p in m._parameters.items():
+                p.data = np.ascontiguousarray(p.data, dtype=dtype)
+                p.grad = np.zeros_like(p.data)
+            for name, b in list(m._buffers.items()):
+                if b is not None and np.issubdtype(b.dtype, np.floating):
+                    m.register_buffer(name, b.astype(dtype))
+        return self
+
+    # -- state ----------------------------------------------------------------------------
+    def _state_items(self, prefix=""):
+        # PyTorch's order: a module's own parameters, then its own buffers, then its children.
+        for name, p in self._parameters.items():
+            yield (f"{prefix}{name}"), p.data
+        for name, b in self._buffers.items():
+            yield (f"{prefix}{name}"), b
+        for cname, child in self._modules.items():
+            yield from child._state_items(f"{prefix}{cname}.")
+
+    def state_dict(self):
+        """OrderedDict of name -> array (copies), with torchvision's keys for torchvision models."""
+        return OrderedDict((k, np.array(v, copy=True)) for k, v in self._state_items())
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays into parameters and buffers.
+
+        Raises ValueError listing missing and unexpected keys (when strict) and every shape mismatch.
+        Returns (missing_keys, unexpected_keys).
+        """
+        targets = OrderedDict()
+        for m_prefix, m in self.named_modules():
+            pre = f"{m_prefix}." if m_prefix else ""
+            for name in m._parameters:
+                targets[pre + name] = (m, name, "param")
+            for name in m._buffers:
+                targets[pre + name] = (m, name, "buffer")
+        missing = [k for k in targets if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in targets]
+        mismatched = []
+        for k, (m, name, kind) in targets.items():
+            if k in state_dict:
+                have = m._parameters[name].data.shape if kind == "param" else np.shape(m._buffers[name])
+                got = np.shape(state_dict[k])
+                if tuple(have) != tuple(got):
+                    mismatched.append(f"{k}: expected {tuple(have)}, got {tuple(got)}")
+        problems = []
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if mismatched:
+            problems.append("shape mismatch: " + "; ".join(mismatched))
+        if problems:
+            raise ValueError("state_dict does not fit the model: " + " | ".join(problems))
+        for k, (m, name, kind) in targets.items():
+            if k not in state_dict:
+                continue
+            value = np.asarray(state_dict[k])
+            if kind == "param":
+                p = m._parameters[name]
+                p.data[...] = value.astype(p.data.dtype, copy=False)
+            else:
+                old = m._buffers[name]
+                m.register_buffer(name, np.array(value, dtype=old.dtype, copy=True))
+        return missing, unexpected
+
+    # -- printing -------------------------------------------------------------------------
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for name, child in self._modules.items():
+            body = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {body}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse. Children are named "0", "1", ..."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            setattr(self, str(i), layer)
+
+    def __getitem__(self, i):
+        layers = list(self._modules.values())
+        if isinstance(i, slice):
+            return Sequential(*layers[i])
+        return layers[i]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+    def backward(self, grad_out):
+        for layer in reversed(self._modules.values()):
+            grad_out = layer.backward(grad_out)
+        return grad_out
+
+    def output_shape(self, input_shape):
+        for layer in self._modules.values():
+            input_shape = layer.output_shape(input_shape)
+        return input_shape
+
+    def macs(self, input_shape):
+        total = 0
+        for layer in self._modules.values():
+            total += layer.macs(input_shape)
+            input_shape = layer.output_shape(input_shape)
+        return total
+
+
+class Identity(Module):
+    def forward(self, x):
+        return x
+
+    def backward(self, grad_out):
+        return grad_out
