@@ -115,7 +115,7 @@ def _images(n, size, seed=0):
 
 
 @pytest.mark.parametrize("variant,bn", [("torchvision", False), ("paper", False), ("cifar", True)])
-def test_logits_and_input_grad_match_torch(variant, bn):
+def test_logits_match_torch_in_float32_and_grads_in_float64(variant, bn):
     torch = pytest.importorskip("torch", reason="torch is the reference")
     from tests.torch_reference import torch_model_like
     minialex.manual_seed(3)
@@ -124,19 +124,26 @@ def test_logits_and_input_grad_match_torch(variant, bn):
     size = models.INPUT_SIZE[variant]
     x = _images(2, size)
     logits = model(x)
-    xt = torch.from_numpy(x).requires_grad_(True)
+    ref = net(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+    # Gradients through a whole network are ill-conditioned in float32 (the paper variant's
+    # input gradient differs by several percent between torch's float32 and float64), so the
+    # backward chain is compared in float64, where a wrong index cannot hide in rounding.
+    model.to(np.float64)
+    net = net.double()
+    x64 = x.astype(np.float64)
+    logits = model(x64)
+    xt = torch.from_numpy(x64).requires_grad_(True)
     ref = net(xt)
-    scale = float(np.abs(ref.detach().numpy()).max())
-    np.testing.assert_allclose(logits, ref.detach().numpy(), rtol=1e-4, atol=1e-4 * scale)
-    g = np.random.default_rng(1).standard_normal(logits.shape).astype(np.float32)
+    g = np.random.default_rng(1).standard_normal(logits.shape)
     dx = model.backward(g)
     ref.backward(torch.from_numpy(g))
-    gscale = float(np.abs(xt.grad.numpy()).max())
-    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-3, atol=1e-4 * gscale)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-7, atol=1e-9 * float(np.abs(xt.grad.numpy()).max()))
     for (name, p), (tname, tp) in zip(model.named_parameters(), net.named_parameters()):
         assert name == tname
-        pscale = float(np.abs(tp.grad.numpy()).max()) + 1e-12
-        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-3, atol=1e-4 * pscale, err_msg=name)
+        want = tp.grad.numpy()
+        np.testing.assert_allclose(p.grad, want, rtol=1e-7, atol=1e-9 * float(np.abs(want).max()), err_msg=name)
 
 
 def test_overfits_one_small_batch():
@@ -145,9 +152,9 @@ def test_overfits_one_small_batch():
     x = _images(8, 32, seed=5)
     y = np.arange(8) % 4
     loss_fn = nn.CrossEntropyLoss()
-    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = optim.Adam(model.parameters(), lr=1e-3)
     first = None
-    for _ in range(150):
+    for _ in range(100):
         loss = loss_fn(model(x), y)
         first = loss if first is None else first
         model.zero_grad()
