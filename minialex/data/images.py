@@ -53,7 +53,8 @@ def load_image(path) -> np.ndarray:
         raise DataError(at_line(path, None, "is a folder, not an image")) from None
     except UnidentifiedImageError:
         size = _size_or_none(path)
-        what = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read (unknown format or corrupt header)"
+        what = ("empty file (0 bytes)" if size == 0
+                else "not an image Pillow can read (unknown format or corrupt header)")
         raise DataError(at_line(path, None, what)) from None
     except Image.DecompressionBombError as e:
         raise DataError(at_line(path, None, f"refused as a decompression bomb: {e}")) from None
@@ -82,7 +83,8 @@ def _size_or_none(path):
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
-    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode in ("1", "L", "P", "RGB") and "transparency" in im.info):
+    keyed = mode in ("1", "L", "P", "RGB") and "transparency" in im.info  # one colour marked clear
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or keyed:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE)
         out = np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))

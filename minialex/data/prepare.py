@@ -1,7 +1,7 @@
 """Turning datasets into the folder layout the trainer reads.
 
     out_dir/labels.txt           "class_id name" lines
-    out_dir/train/images.list    "class_id path" lines, paths relative to train/
+    out_dir/train/images.list    "class_id path" lines
     out_dir/test/images.list
 
 `prepare_fashion_mnist` writes Fashion-MNIST's IDX files (plain or .gz) out as PNG files;
@@ -9,20 +9,17 @@
 without copying the images. Both build everything in a temporary folder beside `out_dir` and
 rename it into place at the end, so an interrupted run never leaves a half-written dataset.
 
-From the shell: python -m minialex.data.prepare fashion-mnist OUT_DIR [--source DIR]
-                python -m minialex.data.prepare folder SRC_DIR OUT_DIR [--test-fraction F]
+From the shell: minialex prepare fashion-mnist OUT_DIR   or   minialex prepare folder SRC OUT_DIR
 """
-import argparse
 import gzip
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
 from PIL import Image
 
-from minialex.errors import DataError, MinialexError, at_line
+from minialex.errors import DataError, at_line
 
 # Where Debian's dataset-fashion-mnist package installs the original IDX files.
 FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
@@ -136,7 +133,8 @@ def build_atomically(out_dir, fill) -> str:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".partial-", dir=parent)
     except OSError as e:
-        raise DataError(at_line(parent, None, f"cannot create the output folder: {e.strerror or e}")) from None
+        raise DataError(at_line(parent, None, f"cannot create the output folder: "
+                                f"{e.strerror or e}")) from None
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared
@@ -239,32 +237,3 @@ def prepare_folder(src, out_dir, test_fraction: float = 0.1, seed: int = 0) -> s
         return build_atomically(out_dir, fill)
     except UnicodeEncodeError as e:
         raise DataError(at_line(src, None, f"a file name is not valid UTF-8: {e.object[:80]!r}")) from None
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minialex.data.prepare",
-                                     description="Write a dataset out as images.list files.")
-    sub = parser.add_subparsers(dest="what", required=True)
-    fm = sub.add_parser("fashion-mnist", help="Fashion-MNIST IDX files -> PNG folders")
-    fm.add_argument("out_dir")
-    fm.add_argument("--source", default=FASHION_MNIST_SOURCE)
-    fm.add_argument("--per-class", type=int, default=None, help="keep this many images per class and split")
-    fo = sub.add_parser("folder", help="a tree of class folders -> images.list files")
-    fo.add_argument("src")
-    fo.add_argument("out_dir")
-    fo.add_argument("--test-fraction", type=float, default=0.1)
-    args = parser.parse_args(argv)
-    try:
-        if args.what == "fashion-mnist":
-            out = prepare_fashion_mnist(args.out_dir, args.source, per_class=args.per_class)
-        else:
-            out = prepare_folder(args.src, args.out_dir, test_fraction=args.test_fraction)
-    except MinialexError as e:
-        print(f"minialex: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}/train/images.list, {out}/test/images.list and {out}/labels.txt")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

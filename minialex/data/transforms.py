@@ -44,6 +44,7 @@ def _check_sizes(input_size: int, resize: int | None) -> int:
 
 
 def _channel_stats(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """mean and std as (3, 1, 1) float32, checked."""
     mean = np.asarray(mean, dtype=np.float32).reshape(-1)
     std = np.asarray(std, dtype=np.float32).reshape(-1)
     if mean.shape != (3,) or std.shape != (3,):
@@ -65,14 +66,13 @@ def resize_shorter_side(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR))
 
 
-def _normalise(crop: np.ndarray, mean: np.ndarray, std: np.ndarray, shift=None) -> np.ndarray:
-    # crop: (S, S, 3) uint8 -> (3, S, S) float32
-    x = crop.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
-    if shift is not None:
-        x += shift.reshape(3, 1, 1)
-    x -= mean
-    x /= std
-    return np.ascontiguousarray(x)
+def _normalise(crop: np.ndarray, scale: np.ndarray, bias: np.ndarray, shift=None) -> np.ndarray:
+    # crop: (S, S, 3) uint8 -> (3, S, S) float32 = (crop / 255 + shift - mean) / std,
+    # folded into one multiply and one add: scale = 1 / (255 std), bias = (shift - mean) / std.
+    x = crop.transpose(2, 0, 1).astype(np.float32, order="C")
+    x *= scale
+    x += bias if shift is None else bias + shift.reshape(3, 1, 1) * (scale * np.float32(255))
+    return x
 
 
 class TrainTransform:
@@ -82,6 +82,7 @@ class TrainTransform:
         self.input_size = int(input_size)
         self.resize = _check_sizes(input_size, resize)
         self.mean, self.std = _channel_stats(mean, std)
+        self._scale, self._bias = 1 / (255 * self.std), -self.mean / self.std
         self.pca = bool(pca)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -98,7 +99,7 @@ class TrainTransform:
             alpha = rng.normal(0.0, PCA_ALPHA_STD, size=3).astype(np.float32)
             # Sum of eigenvectors weighted by alpha_i * lambda_i: one RGB offset for the image.
             shift = (PCA_EIGVEC * (alpha * PCA_EIGVAL)[None, :]).sum(axis=1)
-        return _normalise(crop, self.mean, self.std, shift)
+        return _normalise(crop, self._scale, self._bias, shift)
 
     def __repr__(self):
         return (f"TrainTransform(input_size={self.input_size}, resize={self.resize}, "
@@ -112,13 +113,14 @@ class EvalTransform:
         self.input_size = int(input_size)
         self.resize = _check_sizes(input_size, resize)
         self.mean, self.std = _channel_stats(mean, std)
+        self._scale, self._bias = 1 / (255 * self.std), -self.mean / self.std
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         s = self.input_size
         img = resize_shorter_side(img, self.resize)
         h, w = img.shape[:2]
         top, left = (h - s) // 2, (w - s) // 2
-        return _normalise(img[top:top + s, left:left + s], self.mean, self.std)
+        return _normalise(img[top:top + s, left:left + s], self._scale, self._bias)
 
     def __repr__(self):
         return (f"EvalTransform(input_size={self.input_size}, resize={self.resize}, "
