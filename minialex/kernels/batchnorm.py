@@ -1,0 +1,221 @@
+"""BatchNorm2d kernels (NCHW, statistics per channel over N, H, W), PyTorch semantics.
+
+Training:  mean, var (biased) over the batch; invstd = 1/sqrt(var + eps);
+           y = (x - mean) * invstd * gamma + beta.
+           The caller updates the running stats with the unbiased variance var * M/(M-1).
+Backward:  dx = gamma*invstd * (dy - mean(dy) - xhat * mean(dy*xhat)),
+           dgamma += sum(dy*xhat), dbeta += sum(dy).
+gamma/beta may be None (affine=False). Statistics are accumulated in float64 with two passes
+(mean first, then squared deviations) so large offsets do not cancel.
+"""
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def _stats(x, mean, var, invstd, eps):
+    # x: (N, C, HW) ; mean, var, invstd: (C,) float64
+    n_img, n_ch, hw = x.shape
+    m = n_img * hw
+    for c in prange(n_ch):
+        s = 0.0
+        for n in range(n_img):
+            r = x[n, c]
+            for p in range(hw):
+                s += r[p]
+        mu = s / m
+        v = 0.0
+        for n in range(n_img):
+            r = x[n, c]
+            for p in range(hw):
+                d = r[p] - mu
+                v += d * d
+        mean[c] = mu
+        var[c] = v / m
+        invstd[c] = 1.0 / np.sqrt(v / m + eps)
+
+
+@njit(parallel=True, cache=True)
+def _affine(x, a, b, y):
+    # x, y: (N, C, HW) ; a, b: (C,) ; y = x * a[c] + b[c]
+    n_img, n_ch, hw = x.shape
+    for task in prange(n_img * n_ch):
+        n = task // n_ch
+        c = task - n * n_ch
+        xr = x[n, c]
+        yr = y[n, c]
+        ac = a[c]
+        bc = b[c]
+        for p in range(hw):
+            yr[p] = xr[p] * ac + bc
+
+
+@njit(parallel=True, cache=True)
+def _grad_sums(dy, x, mean, invstd, sum_dy, sum_dyxhat):
+    # dy, x: (N, C, HW) ; mean, invstd, sum_dy, sum_dyxhat: (C,) float64, overwritten
+    n_img, n_ch, hw = x.shape
+    for c in prange(n_ch):
+        mu = mean[c]
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n_img):
+            dr = dy[n, c]
+            xr = x[n, c]
+            for p in range(hw):
+                g = dr[p]
+                s1 += g
+                s2 += g * (xr[p] - mu)
+        sum_dy[c] = s1
+        sum_dyxhat[c] = s2 * invstd[c]
+
+
+@njit(parallel=True, cache=True)
+def _bwd_train(dy, x, mean, invstd, gamma, sum_dy, sum_dyxhat, dx):
+    # dy, x, dx: (N, C, HW) ; the rest: (C,) float64
+    n_img, n_ch, hw = x.shape
+    m = n_img * hw
+    for task in prange(n_img * n_ch):
+        n = task // n_ch
+        c = task - n * n_ch
+        k = gamma[c] * invstd[c]
+        mdy = sum_dy[c] / m
+        # xhat * mean(dy*xhat) = (x - mean) * invstd^2 * sum_dyxhat / m
+        q = invstd[c] * sum_dyxhat[c] / m
+        mu = mean[c]
+        dr = dy[n, c]
+        xr = x[n, c]
+        out = dx[n, c]
+        for p in range(hw):
+            out[p] = k * (dr[p] - mdy - (xr[p] - mu) * q)
+
+
+def _as3(a):
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _vec(v, c, fill):
+    if v is None:
+        return np.full(c, fill, dtype=np.float64)
+    return np.asarray(v, dtype=np.float64).reshape(c)
+
+
+def batchnorm2d_forward_train(x, gamma, beta, eps=1e-5):
+    """x: (N, C, H, W) ; gamma, beta: (C,) or None.
+
+    Returns (y, mean, var, invstd): y x's shape; mean, var (biased), invstd: (C,) of x's dtype.
+    """
+    xc = np.ascontiguousarray(x)
+    n, c = xc.shape[0], xc.shape[1]
+    if xc.size // c <= 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
+    x3 = _as3(xc)
+    mean = np.empty(c)
+    var = np.empty(c)
+    invstd = np.empty(c)
+    _stats(x3, mean, var, invstd, float(eps))
+    a = _vec(gamma, c, 1.0) * invstd
+    b = _vec(beta, c, 0.0) - mean * a
+    y = np.empty_like(xc)
+    _affine(x3, a.astype(xc.dtype), b.astype(xc.dtype), _as3(y))
+    dt = xc.dtype
+    return y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
+
+
+def batchnorm2d_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """x: (N, C, H, W) ; gamma, beta, running_mean, running_var: (C,) (gamma/beta may be None)."""
+    xc = np.ascontiguousarray(x)
+    c = xc.shape[1]
+    a = _vec(gamma, c, 1.0) / np.sqrt(_vec(running_var, c, 1.0) + eps)
+    b = _vec(beta, c, 0.0) - _vec(running_mean, c, 0.0) * a
+    y = np.empty_like(xc)
+    _affine(_as3(xc), a.astype(xc.dtype), b.astype(xc.dtype), _as3(y))
+    return y
+
+
+def batchnorm2d_backward(dy, x, gamma, mean, invstd, dgamma, dbeta):
+    """Training-mode backward. dy, x: (N, C, H, W) ; gamma, mean, invstd: (C,).
+
+    Accumulates dgamma += sum(dy*xhat), dbeta += sum(dy) (either may be None). Returns dx.
+    """
+    xc = np.ascontiguousarray(x)
+    dyc = np.ascontiguousarray(dy, dtype=xc.dtype)
+    c = xc.shape[1]
+    mean64 = _vec(mean, c, 0.0)
+    inv64 = _vec(invstd, c, 1.0)
+    sum_dy = np.empty(c)
+    sum_dyxhat = np.empty(c)
+    _grad_sums(_as3(dyc), _as3(xc), mean64, inv64, sum_dy, sum_dyxhat)
+    dx = np.empty_like(xc)
+    _bwd_train(_as3(dyc), _as3(xc), mean64, inv64, _vec(gamma, c, 1.0), sum_dy, sum_dyxhat, _as3(dx))
+    if dgamma is not None:
+        dgamma += sum_dyxhat.astype(dgamma.dtype)
+    if dbeta is not None:
+        dbeta += sum_dy.astype(dbeta.dtype)
+    return dx
+
+
+def batchnorm2d_backward_eval(dy, gamma, running_var, eps, dgamma, dbeta, x, running_mean):
+    """Eval-mode backward (statistics are constants). dy, x: (N, C, H, W) ; the rest: (C,).
+
+    Accumulates dgamma += sum(dy*(x-rm)/sqrt(rv+eps)), dbeta += sum(dy). Returns dx.
+    """
+    xc = np.ascontiguousarray(x)
+    dyc = np.ascontiguousarray(dy, dtype=xc.dtype)
+    c = xc.shape[1]
+    inv = 1.0 / np.sqrt(_vec(running_var, c, 1.0) + eps)
+    dx = np.empty_like(xc)
+    _affine(_as3(dyc), (_vec(gamma, c, 1.0) * inv).astype(xc.dtype), np.zeros(c, dtype=xc.dtype),
+            _as3(dx))
+    if dgamma is not None or dbeta is not None:
+        sum_dy = np.empty(c)
+        sum_dyxhat = np.empty(c)
+        _grad_sums(_as3(dyc), _as3(xc), _vec(running_mean, c, 0.0), inv, sum_dy, sum_dyxhat)
+        if dgamma is not None:
+            dgamma += sum_dyxhat.astype(dgamma.dtype)
+        if dbeta is not None:
+            dbeta += sum_dy.astype(dbeta.dtype)
+    return dx
+
+
+def batchnorm2d_forward_train_ref(x, gamma, beta, eps=1e-5):
+    """NumPy reference twin of the training forward."""
+    mean = x.mean(axis=(0, 2, 3))
+    var = x.var(axis=(0, 2, 3))
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean[None, :, None, None]) * invstd[None, :, None, None]
+    g = 1.0 if gamma is None else gamma[None, :, None, None]
+    b = 0.0 if beta is None else beta[None, :, None, None]
+    return (xhat * g + b).astype(x.dtype), mean, var, invstd.astype(x.dtype)
+
+
+def batchnorm2d_forward_eval_ref(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """NumPy reference twin of the eval forward."""
+    xhat = (x - running_mean[None, :, None, None]) / np.sqrt(running_var[None, :, None, None] + eps)
+    g = 1.0 if gamma is None else gamma[None, :, None, None]
+    b = 0.0 if beta is None else beta[None, :, None, None]
+    return (xhat * g + b).astype(x.dtype)
+
+
+def batchnorm2d_backward_ref(dy, x, gamma, mean, invstd, dgamma, dbeta):
+    """NumPy reference twin of the training backward."""
+    inv = invstd[None, :, None, None]
+    xhat = (x - mean[None, :, None, None]) * inv
+    g = 1.0 if gamma is None else gamma[None, :, None, None]
+    mdy = dy.mean(axis=(0, 2, 3), keepdims=True)
+    mdyx = (dy * xhat).mean(axis=(0, 2, 3), keepdims=True)
+    if dgamma is not None:
+        dgamma += (dy * xhat).sum(axis=(0, 2, 3))
+    if dbeta is not None:
+        dbeta += dy.sum(axis=(0, 2, 3))
+    return (g * inv * (dy - mdy - xhat * mdyx)).astype(x.dtype)
+
+
+def batchnorm2d_backward_eval_ref(dy, gamma, running_var, eps, dgamma, dbeta, x, running_mean):
+    """NumPy reference twin of the eval backward."""
+    inv = 1.0 / np.sqrt(running_var[None, :, None, None] + eps)
+    g = 1.0 if gamma is None else gamma[None, :, None, None]
+    if dgamma is not None:
+        dgamma += (dy * (x - running_mean[None, :, None, None]) * inv).sum(axis=(0, 2, 3))
+    if dbeta is not None:
+        dbeta += dy.sum(axis=(0, 2, 3))
+    return (dy * g * inv).astype(dy.dtype)

@@ -1,0 +1,96 @@
+"""Test helpers shared by the kernel and module tests.
+
+Gradient checking works in float64 on a scalar function f(*arrays). Small inputs get a full
+central-difference gradient (every element perturbed); larger ones are checked along random
+directions: (f(x + h v) - f(x - h v)) / 2h must equal sum(grad * v), which catches any wrong
+element of the gradient with probability one while costing two evaluations per direction.
+"""
+import numpy as np
+
+
+def numeric_grad(f, arrays, index, eps=1e-6):
+    """Central-difference gradient of scalar f(*arrays) with respect to arrays[index] (in place,
+    restored afterwards)."""
+    x = arrays[index]
+    g = np.zeros_like(x, dtype=np.float64)
+    flat = x.reshape(-1)
+    gflat = g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f(*arrays)
+        flat[i] = old - eps
+        fm = f(*arrays)
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def directional_derivative(f, arrays, directions, eps=1e-6):
+    """(f(a + eps*v) - f(a - eps*v)) / (2 eps), with all arrays moved along their direction."""
+    plus = [a + eps * v if v is not None else a for a, v in zip(arrays, directions)]
+    minus = [a - eps * v if v is not None else a for a, v in zip(arrays, directions)]
+    return (f(*plus) - f(*minus)) / (2 * eps)
+
+
+def check_grads(f, arrays, grads, eps=1e-6, rtol=1e-5, atol=1e-8, max_full=400, n_dirs=3, seed=0):
+    """Assert that grads[i] is the gradient of scalar f(*arrays) w.r.t. arrays[i].
+
+    arrays: float64 arrays (f must not modify them). grads: same length, None where an input is
+    not checked. Inputs of at most max_full elements get a full central-difference gradient,
+    larger ones n_dirs random-direction derivatives (each direction checks all grads at once).
+    """
+    arrays = [np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in arrays]
+    for a, g in zip(arrays, grads):
+        if g is not None:
+            assert a.dtype == np.float64, "gradient checks run in float64"
+            assert g.shape == a.shape, f"gradient shape {g.shape} != input shape {a.shape}"
+    total = sum(a.size for a, g in zip(arrays, grads) if g is not None)
+    if total <= max_full:
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            num = numeric_grad(f, arrays, i, eps)
+            np.testing.assert_allclose(g, num, rtol=rtol, atol=atol,
+                                       err_msg=f"gradient of input {i} differs from central differences")
+        return
+    rng = np.random.default_rng(seed)
+    for _ in range(n_dirs):
+        dirs = [rng.standard_normal(a.shape) if g is not None else None for a, g in zip(arrays, grads)]
+        num = directional_derivative(f, arrays, dirs, eps)
+        ana = sum(float(np.sum(g * v)) for g, v in zip(grads, dirs) if g is not None)
+        scale = sum(float(np.sum(np.abs(g * v))) for g, v in zip(grads, dirs) if g is not None)
+        assert abs(num - ana) <= atol + rtol * max(abs(num), scale), \
+            f"directional derivative {num!r} != analytic {ana!r}"
+
+
+def rand(rng, shape, dtype=np.float64, scale=1.0):
+    """Standard-normal array of the given dtype."""
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def distinct(rng, shape, dtype=np.float64, gap=0.1):
+    """Values at least `gap` apart (a shuffled grid plus jitter), so max / relu style kernels
+    have no near-ties that a finite-difference step could flip."""
+    n = int(np.prod(shape))
+    v = (rng.permutation(n) - n / 2) * gap + rng.uniform(-gap / 4, gap / 4, n)
+    return v.reshape(shape).astype(dtype)
+
+
+def tol(dtype):
+    """(rtol, atol) for comparing a kernel with its reference in the given dtype."""
+    return (1e-10, 1e-12) if np.dtype(dtype) == np.float64 else (2e-5, 2e-6)
+
+
+def assert_close(actual, expected, dtype=None, rtol=None, atol=None):
+    r, a = tol(dtype if dtype is not None else np.asarray(actual).dtype)
+    np.testing.assert_allclose(actual, expected, rtol=r if rtol is None else rtol,
+                               atol=a if atol is None else atol)
+
+
+def to_torch(torch, a, grad=False):
+    """A torch tensor copy of a numpy array (requires_grad when grad)."""
+    t = torch.from_numpy(np.array(a))
+    if grad:
+        t.requires_grad_(True)
+    return t

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from helpers import check_grads, to_torch
+from minialex.kernels.batchnorm import (batchnorm2d_backward, batchnorm2d_backward_eval,
+                                        batchnorm2d_backward_eval_ref, batchnorm2d_backward_ref,
+                                        batchnorm2d_forward_eval, batchnorm2d_forward_eval_ref,
+                                        batchnorm2d_forward_train, batchnorm2d_forward_train_ref)
+
+cases = st.tuples(st.integers(2, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5),
+                  st.booleans(), st.sampled_from([1e-5, 1e-3]))
+
+
+def _make(c, dtype, seed):
+    n, ch, h, w, affine, eps = c
+    rng = np.random.default_rng(seed)
+    # an offset per channel: the statistics must not cancel catastrophically
+    x = (rng.standard_normal((n, ch, h, w)) * 2 + rng.uniform(-5, 5, (1, ch, 1, 1))).astype(dtype)
+    g = rng.uniform(0.5, 1.5, ch).astype(dtype) if affine else None
+    b = rng.standard_normal(ch).astype(dtype) if affine else None
+    rm = rng.standard_normal(ch).astype(dtype)
+    rv = rng.uniform(0.5, 2, ch).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    return x, g, b, rm, rv, eps, dy
+
+
+def _zeros(g):
+    return (np.zeros_like(g), np.zeros_like(g)) if g is not None else (None, None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases, st.sampled_from([np.float64, np.float32]), st.integers(0, 2**31))
+def test_matches_reference(c, dtype, seed):
+    x, g, b, rm, rv, eps, dy = _make(c, dtype, seed)
+    r, a = (1e-10, 1e-10) if dtype == np.float64 else (1e-4, 1e-4)
+    outs = batchnorm2d_forward_train(x, g, b, eps)
+    refs = batchnorm2d_forward_train_ref(x.astype(np.float64), g, b, eps)
+    assert outs[0].dtype == dtype
+    for o, e in zip(outs, refs):
+        np.testing.assert_allclose(o, e, rtol=r, atol=a)
+    y, mean, var, invstd = outs
+    dg, db = _zeros(g)
+    dg_r, db_r = _zeros(g)
+    dx = batchnorm2d_backward(dy, x, g, mean, invstd, dg, db)
+    dx_r = batchnorm2d_backward_ref(dy, x, g, mean, invstd, dg_r, db_r)
+    np.testing.assert_allclose(dx, dx_r, rtol=r, atol=a)
+    if g is not None:
+        np.testing.assert_allclose(dg, dg_r, rtol=r, atol=a)
+        np.testing.assert_allclose(db, db_r, rtol=r, atol=a)
+    np.testing.assert_allclose(batchnorm2d_forward_eval(x, g, b, rm, rv, eps),
+                               batchnorm2d_forward_eval_ref(x, g, b, rm, rv, eps), rtol=r, atol=a)
+    dg, db = _zeros(g)
+    dg_r, db_r = _zeros(g)
+    np.testing.assert_allclose(batchnorm2d_backward_eval(dy, g, rv, eps, dg, db, x, rm),
+                               batchnorm2d_backward_eval_ref(dy, g, rv, eps, dg_r, db_r, x, rm), rtol=r, atol=a)
+    if g is not None:
+        np.testing.assert_allclose(dg, dg_r, rtol=r, atol=a)
+        np.testing.assert_allclose(db, db_r, rtol=r, atol=a)
+
+
+@settings(max_examples=10, deadline=None)
+@given(cases, st.integers(0, 2**31))
+def test_gradients_match_finite_differences(c, seed):
+    x, g, b, rm, rv, eps, gy = _make(c, np.float64, seed)
+    if g is None:
+        g, b = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    for fwd, bwd in ((batchnorm2d_forward_train, batchnorm2d_backward),
+                     (batchnorm2d_forward_train_ref, batchnorm2d_backward_ref)):
+        _, mean, _, invstd = fwd(x, g, b, eps)
+        dg, db = np.zeros_like(g), np.zeros_like(b)
+        dx = bwd(gy, x, g, mean, invstd, dg, db)
+        check_grads(lambda x_, g_, b_: float(np.sum(fwd(x_, g_, b_, eps)[0] * gy)), [x, g, b], [dx, dg, db],
+                    rtol=1e-5, atol=1e-7)
+    for fwd, bwd in ((batchnorm2d_forward_eval, batchnorm2d_backward_eval),
+                     (batchnorm2d_forward_eval_ref, batchnorm2d_backward_eval_ref)):
+        dg, db = np.zeros_like(g), np.zeros_like(b)
+        dx = bwd(gy, g, rv, eps, dg, db, x, rm)
+        check_grads(lambda x_, g_, b_: float(np.sum(fwd(x_, g_, b_, rm, rv, eps) * gy)), [x, g, b],
+                    [dx, dg, db], rtol=1e-5, atol=1e-7)
+
+
+def test_backward_accumulates_and_training_needs_two_values():
+    x, g, b, rm, rv, eps, dy = _make((2, 3, 2, 2, True, 1e-5), np.float64, 0)
+    _, mean, _, invstd = batchnorm2d_forward_train(x, g, b, eps)
+    dg, db = np.zeros_like(g), np.zeros_like(b)
+    batchnorm2d_backward(dy, x, g, mean, invstd, dg, db)
+    dg1, db1 = dg.copy(), db.copy()
+    batchnorm2d_backward(dy, x, g, mean, invstd, dg, db)
+    np.testing.assert_allclose(dg, 2 * dg1, rtol=1e-12)
+    np.testing.assert_allclose(db, 2 * db1, rtol=1e-12)
+    with pytest.raises(ValueError):
+        batchnorm2d_forward_train(np.ones((1, 3, 1, 1)), None, None, 1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cases, st.booleans(), st.integers(0, 2**31))
+def test_matches_torch_batch_norm(torch, c, training, seed):
+    x, g, b, rm, rv, eps, dy = _make(c, np.float32, seed)
+    F = torch.nn.functional
+    xt = to_torch(torch, x, True)
+    gt = to_torch(torch, g, True) if g is not None else None
+    bt = to_torch(torch, b, True) if b is not None else None
+    rmt, rvt = to_torch(torch, rm), to_torch(torch, rv)
+    yt = F.batch_norm(xt, rmt, rvt, gt, bt, training=training, momentum=0.1, eps=eps)
+    yt.backward(torch.from_numpy(dy))
+    dg, db = _zeros(g)
+    if training:
+        y, mean, var, invstd = batchnorm2d_forward_train(x, g, b, eps)
+        dx = batchnorm2d_backward(dy, x, g, mean, invstd, dg, db)
+        # torch's running stats use the unbiased variance; ours are left to the caller
+        m = x.size // x.shape[1]
+        np.testing.assert_allclose(0.9 * rm + 0.1 * mean, rmt.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(0.9 * rv + 0.1 * var * m / (m - 1), rvt.numpy(), rtol=1e-4, atol=1e-5)
+    else:
+        y = batchnorm2d_forward_eval(x, g, b, rm, rv, eps)
+        dx = batchnorm2d_backward_eval(dy, g, rv, eps, dg, db, x, rm)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    if g is not None:
+        np.testing.assert_allclose(dg, gt.grad.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
