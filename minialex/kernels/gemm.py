@@ -20,7 +20,9 @@ right/bottom edge are computed into an 8x32 scratch tile and copied out.
 
 When M is small (conv1, the FC layers at small batch) packing B costs as much
 as the arithmetic it feeds, so with B not transposed and M <= SMALL_M the
-micro-kernel reads B in place, row stride ldb, prefetching ahead.
+micro-kernel reads B in place, row stride ldb, prefetching the same rows of the
+micro-panel two panels to the right (a whole micro-kernel call ahead: B rows are
+far apart, so prefetching down the panel came too late or thrashed).
 
 Two threads: `prange` over slabs of C split along the larger of M and N, each
 running the serial nest above with its own buffers.
@@ -36,15 +38,16 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import prefetch, vbroadcast, vfma, vload, vstore, vtranspose_8x16, vzero, vadd
+from .simd import prefetch, vadd, vbroadcast, vfma, vload, vstore, vtranspose_8x16, vzero
 
 MR = 8          # micro-tile rows (broadcast A values)
 NR = 32         # micro-tile columns (two 16-lane vectors)
 MC = 192        # rows of A per packed block:     192 x 384 x 4 B = 288 KiB, in L2
 KC = 384        # depth per packed block
 NC = 1024       # columns of B per packed block:  384 x 1024 x 4 B = 1.5 MiB, in L3
-SMALL_M = 0   # at most this many rows (per call): B is read in place instead of packed
-PREFETCH_K = 128  # B rows ahead to prefetch when B is read in place
+SMALL_M = 384   # at most this many rows (per call): B is read in place instead of packed
+PREFETCH_AHEAD = 64  # columns ahead (two micro-panels) to prefetch when B is read in place
+PACK_PREFETCH = 64   # elements ahead along each row of a transposed B while packing
 PAR_MIN_FLOPS = 4_000_000  # below this a second thread costs more than it saves
 
 
@@ -60,14 +63,14 @@ def _aligned_f32(n):
 def _micro_8x32(kc, ap, a_off, bp, b_off, b_ld, pf, c, c_off, ldc, add):
     # ap: packed A panel, [kc][8] from a_off;  bp: B micro-panel, row p at b_off + p*b_ld (32 wide)
     # c: C tile, row r at c_off + r*ldc (32 wide); add: C += tile, else C = tile
-    # pf: when nonzero, prefetch B PREFETCH_K rows ahead (B read in place from memory)
+    # pf: prefetch B PREFETCH_AHEAD columns ahead on each row (B read in place from memory)
     c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
     c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
     c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
     c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
     pa = a_off
     pb = b_off
-    pfo = PREFETCH_K * b_ld
+    pfo = PREFETCH_AHEAD
     for _ in range(kc):
         if pf:
             prefetch(bp, pb + pfo)
@@ -140,6 +143,8 @@ def _pack_b32(b, ldb, tb, pc, kc, j_lo, j_hi, dst, dst_off):
             if w == NR:
                 # k runs along memory rows of b: 8 columns x 16 k per register transpose
                 while p0 + 16 <= kc:
+                    for jj in range(NR):
+                        prefetch(b, (j0 + jj) * ldb + pc + p0 + PACK_PREFETCH)
                     for g in range(4):
                         vtranspose_8x16(b, (j0 + 8 * g) * ldb + pc + p0, ldb,
                                         dst, base + p0 * NR + 8 * g, NR)

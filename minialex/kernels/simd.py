@@ -240,18 +240,18 @@ def vtranspose_8x16(typingctx, src, src_off, src_ld, dst, dst_off, dst_ld):
         def shuf(a, b, idx):
             return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
 
-        # Out vector q holds columns 2q, 2q+1 (8 rows each).  Build it from the
-        # rows by a 3-stage interleave: element index of row r col c = r*16 + c
-        # in the concatenation; do it with pairwise 2-input shuffles.
-        # Stage 1: pair rows (0,1),(2,3),(4,5),(6,7) -> interleave by element.
+        # Three interleave stages, each merging pairs of vectors so that the
+        # rows belonging to one column end up adjacent:
+        #   stage 1: rows (0,1),(2,3),(4,5),(6,7) -> per column 2 rows side by side
+        #   stage 2: row pairs (0-1, 2-3), (4-5, 6-7) -> per column 4 rows (4 columns a vector)
+        #   stage 3: row quads (0-3, 4-7) -> per column all 8 rows (2 columns a vector),
+        # then each 8-lane half (one column of 8 rows) is stored at dst + col*dst_ld.
         s1 = []
         for r in range(0, 8, 2):
             a, b = rows[r], rows[r + 1]
             lo = shuf(a, b, [x for c in range(8) for x in (c, 16 + c)])          # cols 0..7
             hi = shuf(a, b, [x for c in range(8, 16) for x in (c, 16 + c)])     # cols 8..15
             s1.append((lo, hi))
-        # s1[p] lo: [c0r(2p), c0r(2p+1), c1r.., ...] for cols 0..7 (2 per col)
-        # Stage 2: combine pairs (0,1) and (2,3) -> 4 rows per column.
         s2 = []
         for p in range(0, 4, 2):
             parts = []
@@ -262,7 +262,6 @@ def vtranspose_8x16(typingctx, src, src_off, src_ld, dst, dst_off, dst_ld):
                 parts.append(lo)
                 parts.append(hi)
             s2.append(parts)  # each: 4 columns x 4 rows; columns h*8 + (0..3), h*8 + (4..7)
-        # Stage 3: combine the two row-quads -> 8 rows per column, 2 columns per vector.
         dptr = _elem_ptr(context, builder, d_ty, d_arr, d_off, d_offty)
         dld = context.cast(builder, d_ld, d_ldty, types.intp)
         vec8 = ir.VectorType(_f32, 8)
