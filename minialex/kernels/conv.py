@@ -110,8 +110,9 @@ def conv2d_forward(x, w, b, stride, padding, groups):
     return y
 
 
-def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True):
+def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, accumulate=True):
     """Backward of conv2d_forward: accumulates dw (and db unless None), returns dx or None.
+    With accumulate=False dw and db are overwritten instead (a freshly zeroed gradient).
 
     dy: (N, Cout, OH, OW) ; x: (N, Cin, H, W) ; w, dw: (Cout, Cin/groups, kh, kw) ; db: (Cout,) or None
     """
@@ -130,7 +131,8 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True):
     cout_g = cout // groups
     w2 = np.ascontiguousarray(w).reshape(cout, kg)
     # accumulate straight into dw when it can be viewed as (Cout, K/g), else through a scratch
-    dw2 = dw.reshape(cout, kg) if dw.flags.c_contiguous else np.zeros((cout, kg), dtype=dw.dtype)
+    direct = dw.flags.c_contiguous
+    dw2 = dw.reshape(cout, kg) if direct else np.zeros((cout, kg), dtype=dw.dtype)
     db_acc = np.zeros(cout, dtype=np.float64) if db is not None else np.zeros(1, dtype=np.float64)
     dy3 = dy.reshape(n, cout, plane)
     dx = np.empty((n, cin, h, wd), dtype=x.dtype) if need_dx else None
@@ -145,17 +147,24 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True):
         cols = im2col(x[n0:n1], kh, kw, stride, padding, out=cols_buf[:k_rows * m].reshape(k_rows, m))
         for g in range(groups):
             gemm(dyc[g * cout_g:(g + 1) * cout_g], cols[g * kg:(g + 1) * kg],
-                 out=dw2[g * cout_g:(g + 1) * cout_g], trans_b=True, accumulate=True)
+                 out=dw2[g * cout_g:(g + 1) * cout_g], trans_b=True,
+                 accumulate=accumulate or n0 > 0 or not direct)
         if need_dx:
             # the column buffer is free again: reuse it for the column gradient
             for g in range(groups):
                 gemm(w2[g * cout_g:(g + 1) * cout_g], dyc[g * cout_g:(g + 1) * cout_g],
                      out=cols[g * kg:(g + 1) * kg], trans_a=True)
             dx[n0:n1] = col2im(cols, (n1 - n0, cin, h, wd), kh, kw, stride, padding)
-    if not dw.flags.c_contiguous:
-        dw += dw2.reshape(dw.shape)
+    if not direct:
+        if accumulate:
+            dw += dw2.reshape(dw.shape)
+        else:
+            dw[...] = dw2.reshape(dw.shape)
     if db is not None:
-        db += db_acc.astype(db.dtype)
+        if accumulate:
+            db += db_acc.astype(db.dtype)
+        else:
+            db[...] = db_acc
     return dx
 
 
@@ -181,8 +190,12 @@ def conv2d_forward_ref(x, w, b, stride, padding, groups):
     return y
 
 
-def conv2d_backward_ref(dy, x, w, dw, db, stride, padding, groups, need_dx=True):
+def conv2d_backward_ref(dy, x, w, dw, db, stride, padding, groups, need_dx=True, accumulate=True):
     """NumPy reference twin of conv2d_backward (same accumulate semantics)."""
+    if not accumulate:
+        dw[...] = 0
+        if db is not None:
+            db[...] = 0
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     n, cin, h, wd = x.shape

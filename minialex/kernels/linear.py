@@ -16,8 +16,8 @@ def _fill_rows(y, b):
 
 
 @njit(parallel=True, cache=True)
-def _col_sums(dy, db):
-    # dy: (N, out) ; db: (out,) accumulated ; each task owns one column block of db
+def _col_sums(dy, db, accumulate):
+    # dy: (N, out) ; db: (out,) accumulated (or overwritten) ; each task owns one column block of db
     n, m = dy.shape
     nblk = (m + 63) // 64
     for blk in prange(nblk):
@@ -29,7 +29,10 @@ def _col_sums(dy, db):
             for j in range(j1 - j0):
                 acc[j] += row[j]
         for j in range(j1 - j0):
-            db[j0 + j] += acc[j]
+            if accumulate:
+                db[j0 + j] += acc[j]
+            else:
+                db[j0 + j] = acc[j]
 
 
 def linear_forward(x, w, b):
@@ -45,15 +48,16 @@ def linear_forward(x, w, b):
     return gemm(x, w, out=y, trans_b=True, accumulate=True)
 
 
-def linear_backward(dy, x, w, dw, db, need_dx=True):
+def linear_backward(dy, x, w, dw, db, need_dx=True, accumulate=True):
     """Accumulates dw += dy.T @ x and db += dy.sum(0) (db may be None); returns dx = dy @ w or None.
+    With accumulate=False dw and db are overwritten instead (a freshly zeroed gradient).
 
     dy: (N, out) ; x: (N, in) ; w, dw: (out, in) ; db: (out,) or None
     """
     dy = np.asarray(dy, dtype=x.dtype)
-    gemm(dy, x, out=dw, trans_a=True, accumulate=True)
+    gemm(dy, x, out=dw, trans_a=True, accumulate=accumulate)
     if db is not None:
-        _col_sums(dy, db)
+        _col_sums(dy, db, accumulate)
     if not need_dx:
         return None
     return gemm(dy, w)
@@ -65,8 +69,12 @@ def linear_forward_ref(x, w, b):
     return y if b is None else y + b
 
 
-def linear_backward_ref(dy, x, w, dw, db, need_dx=True):
+def linear_backward_ref(dy, x, w, dw, db, need_dx=True, accumulate=True):
     """NumPy reference twin with the same accumulate semantics."""
+    if not accumulate:
+        dw[...] = 0
+        if db is not None:
+            db[...] = 0
     dw += np.einsum("no,ni->oi", dy, x)
     if db is not None:
         db += dy.sum(axis=0)

@@ -4,7 +4,7 @@ import numpy as np
 from ..kernels.conv import conv2d_backward, conv2d_forward
 from ..kernels.im2col import conv_output_size
 from . import init
-from .module import Module, Parameter
+from .module import Module, Parameter, grads_for_backward
 
 
 def _pair(v):
@@ -38,9 +38,9 @@ class Conv2d(Module):
         return conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.groups)
 
     def backward(self, grad_out):
-        db = self.bias.grad if self.bias is not None else None
-        dx = conv2d_backward(grad_out, self.x, self.weight.data, self.weight.grad, db,
-                             self.stride, self.padding, self.groups, need_dx=True)
+        (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
+        dx = conv2d_backward(grad_out, self.x, self.weight.data, dw, db,
+                             self.stride, self.padding, self.groups, need_dx=True, accumulate=accumulate)
         self.x = None
         return dx
 

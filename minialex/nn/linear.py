@@ -3,7 +3,7 @@ import numpy as np
 
 from ..kernels.linear import linear_backward, linear_forward
 from . import init
-from .module import Module, Parameter
+from .module import Module, Parameter, grads_for_backward
 
 
 class Linear(Module):
@@ -29,8 +29,8 @@ class Linear(Module):
         return linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
 
     def backward(self, grad_out):
-        db = self.bias.grad if self.bias is not None else None
-        dx = linear_backward(grad_out, self.x, self.weight.data, self.weight.grad, db, need_dx=True)
+        (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
+        dx = linear_backward(grad_out, self.x, self.weight.data, dw, db, need_dx=True, accumulate=accumulate)
         self.x = None
         return dx
 

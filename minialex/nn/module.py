@@ -13,23 +13,51 @@ class Parameter:
     """A trainable array: `.data` and its gradient `.grad` (same shape and dtype).
 
     Gradients accumulate across backward calls until `zero_grad()`, as in PyTorch.
+    `zero_grad()` is lazy: it only marks the gradient as zero, and the next backward writes
+    its result instead of adding it (for AlexNet's 61 M parameters that saves clearing and
+    re-reading 244 MB every step). Reading `.grad` in between gives zeros, as expected.
     """
 
-    __slots__ = ("data", "grad")
+    __slots__ = ("data", "_grad", "_grad_pending_zero")
 
     def __init__(self, data):
         self.data = np.ascontiguousarray(data)
-        self.grad = np.zeros_like(self.data)
+        self._grad = np.zeros_like(self.data)
+        self._grad_pending_zero = False
+
+    @property
+    def grad(self):
+        if self._grad_pending_zero:
+            self._grad.fill(0)
+            self._grad_pending_zero = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad = value
+        self._grad_pending_zero = False
 
     @property
     def shape(self):
         return self.data.shape
 
     def zero_grad(self):
-        self.grad.fill(0)
+        self._grad_pending_zero = True
 
     def __repr__(self):
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+def grads_for_backward(*params):
+    """The gradient arrays of `params` (None entries stay None) and whether a backward pass must
+    add into them. When every one was zeroed since the last backward the pass may overwrite
+    them (accumulate=False); otherwise pending zeros are materialised and it adds."""
+    live = [p for p in params if p is not None]
+    if live and all(p._grad_pending_zero for p in live):
+        for p in live:
+            p._grad_pending_zero = False
+        return [None if p is None else p._grad for p in params], False
+    return [None if p is None else p.grad for p in params], True
 
 
 class Module:

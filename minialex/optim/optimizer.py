@@ -31,7 +31,7 @@ class Optimizer:
     def zero_grad(self):
         for group in self.param_groups:
             for p in group["params"]:
-                p.grad.fill(0)
+                p.zero_grad()
 
     def step(self):
         raise NotImplementedError

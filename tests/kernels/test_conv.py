@@ -90,6 +90,14 @@ def test_backward_accumulates_parameter_grads_and_can_skip_dx():
     dwt = np.zeros(w.shape[::-1]).T
     conv2d_backward(dy, x, w, dwt, None, 1, 1, 2, need_dx=False)
     np.testing.assert_allclose(dwt, dw1, rtol=1e-12)
+    # accumulate=False overwrites whatever the gradients held (contiguous or not)
+    for bwd in (conv2d_backward, conv2d_backward_ref):
+        dw_stale, db_stale, dwt = np.full_like(w, 7.0), np.full_like(b, 7.0), np.full(w.shape[::-1], 7.0).T
+        bwd(dy, x, w, dw_stale, db_stale, 1, 1, 2, need_dx=False, accumulate=False)
+        bwd(dy, x, w, dwt, None, 1, 1, 2, need_dx=False, accumulate=False)
+        np.testing.assert_allclose(dw_stale, dw1, rtol=1e-12)
+        np.testing.assert_allclose(db_stale, db1, rtol=1e-12)
+        np.testing.assert_allclose(dwt, dw1, rtol=1e-12)
 
 
 def test_batch_chunking_gives_the_same_result(monkeypatch):

@@ -57,6 +57,11 @@ def test_backward_accumulates():
     assert linear_backward(dy, x, w, dw, db, need_dx=False) is None
     np.testing.assert_allclose(dw, 2 * dw1, rtol=1e-12)
     np.testing.assert_allclose(db, 2 * db1, rtol=1e-12)
+    for bwd in (linear_backward, linear_backward_ref):
+        dw, db = np.full_like(w, 7.0), np.full_like(b, 7.0)
+        bwd(dy, x, w, dw, db, need_dx=False, accumulate=False)
+        np.testing.assert_allclose(dw, dw1, rtol=1e-12)
+        np.testing.assert_allclose(db, db1, rtol=1e-12)
 
 
 @settings(max_examples=10, deadline=None)

@@ -61,6 +61,27 @@ def test_grads_accumulate_until_zero_grad():
     np.testing.assert_allclose(net[0].weight.grad, 2 * once, rtol=1e-6)
     net.zero_grad()
     assert not net[0].weight.grad.any() and not net[0].bias.grad.any()
+    # zero_grad is lazy: the next backward overwrites instead of adding
+    net(x)
+    net.zero_grad()
+    net.backward(g)
+    np.testing.assert_allclose(net[0].weight.grad, once, rtol=1e-6)
+    np.testing.assert_allclose(net[0].bias.grad, net[0].bias.grad * 0 + g.sum(0), rtol=1e-6)
+
+
+def test_parameters_zeroed_separately_still_accumulate_correctly():
+    rng = np.random.default_rng(1)
+    conv = nn.Conv2d(2, 3, 3)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    g = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    conv(x)
+    conv.backward(g)
+    once_w, once_b = conv.weight.grad.copy(), conv.bias.grad.copy()
+    conv.weight.zero_grad()          # only the weight: the bias keeps accumulating
+    conv(x)
+    conv.backward(g)
+    np.testing.assert_allclose(conv.weight.grad, once_w, rtol=1e-5)
+    np.testing.assert_allclose(conv.bias.grad, 2 * once_b, rtol=1e-5)
 
 
 def test_to_float64_casts_parameters_grads_and_buffers():
