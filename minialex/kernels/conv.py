@@ -41,42 +41,54 @@ def _check(x, w, groups):
 
 
 @njit(parallel=True, cache=True)
-def _scatter_bias(yc, y, b, has_bias):
+def _scatter_bias(yc, y, b, has_bias, relu):
     # yc: (Cout, Nc*P) GEMM output ; y: (Nc, Cout, P) view of the output chunk ; b: (Cout,)
+    # relu: apply max(., 0) in the same pass (Conv2d followed by ReLU)
     nc, cout, plane = y.shape
     for task in prange(nc * cout):
         n = task // cout
         co = task - n * cout
         src = yc[co, n * plane:(n + 1) * plane]
         dst = y[n, co]
-        if has_bias:
-            bv = b[co]
+        bv = b[co] if has_bias else 0.0
+        if relu:
             for p in range(plane):
-                dst[p] = src[p] + bv
+                v = src[p] + bv
+                # as relu_forward: "<= 0" so a NaN passes through, as in torch.relu
+                dst[p] = 0.0 if v <= 0.0 else v
         else:
             for p in range(plane):
-                dst[p] = src[p]
+                dst[p] = src[p] + bv
 
 
 @njit(parallel=True, cache=True)
-def _gather_dy(dy, dyc, db, want_db):
+def _gather_dy(dy, dyc, db, want_db, y, relu):
     # dy: (Nc, Cout, P) chunk of the output grad ; dyc: (Cout, Nc*P) ; db: (Cout,) accumulated
+    # relu: y (Nc, Cout, P) is the rectified output; dy passes only where y > 0 (fused ReLU backward)
     nc, cout, plane = dy.shape
     for co in prange(cout):
         acc = 0.0
         for n in range(nc):
             src = dy[n, co]
             dst = dyc[co, n * plane:(n + 1) * plane]
-            for p in range(plane):
-                v = src[p]
-                dst[p] = v
-                acc += v
+            if relu:
+                yr = y[n, co]
+                for p in range(plane):
+                    v = 0.0 if yr[p] <= 0.0 else src[p]  # as relu_backward
+                    dst[p] = v
+                    acc += v
+            else:
+                for p in range(plane):
+                    v = src[p]
+                    dst[p] = v
+                    acc += v
         if want_db:
             db[co] += acc
 
 
-def conv2d_forward(x, w, b, stride, padding, groups):
-    """y = conv2d(x, w, b) like torch.nn.functional.conv2d (no dilation).
+def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
+    """y = conv2d(x, w, b) like torch.nn.functional.conv2d (no dilation); relu(conv2d(...))
+    in the same pass when relu=True.
 
     x: (N, Cin, H, W) ; w: (Cout, Cin/groups, kh, kw) ; b: (Cout,) or None
     stride, padding: int or (h, w). Returns y: (N, Cout, OH, OW) of x's dtype.
@@ -106,13 +118,16 @@ def conv2d_forward(x, w, b, stride, padding, groups):
         for g in range(groups):
             gemm(w2[g * cout_g:(g + 1) * cout_g], cols[g * kg:(g + 1) * kg],
                  out=yc[g * cout_g:(g + 1) * cout_g])
-        _scatter_bias(yc, y3[n0:n1], bias, b is not None)
+        _scatter_bias(yc, y3[n0:n1], bias, b is not None, relu)
     return y
 
 
-def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, accumulate=True):
+def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, accumulate=True,
+                    relu_out=None):
     """Backward of conv2d_forward: accumulates dw (and db unless None), returns dx or None.
     With accumulate=False dw and db are overwritten instead (a freshly zeroed gradient).
+    relu_out: the output of a forward with relu=True; dy is then the gradient of that
+    rectified output and the ReLU backward happens in the same pass.
 
     dy: (N, Cout, OH, OW) ; x: (N, Cin, H, W) ; w, dw: (Cout, Cin/groups, kh, kw) ; db: (Cout,) or None
     """
@@ -135,6 +150,7 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
     dw2 = dw.reshape(cout, kg) if direct else np.zeros((cout, kg), dtype=dw.dtype)
     db_acc = np.zeros(cout, dtype=np.float64) if db is not None else np.zeros(1, dtype=np.float64)
     dy3 = dy.reshape(n, cout, plane)
+    yr3 = dy3 if relu_out is None else np.ascontiguousarray(relu_out).reshape(n, cout, plane)
     dx = np.empty((n, cin, h, wd), dtype=x.dtype) if need_dx else None
     nc = _chunk_size(n, k_rows, plane, x.itemsize)
     cols_buf = np.empty(k_rows * nc * plane, dtype=x.dtype)
@@ -143,7 +159,7 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
         n1 = min(n, n0 + nc)
         m = (n1 - n0) * plane
         dyc = dyc_buf[:cout * m].reshape(cout, m)
-        _gather_dy(dy3[n0:n1], dyc, db_acc, db is not None)
+        _gather_dy(dy3[n0:n1], dyc, db_acc, db is not None, yr3[n0:n1], relu_out is not None)
         cols = im2col(x[n0:n1], kh, kw, stride, padding, out=cols_buf[:k_rows * m].reshape(k_rows, m))
         for g in range(groups):
             gemm(dyc[g * cout_g:(g + 1) * cout_g], cols[g * kg:(g + 1) * kg],
@@ -168,7 +184,7 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
     return dx
 
 
-def conv2d_forward_ref(x, w, b, stride, padding, groups):
+def conv2d_forward_ref(x, w, b, stride, padding, groups, relu=False):
     """NumPy reference twin of conv2d_forward, written as a direct sum over kernel taps."""
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
@@ -187,11 +203,14 @@ def conv2d_forward_ref(x, w, b, stride, padding, groups):
                 y[:, g * cout_g:(g + 1) * cout_g] += np.einsum("nchw,oc->nohw", patch, wg[:, :, i, j])
     if b is not None:
         y += b.reshape(1, cout, 1, 1)
-    return y
+    return np.where(y <= 0, 0, y) if relu else y
 
 
-def conv2d_backward_ref(dy, x, w, dw, db, stride, padding, groups, need_dx=True, accumulate=True):
+def conv2d_backward_ref(dy, x, w, dw, db, stride, padding, groups, need_dx=True, accumulate=True,
+                        relu_out=None):
     """NumPy reference twin of conv2d_backward (same accumulate semantics)."""
+    if relu_out is not None:
+        dy = np.where(relu_out <= 0, 0, dy)
     if not accumulate:
         dw[...] = 0
         if db is not None:

@@ -1,5 +1,6 @@
 """Layers with PyTorch's names and semantics, each with forward beside backward."""
-from .module import Module, Parameter, Sequential, Identity
+from .module import Module, Parameter, Identity
+from .container import Sequential
 from .conv import Conv2d
 from .linear import Linear, Flatten
 from .activation import ReLU, Dropout

@@ -17,7 +17,7 @@ class Conv2d(Module):
     Keeps for backward: the input x.
     """
 
-    saved = ("x",)
+    saved = ("x", "relu_out")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, bias=True):
         super().__init__()
@@ -29,19 +29,29 @@ class Conv2d(Module):
         fan_in = in_channels // groups * kh * kw
         self.weight = Parameter(init.pytorch_default((out_channels, in_channels // groups, kh, kw), fan_in))
         self.bias = Parameter(init.pytorch_default((out_channels,), fan_in)) if bias else None
-        self.x = None
+        self.x = self.relu_out = None
 
     def forward(self, x):
         # x: (N, Cin, H, W) -> (N, Cout, OH, OW)
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x):
+        """relu(self.forward(x)) in one pass; backward then expects the gradient of that output."""
+        return self._forward(x, relu=True)
+
+    def _forward(self, x, relu):
         self.x = x
         b = self.bias.data if self.bias is not None else None
-        return conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.groups)
+        y = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.groups, relu=relu)
+        self.relu_out = y if relu else None
+        return y
 
     def backward(self, grad_out):
         (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
         dx = conv2d_backward(grad_out, self.x, self.weight.data, dw, db,
-                             self.stride, self.padding, self.groups, need_dx=True, accumulate=accumulate)
-        self.x = None
+                             self.stride, self.padding, self.groups, need_dx=True, accumulate=accumulate,
+                             relu_out=self.relu_out)
+        self.x = self.relu_out = None
         return dx
 
     def output_shape(self, input_shape):

@@ -227,49 +227,6 @@ class Module:
         return "\n".join(lines)
 
 
-class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse. Children are named "0", "1", ..."""
-
-    def __init__(self, *layers):
-        super().__init__()
-        for i, layer in enumerate(layers):
-            setattr(self, str(i), layer)
-
-    def __getitem__(self, i):
-        layers = list(self._modules.values())
-        if isinstance(i, slice):
-            return Sequential(*layers[i])
-        return layers[i]
-
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def forward(self, x):
-        for layer in self._modules.values():
-            x = layer(x)
-        return x
-
-    def backward(self, grad_out):
-        for layer in reversed(self._modules.values()):
-            grad_out = layer.backward(grad_out)
-        return grad_out
-
-    def output_shape(self, input_shape):
-        for layer in self._modules.values():
-            input_shape = layer.output_shape(input_shape)
-        return input_shape
-
-    def macs(self, input_shape):
-        total = 0
-        for layer in self._modules.values():
-            total += layer.macs(input_shape)
-            input_shape = layer.output_shape(input_shape)
-        return total
-
-
 class Identity(Module):
     def forward(self, x):
         return x

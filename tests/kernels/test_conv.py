@@ -155,3 +155,25 @@ def test_matches_torch_at_alexnet_conv2_shape(torch):
     yt = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b),
                                     padding=2, groups=2)
     np.testing.assert_allclose(y, yt.numpy(), rtol=1e-4, atol=2e-4)
+
+
+def test_fused_relu_equals_conv_then_relu():
+    from minialex.kernels.relu import relu_backward, relu_forward
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 4, 7, 7))
+    w = rng.standard_normal((6, 2, 3, 3))
+    b = rng.standard_normal(6)
+    dy = rng.standard_normal((3, 6, 4, 4))
+    y_plain = conv2d_forward(x, w, b, 2, 1, 2)
+    y = conv2d_forward(x, w, b, 2, 1, 2, relu=True)
+    np.testing.assert_array_equal(y, relu_forward(y_plain))
+    np.testing.assert_allclose(conv2d_forward_ref(x, w, b, 2, 1, 2, relu=True), y, rtol=1e-12, atol=1e-12)
+    dy_masked = relu_backward(dy, y)
+    want = [np.zeros_like(w), np.zeros_like(b)]
+    dx_want = conv2d_backward(dy_masked, x, w, *want, 2, 1, 2)
+    for bwd in (conv2d_backward, conv2d_backward_ref):
+        dw, db = np.zeros_like(w), np.zeros_like(b)
+        dx = bwd(dy, x, w, dw, db, 2, 1, 2, relu_out=y)
+        np.testing.assert_allclose(dx, dx_want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw, want[0], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(db, want[1], rtol=1e-12, atol=1e-12)

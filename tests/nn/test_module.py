@@ -131,3 +131,18 @@ def test_invalid_layer_arguments():
         nn.Dropout(1.5)
     with pytest.raises(ValueError):
         nn.MaxPool2d(2, padding=2)
+
+
+def test_sequential_fuses_conv_relu_with_identical_results():
+    rng = np.random.default_rng(3)
+    fused = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    plain = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Identity(), nn.ReLU(), nn.MaxPool2d(2))
+    plain.load_state_dict({k.replace("0.", "0."): v for k, v in fused.state_dict().items()})
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    g = rng.standard_normal((2, 5, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(fused(x), plain(x))
+    np.testing.assert_array_equal(fused.backward(g), plain.backward(g))
+    np.testing.assert_array_equal(fused[0].weight.grad, plain[0].weight.grad)
+    np.testing.assert_array_equal(fused[0].bias.grad, plain[0].bias.grad)
+    with pytest.raises(RuntimeError):
+        fused.backward(g)  # the forward's plan is used once
