@@ -157,6 +157,13 @@ def _read_npz(path):
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an .npz archive)")
+        if not magic.startswith(b"PK"):
+            what = "an empty file" if not magic else "not a zip archive"
+            raise CheckpointError(f"{path}: not a readable .npz checkpoint ({what})")
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an .npz archive)")
