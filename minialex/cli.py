@@ -17,23 +17,6 @@ from .errors import MinialexError
 EXIT_USER_ERROR = 2
 
 
-def use_writable_numba_cache():
-    """Point NUMBA_CACHE_DIR at a per-user folder when the package folder is read-only.
-
-    Numba caches compiled kernels beside their sources; in a system-wide install that folder is
-    not ours to write, and every run would compile from scratch. Must run before Numba is imported.
-    """
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    package = os.path.dirname(os.path.abspath(__file__))
-    cache = os.path.join(package, "kernels", "__pycache__")
-    target = cache if os.path.isdir(cache) else os.path.join(package, "kernels")
-    if os.access(target, os.W_OK):
-        return
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "minialex", "numba")
-
-
 class UsageError(MinialexError):
     """A bad command line."""
 
@@ -252,7 +235,8 @@ def build_parser():
 
 
 def main(argv=None):
-    use_writable_numba_cache()
+    # Compiled kernels are cached beside the package; where that folder is read-only Numba
+    # falls back to a per-user cache folder by itself.
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)

@@ -233,12 +233,3 @@ def test_usage_errors_and_help(tmp_path):
         assert h.returncode == 0 and "usage: minialex" in h.stdout
     s = minialex(["summary", "-arch", "cifar", "-classes", "10"], cwd=tmp_path)
     assert s.returncode == 0 and "classifier.6" in s.stdout
-
-
-def test_read_only_package_moves_the_numba_cache(monkeypatch, tmp_path):
-    from minialex import cli
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
-    cli.use_writable_numba_cache()
-    assert os.environ["NUMBA_CACHE_DIR"] == os.path.join(str(tmp_path), "minialex", "numba")
