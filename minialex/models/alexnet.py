@@ -40,11 +40,13 @@ class AlexNet(nn.Module):
         x = self._flatten(x)
         return self.classifier(x)
 
-    def backward(self, grad_logits):
+    def backward(self, grad_logits, need_input_grad=False):
+        """Fills every parameter's .grad. Like a PyTorch input that does not require grad, the
+        image's gradient is only computed (and returned) when need_input_grad=True."""
         g = self.classifier.backward(grad_logits)
         g = self._flatten.backward(g)
         g = self.avgpool.backward(g)
-        return self.features.backward(g)
+        return self.features.backward(g, need_input_grad=need_input_grad)
 
     def output_shape(self, input_shape):
         s = self.avgpool.output_shape(self.features.output_shape(input_shape))

@@ -1,6 +1,7 @@
 """Sequential: layers applied in order, backward in reverse, with Conv2d→ReLU fused."""
 from .activation import ReLU
 from .conv import Conv2d
+from .linear import Linear
 from .module import Module
 
 
@@ -50,11 +51,18 @@ class Sequential(Module):
         self._plan = steps
         return x
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, need_input_grad=True):
+        """Runs the layers' backward in reverse; returns the input gradient, or None when
+        need_input_grad is False and the first layer can skip computing it."""
         if self._plan is None:
             raise RuntimeError("Sequential.backward called before forward")
-        for step in reversed(self._plan):
-            grad_out = step[0].backward(grad_out)
+        steps = self._plan
+        for i in range(len(steps) - 1, -1, -1):
+            layer = steps[i][0]
+            if i == 0 and not need_input_grad and isinstance(layer, (Conv2d, Linear, Sequential)):
+                grad_out = layer.backward(grad_out, need_input_grad=False)
+            else:
+                grad_out = layer.backward(grad_out)
         self._plan = None
         return grad_out
 

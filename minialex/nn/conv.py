@@ -46,10 +46,13 @@ class Conv2d(Module):
         self.relu_out = y if relu else None
         return y
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, need_input_grad=True):
+        """Accumulates the weight and bias gradients; returns the input gradient, or None when
+        need_input_grad is False (the first layer of a network: nobody needs the image's gradient,
+        and skipping it saves a GEMM and a col2im)."""
         (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
         dx = conv2d_backward(grad_out, self.x, self.weight.data, dw, db,
-                             self.stride, self.padding, self.groups, need_dx=True, accumulate=accumulate,
+                             self.stride, self.padding, self.groups, need_dx=need_input_grad, accumulate=accumulate,
                              relu_out=self.relu_out)
         self.x = self.relu_out = None
         return dx

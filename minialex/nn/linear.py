@@ -28,9 +28,9 @@ class Linear(Module):
         self.x = x
         return linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, need_input_grad=True):
         (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
-        dx = linear_backward(grad_out, self.x, self.weight.data, dw, db, need_dx=True, accumulate=accumulate)
+        dx = linear_backward(grad_out, self.x, self.weight.data, dw, db, need_dx=need_input_grad, accumulate=accumulate)
         self.x = None
         return dx
 

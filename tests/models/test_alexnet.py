@@ -137,7 +137,7 @@ def test_logits_match_torch_in_float32_and_grads_in_float64(variant, bn):
     xt = torch.from_numpy(x64).requires_grad_(True)
     ref = net(xt)
     g = np.random.default_rng(1).standard_normal(logits.shape)
-    dx = model.backward(g)
+    dx = model.backward(g, need_input_grad=True)
     ref.backward(torch.from_numpy(g))
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-7, atol=1e-9 * float(np.abs(xt.grad.numpy()).max()))
     for (name, p), (tname, tp) in zip(model.named_parameters(), net.named_parameters()):

@@ -146,3 +146,20 @@ def test_sequential_fuses_conv_relu_with_identical_results():
     np.testing.assert_array_equal(fused[0].bias.grad, plain[0].bias.grad)
     with pytest.raises(RuntimeError):
         fused.backward(g)  # the forward's plan is used once
+
+
+def test_input_gradient_only_when_asked():
+    from minialex import models
+    rng = np.random.default_rng(5)
+    model = models.alexnet(num_classes=3, variant="cifar", dropout=0.0)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    g = rng.standard_normal((2, 3)).astype(np.float32)
+    model(x)
+    assert model.backward(g) is None
+    skipped = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    model(x)
+    dx = model.backward(g, need_input_grad=True)
+    assert dx.shape == x.shape
+    for p, q in zip(model.parameters(), skipped):
+        np.testing.assert_array_equal(p.grad, q)
