@@ -38,7 +38,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import prefetch, vadd, vbroadcast, vfma, vload, vstore, vtranspose_8x16, vzero
+from .simd import prefetch, vadd, vbroadcast, vfma, vhsum, vload, vstore, vtranspose_8x16, vzero
 
 MR = 8          # micro-tile rows (broadcast A values)
 NR = 32         # micro-tile columns (two 16-lane vectors)
@@ -49,6 +49,7 @@ SMALL_M = 384   # at most this many rows (per call): B is read in place instead 
 PREFETCH_AHEAD = 64  # columns ahead (two micro-panels) to prefetch when B is read in place
 PACK_PREFETCH = 64   # elements ahead along each row of a transposed B while packing
 PAR_MIN_FLOPS = 4_000_000  # below this a second thread costs more than it saves
+DOT_MAX_M = 8  # A·Bᵀ with at most this many rows (an FC layer at small batch) uses the dot kernel
 
 
 @njit(cache=True)
@@ -257,6 +258,78 @@ def _gemm32_par(a, lda, ta, b, ldb, tb, c, ldc, m, n, k, accumulate, inplace, ns
 
 
 @njit(cache=True)
+def _dot_8x2(a, lda, b, ldb, k, m, n, i0, j0, c, ldc, add):
+    # C[i0:i0+8, j0:j0+2] (+)= A[i0:i0+8, :k] · B[j0:j0+2, :k]ᵀ, both operands read along k
+    # a: row i at i*lda ; b: row j at j*ldb (an FC weight, streamed from memory exactly once)
+    # rows past m and a column past n alias the last valid one; their results are not stored
+    p0 = i0 * lda
+    p1 = min(i0 + 1, m - 1) * lda
+    p2 = min(i0 + 2, m - 1) * lda
+    p3 = min(i0 + 3, m - 1) * lda
+    p4 = min(i0 + 4, m - 1) * lda
+    p5 = min(i0 + 5, m - 1) * lda
+    p6 = min(i0 + 6, m - 1) * lda
+    p7 = min(i0 + 7, m - 1) * lda
+    q0 = j0 * ldb
+    q1 = min(j0 + 1, n - 1) * ldb
+    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
+    c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
+    c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+    c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
+    kv = k - k % 16
+    for kk in range(0, kv, 16):
+        w0 = vload(b, q0 + kk)
+        w1 = vload(b, q1 + kk)
+        x = vload(a, p0 + kk)
+        c00 = vfma(x, w0, c00); c01 = vfma(x, w1, c01)
+        x = vload(a, p1 + kk)
+        c10 = vfma(x, w0, c10); c11 = vfma(x, w1, c11)
+        x = vload(a, p2 + kk)
+        c20 = vfma(x, w0, c20); c21 = vfma(x, w1, c21)
+        x = vload(a, p3 + kk)
+        c30 = vfma(x, w0, c30); c31 = vfma(x, w1, c31)
+        x = vload(a, p4 + kk)
+        c40 = vfma(x, w0, c40); c41 = vfma(x, w1, c41)
+        x = vload(a, p5 + kk)
+        c50 = vfma(x, w0, c50); c51 = vfma(x, w1, c51)
+        x = vload(a, p6 + kk)
+        c60 = vfma(x, w0, c60); c61 = vfma(x, w1, c61)
+        x = vload(a, p7 + kk)
+        c70 = vfma(x, w0, c70); c71 = vfma(x, w1, c71)
+    sums = np.empty((8, 2), dtype=np.float32)
+    sums[0, 0] = vhsum(c00); sums[0, 1] = vhsum(c01)
+    sums[1, 0] = vhsum(c10); sums[1, 1] = vhsum(c11)
+    sums[2, 0] = vhsum(c20); sums[2, 1] = vhsum(c21)
+    sums[3, 0] = vhsum(c30); sums[3, 1] = vhsum(c31)
+    sums[4, 0] = vhsum(c40); sums[4, 1] = vhsum(c41)
+    sums[5, 0] = vhsum(c50); sums[5, 1] = vhsum(c51)
+    sums[6, 0] = vhsum(c60); sums[6, 1] = vhsum(c61)
+    sums[7, 0] = vhsum(c70); sums[7, 1] = vhsum(c71)
+    for r in range(min(8, m - i0)):
+        pa = min(i0 + r, m - 1) * lda
+        for s in range(min(2, n - j0)):
+            pb = (j0 + s) * ldb
+            v = sums[r, s]
+            for kk in range(kv, k):
+                v += a[pa + kk] * b[pb + kk]
+            if add:
+                c[(i0 + r) * ldc + j0 + s] += v
+            else:
+                c[(i0 + r) * ldc + j0 + s] = v
+
+
+@njit(parallel=True, cache=True)
+def _gemm32_dot(a, lda, b, ldb, c, ldc, m, n, k, accumulate, nparts):
+    # C (m x n) (+)= A (m x k) · Bᵀ with B stored (n x k): each part owns a range of C's columns
+    pairs = (n + 1) // 2
+    step = (pairs + nparts - 1) // nparts
+    for part in prange(nparts):
+        for jp in range(part * step, min(pairs, (part + 1) * step)):
+            for i0 in range(0, m, 8):
+                _dot_8x2(a, lda, b, ldb, k, m, n, i0, 2 * jp, c, ldc, accumulate)
+
+
+@njit(cache=True)
 def _gemm64(a, b, c, accumulate):
     # a: (M, K) C-contiguous; b: (K, N) C-contiguous; c: (M, N) C-contiguous
     m, k = a.shape
@@ -353,8 +426,13 @@ def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     af, lda, ta = _flat(a, trans_a)
     bf, ldb, tb = _flat(b, trans_b)
     cf = out.reshape(-1)
-    inplace = (not tb) and m <= SMALL_M and n >= NR
     nthreads = numba.get_num_threads()
+    if tb and not ta and m <= DOT_MAX_M:
+        # x · Wᵀ at small batch: packing W would read its 151 MB (fc6) twice for a few FLOPs each
+        nparts = nthreads if 2.0 * m * n * k >= PAR_MIN_FLOPS else 1
+        _gemm32_dot(af, lda, bf, ldb, cf, n, m, n, k, accumulate, nparts)
+        return out
+    inplace = (not tb) and m <= SMALL_M and n >= NR
     if nthreads > 1 and 2.0 * m * n * k >= PAR_MIN_FLOPS:
         split_n = n >= m
         nslab = min(nthreads, (n + NR - 1) // NR if split_n else (m + MR - 1) // MR)
