@@ -13,9 +13,16 @@ JSON rather than a pickled dict so that a checkpoint from a stranger is safe to 
 holds 128-bit integers, which JSON (unlike a uint64 array) carries exactly.
 
 Writes go to a temporary file in the target's folder, which is flushed, fsync'd and then renamed
-over the target: a crash or a full disk mid-write leaves the previous checkpoint as it was.
+over the target: a crash or a full disk mid-write leaves the previous checkpoint as it was. A process
+killed outright (SIGKILL, power loss) may leave its temporary `.NAME.*.tmp` behind; the next run
+that saves to NAME removes it.
+
+Reading trusts nothing in the file: pickles are never loaded, the archive's total size is capped
+before anything is decompressed, the header is validated field by field, and weights holding NaN
+or inf are refused (they come from a run that diverged and would only poison the next one).
 """
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -28,6 +35,10 @@ import numpy as np
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1
+# The largest real checkpoint (torchvision AlexNet with Adam's two moments) is ~0.75 GB; an archive
+# whose members claim more is damaged or hostile (a zip bomb), and is refused before any of it is
+# decompressed rather than exhausting memory.
+MAX_ARCHIVE_BYTES = 4 * 1024 ** 3
 HEADER_KEY = "__minialex__"
 _ARRAY_REF = "__array__"   # a JSON leaf standing for an array stored beside the header
 _INT_KEYS = "__int_keys__"  # a dict whose keys were ints (optimiser state is indexed by parameter)
@@ -71,11 +82,15 @@ def _from_json(value, arrays, path):
     if isinstance(value, dict):
         if set(value) == {_ARRAY_REF}:
             key = value[_ARRAY_REF]
-            if key not in arrays:
+            if not isinstance(key, str) or key not in arrays:
                 raise CheckpointError(f"{path}: damaged checkpoint: header refers to missing array {key!r}")
             return arrays[key]
         if set(value) == {_INT_KEYS}:
-            return {int(k): _from_json(v, arrays, path) for k, v in value[_INT_KEYS].items()}
+            inner = value[_INT_KEYS]
+            if not isinstance(inner, dict) or not all(isinstance(k, str) and k.lstrip("-").isdigit()
+                                                      for k in inner):
+                raise CheckpointError(f"{path}: damaged checkpoint header (bad integer-keyed table)")
+            return {int(k): _from_json(v, arrays, path) for k, v in inner.items()}
         return {k: _from_json(v, arrays, path) for k, v in value.items()}
     if isinstance(value, list):
         return [_from_json(v, arrays, path) for v in value]
@@ -108,6 +123,25 @@ def save_checkpoint(path, model, *, arch, class_names, normalization, optimizer=
     text = json.dumps(header, ensure_ascii=False, allow_nan=True)
     arrays[HEADER_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     write_atomically(path, lambda f: _write_arrays(f, arrays))
+
+
+def remove_stale_temps(path):
+    """Delete temporary files a killed save of `path` left behind; returns how many."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def write_atomically(path, write):
@@ -164,6 +198,7 @@ def _read_npz(path):
         if not magic.startswith(b"PK"):
             what = "an empty file" if not magic else "not a zip archive"
             raise CheckpointError(f"{path}: not a readable .npz checkpoint ({what})")
+        _check_archive_size(path)
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an .npz archive)")
@@ -186,6 +221,36 @@ def _read_npz(path):
         raise CheckpointError(f"{path}: not a readable .npz checkpoint ({type(e).__name__}: {e})") from None
 
 
+def _check_archive_size(path):
+    with zipfile.ZipFile(path) as z:
+        claimed = sum(info.file_size for info in z.infolist())
+    if claimed > MAX_ARCHIVE_BYTES:
+        raise CheckpointError(f"{path}: archive members claim {claimed:,} bytes, over the limit of "
+                              f"{MAX_ARCHIVE_BYTES:,}; damaged, or not a minialex checkpoint")
+
+
+def first_non_finite(arrays, chunk=1 << 20):
+    """Name of the first floating-point array holding NaN or inf, or None.
+
+    Chunked, so checking 240 MB of weights never makes a 60 MB boolean temporary.
+    """
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "fc":
+            continue
+        flat = a.reshape(-1)
+        for i in range(0, flat.size, chunk):
+            if not np.isfinite(flat[i:i + chunk]).all():
+                return name
+    return None
+
+
+def _refuse_non_finite(path, arrays):
+    bad = first_non_finite(arrays)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad!r} holds NaN or inf values (saved from a run that "
+                              f"diverged?); refusing to load it")
+
+
 def _header(path, arrays):
     raw = arrays.get(HEADER_KEY)
     if raw is None:
@@ -202,12 +267,21 @@ def _header(path, arrays):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint header ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: damaged checkpoint header (nested too deeply)") from None
     return header
 
 
 def load_checkpoint(path) -> Checkpoint:
     """Read and validate a checkpoint written by save_checkpoint."""
     path = os.fspath(path)
+    try:
+        return _load_checkpoint(path)
+    except RecursionError:  # JSON nested deeper than the interpreter's stack: hostile, not ours
+        raise CheckpointError(f"{path}: damaged checkpoint header (nested too deeply)") from None
+
+
+def _load_checkpoint(path):
     arrays = _read_npz(path)
     header = _header(path, arrays)
     if header is None:
@@ -215,28 +289,70 @@ def load_checkpoint(path) -> Checkpoint:
     version = header.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path}: damaged checkpoint header (format_version {version!r})")
+    if version < 1:
+        raise CheckpointError(f"{path}: damaged checkpoint header (format_version {version})")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written in checkpoint format {version} by a newer minialex; "
                               f"this one reads up to format {FORMAT_VERSION}, please upgrade")
-    arch = header.get("arch")
-    names = header.get("class_names")
-    norm = header.get("normalization")
-    if not isinstance(arch, dict) or not {"variant", "num_classes"} <= set(arch):
-        raise CheckpointError(f"{path}: damaged checkpoint header (no architecture)")
-    if not isinstance(names, list) or len(names) != arch["num_classes"]:
-        raise CheckpointError(f"{path}: damaged checkpoint header (class names do not match "
-                              f"{arch.get('num_classes')} classes)")
-    if not isinstance(norm, dict) or not {"mean", "std", "resize", "crop"} <= set(norm):
-        raise CheckpointError(f"{path}: damaged checkpoint header (no normalization)")
+    for key in ("arch", "normalization"):
+        header[key] = _from_json(header.get(key), arrays, path)
+    arch, names, norm = _valid_header(path, header)
     state = OrderedDict((k[len("model/"):], v) for k, v in arrays.items() if k.startswith("model/"))
     if not state:
         raise CheckpointError(f"{path}: damaged checkpoint (no model weights)")
+    _refuse_non_finite(path, arrays)
+    train_state = _from_json(header.get("train_state"), arrays, path)
+    if train_state is not None:
+        if not isinstance(train_state, dict):
+            raise CheckpointError(f"{path}: damaged checkpoint header (training state)")
+        epoch = train_state.get("epoch")
+        if epoch is not None and (not _is_int(epoch) or epoch < 0):
+            raise CheckpointError(f"{path}: damaged checkpoint header (epoch {epoch!r})")
     return Checkpoint(
         version=version, arch=arch, class_names=names, normalization=norm, state_dict=state,
         optimizer_state=_from_json(header.get("optimizer"), arrays, path),
         scheduler_state=_from_json(header.get("scheduler"), arrays, path),
-        train_state=_from_json(header.get("train_state"), arrays, path),
-        path=path)
+        train_state=train_state, path=path)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _valid_header(path, header):
+    """(arch, class_names, normalization) after checking every field a model is built from."""
+    def damaged(what):
+        return CheckpointError(f"{path}: damaged checkpoint header ({what})")
+
+    arch, names, norm = header.get("arch"), header.get("class_names"), header.get("normalization")
+    if not isinstance(arch, dict) or not {"variant", "num_classes"} <= set(arch):
+        raise damaged("no architecture")
+    if not isinstance(arch["variant"], str) or not _is_int(arch["num_classes"]) or arch["num_classes"] < 1:
+        raise damaged(f"architecture {arch['variant']!r} with {arch['num_classes']!r} classes")
+    if not isinstance(names, list) or len(names) != arch["num_classes"]:
+        raise damaged(f"class names do not match {arch['num_classes']} classes")
+    if not all(isinstance(n, str) for n in names):
+        raise damaged("class names are not all text")
+    if not isinstance(norm, dict) or not {"mean", "std", "resize", "crop"} <= set(norm):
+        raise damaged("no normalization")
+    for key in ("mean", "std"):
+        values = norm[key]
+        if isinstance(values, np.ndarray):
+            values = values.tolist()
+        if (not isinstance(values, list) or len(values) != 3 or not all(_is_number(v) for v in values)
+                or (key == "std" and not all(v > 0 for v in values))):
+            raise damaged(f"normalization {key} {norm[key]!r}, expected 3 finite numbers"
+                          + (" above 0" if key == "std" else ""))
+    for key in ("resize", "crop"):
+        if not _is_int(norm[key]) or not 1 <= norm[key] <= 4096:
+            raise damaged(f"normalization {key} {norm[key]!r}")
+    if norm["crop"] > norm["resize"]:
+        raise damaged(f"crop {norm['crop']} larger than resize {norm['resize']}")
+    return arch, names, norm
 
 
 def load_weights(path):
@@ -251,6 +367,7 @@ def load_weights(path):
         return ckpt.state_dict, ckpt
     if not arrays:
         raise CheckpointError(f"{path}: empty archive, no weights")
+    _refuse_non_finite(path, arrays)
     return OrderedDict(arrays), None
 
 
@@ -264,7 +381,20 @@ def build_model(arch):
 
 
 def load_into(model, state_dict, path):
-    """model.load_state_dict, turning a mismatch into a CheckpointError naming the file."""
+    """model.load_state_dict, turning a mismatch into a CheckpointError naming the file.
+
+    dtypes are checked first: load_state_dict casts, and a cast would quietly truncate integer
+    "weights", drop imaginary parts or fail on text with a message about something else.
+    """
+    own = model.state_dict()
+    for key, value in state_dict.items():
+        if key not in own:
+            continue
+        got, want = np.asarray(value).dtype, np.asarray(own[key]).dtype
+        fits = got.kind == "f" if want.kind == "f" else got.kind in "iu"
+        if not fits:
+            raise CheckpointError(f"{path}: {key!r} is stored as {got}, expected "
+                                  f"{'floating point' if want.kind == 'f' else 'integers'}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except ValueError as e:

@@ -246,6 +246,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("minialex: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("minialex: error: out of memory (try a smaller -batchsize, or fewer -workers)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     except OSError as e:
         # Files the user named that vanished or cannot be read/written outside our own checks.
         where = f"{e.filename}: " if e.filename else ""

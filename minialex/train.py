@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import _random
-from .checkpoint import build_model, load_checkpoint, load_into, load_weights, save_checkpoint
+from .checkpoint import (build_model, load_checkpoint, load_into, load_weights, remove_stale_temps,
+                         save_checkpoint)
 from .errors import CheckpointError, DataError, MinialexError, at_line
 
 # Shorter side before the crop, per input size: torchvision's 256 -> 224 (the paper's 227 too),
@@ -123,8 +124,46 @@ def check_images_exist(samples, list_path):
     """Fail before training, not hours in, when the list names a file that is not there."""
     for s in samples:
         if not os.path.isfile(s.path):
-            what = "is a folder, not an image" if os.path.isdir(s.path) else "image not found"
+            if os.path.isdir(s.path):
+                what = "is a folder, not an image"
+            elif os.path.islink(s.path):
+                what = "broken symbolic link or symbolic link loop"
+            elif os.path.exists(s.path):
+                what = "not a regular file (a device, FIFO or socket)"
+            else:
+                what = "image not found"
             raise DataError(at_line(list_path, s.line, f"{what}: {s.path}"))
+
+
+# Without a labels file the class count is the largest id + 1. A stray huge id ("99999 a.png" for
+# "9 a.png") would silently build a classifier of that many outputs -- gigabytes -- so past this
+# many classes every id up to the largest must be mostly in use, or a labels file must say so.
+MAX_SPARSE_CLASSES = 1000
+
+
+def check_class_count(samples, list_path):
+    """DataError naming the line of the largest id when the ids are implausibly sparse."""
+    largest = max(samples, key=lambda s: s.label)
+    used = len({s.label for s in samples})
+    if largest.label + 1 > max(MAX_SPARSE_CLASSES, 2 * used):
+        raise DataError(at_line(list_path, largest.line,
+                                f"class id {largest.label} means {largest.label + 1} classes, but the "
+                                f"list uses only {used} distinct ids; fix the id, or give -labels "
+                                f"naming every class if that many are meant"))
+
+
+def warn_duplicates(samples, list_path):
+    """Repeated lines are kept (repeating an image is a way to weigh it more), but said once."""
+    from .data.listfile import duplicate_lines
+    repeats, conflicts = duplicate_lines(samples)
+    if conflicts:
+        line, first, label, other = conflicts[0]
+        _say(f"warning: {list_path}:{line}: image also listed at line {first} with class {other}, here "
+             f"class {label}; {len(conflicts)} such conflicting line(s): both labels are trained on")
+    if repeats:
+        line, first = repeats[0]
+        _say(f"warning: {list_path}: {len(repeats)} line(s) repeat an earlier image (line {line} repeats "
+             f"line {first}); they are kept, so those images count more than once per epoch")
 
 
 def _raise_first_bad_image(samples, list_path):
@@ -163,8 +202,12 @@ def _read_data(cfg, num_classes, class_names):
     train = read_list(list_path, num_classes)
     val = read_list(val_path, num_classes) if val_path is not None else None
     if class_names is None:
+        check_class_count(train, list_path)
+        if val is not None:
+            check_class_count(val, val_path)
         num_classes = max(s.label for s in train + (val or [])) + 1
         class_names = [f"class_{i}" for i in range(num_classes)]
+    warn_duplicates(train, list_path)
     if not cfg.skip_bad_images:
         check_images_exist(train, list_path)
         if val is not None:
@@ -430,6 +473,20 @@ def _epoch_line(r, epochs):
             f"data wait {r['data_wait']:.1f}s  skipped {r['skipped']}")
 
 
+def memory_use():
+    """{"rss_mb", "peak_rss_mb"} of this process from /proc (None where there is no /proc)."""
+    found = {"rss_mb": None, "peak_rss_mb": None}
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "rss_mb" if line.startswith("VmRSS:") else "peak_rss_mb"
+                    found[key] = round(int(line.split()[1]) / 1024, 1)  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
 def _append_log(path, record):
     try:
         with open(path, "a", encoding="utf-8") as f:
@@ -464,10 +521,13 @@ def _restore_training_state(ckpt, opt, sched):
             opt.load_state_dict(ckpt.optimizer_state)
         if sched is not None and ckpt.scheduler_state is not None:
             sched.load_state_dict(ckpt.scheduler_state)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"{ckpt.path}: optimiser state does not fit: {e}") from None
     if ts.get("rng") is not None:
-        _random.get_generator().bit_generator.state = ts["rng"]
+        try:
+            _random.get_generator().bit_generator.state = ts["rng"]
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            raise CheckpointError(f"{ckpt.path}: damaged random state: {e}") from None
     if ts.get("interrupted"):
         _say(f"{ckpt.path} was saved when epoch {ts['interrupted']['epoch']} was interrupted at batch "
              f"{ts['interrupted']['batch']}; that epoch starts over")
@@ -485,6 +545,8 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.save is None:
         cfg = TrainConfig(**{**asdict(cfg), "save": cfg.resume or "alexnet.npz"})
     check_writable_target(cfg.save)
+    if remove_stale_temps(cfg.save):
+        _say(f"removed temporary files a killed save of {cfg.save} left behind")
     if cfg.plot:
         from .plot import require_matplotlib
         require_matplotlib()
@@ -580,7 +642,8 @@ def run_training(cfg: TrainConfig) -> dict:
                       "val_loss": v["loss"] if v else None, "val_top1": v["top1"] if v else None,
                       "val_top5": v["top5"] if v else None, "lr": lr, "time": seconds,
                       "images_per_s": images / max(seconds, 1e-9),
-                      "data_wait": train_loader.wait_time, "skipped": train_loader.skipped}
+                      "data_wait": train_loader.wait_time, "skipped": train_loader.skipped,
+                      **memory_use()}
             history.append(record)
             save_checkpoint(cfg.save, model, optimizer=opt, scheduler=sched, **meta, train_state=state(epoch))
             print(_epoch_line(record, cfg.epochs), flush=True)

@@ -15,9 +15,12 @@ JPEG, PNG, BMP, GIF, WebP and TIFF in every mode become (H, W, 3) uint8, upright
 
 An image of more than MAX_PIXELS pixels is refused before it is decoded (a "decompression bomb":
 a tiny file that would expand to gigabytes). Anything that cannot be decoded (missing, empty,
-truncated, corrupt, not an image, a folder) is a DataError naming the file.
+truncated, corrupt, not an image, a folder, a FIFO or device, a symbolic link loop) is a DataError
+naming the file. The file's extension is never trusted: the format is read from its content.
 """
+import errno
 import os
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,6 +37,13 @@ _WHITE = (255, 255, 255, 255)
 def load_image(path) -> np.ndarray:
     """Decode `path` into an (H, W, 3) uint8 RGB array; DataError naming the file if it can't."""
     try:
+        # Regular files only: opening a FIFO named by mistake would block forever, and a device
+        # such as /dev/zero would be read without end.
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(mode):
+            raise DataError(at_line(path, None, "not a regular file (a device, FIFO or socket)"))
         with open(path, "rb") as f:
             with Image.open(f) as im:
                 width, height = im.size
@@ -57,11 +67,17 @@ def load_image(path) -> np.ndarray:
                 else "not an image Pillow can read (unknown format or corrupt header)")
         raise DataError(at_line(path, None, what)) from None
     except Image.DecompressionBombError as e:
-        raise DataError(at_line(path, None, f"refused as a decompression bomb: {e}")) from None
+        # Pillow's own check fires inside Image.open, before ours, past twice its warning size.
+        raise DataError(at_line(path, None, f"image over the limit of {MAX_PIXELS:,} pixels "
+                                f"(decompression bomb guard): {e}")) from None
     except PermissionError:
         raise DataError(at_line(path, None, "permission denied")) from None
     except MemoryError:
         raise DataError(at_line(path, None, "out of memory decoding the image")) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(at_line(path, None, "symbolic link loop")) from None
+        raise DataError(at_line(path, None, f"cannot decode image ({type(e).__name__}: {e})")) from None
     except Exception as e:  # noqa: BLE001 - corrupt files make Pillow's decoders raise anything
         raise DataError(at_line(path, None, f"cannot decode image ({type(e).__name__}: {e})")) from None
     return rgb

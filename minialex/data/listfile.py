@@ -154,6 +154,22 @@ def read_labels(path) -> list[str]:
     return [names[i] for i in range(len(names))]
 
 
+def duplicate_lines(samples):
+    """([(line, first_line)], [(line, first_line, label, first_label)]) for images listed again:
+    repeats with the same class id, and repeats with a different one (conflicts)."""
+    first = {}
+    repeats, conflicts = [], []
+    for s in samples:
+        seen = first.setdefault(os.path.normpath(s.path), s)
+        if seen is s:
+            continue
+        if seen.label == s.label:
+            repeats.append((s.line, seen.line))
+        else:
+            conflicts.append((s.line, seen.line, s.label, seen.label))
+    return repeats, conflicts
+
+
 def default_class_names(num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 

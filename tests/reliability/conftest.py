@@ -1,0 +1,62 @@
+"""Shared pieces of the reliability tests: a tiny real dataset, the CLI in a subprocess, and
+in-process training that leaves Numba's thread count as it found it."""
+import os
+import subprocess
+import sys
+
+import numba
+import pytest
+
+from minialex.data import demo_dataset, read_list
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The cifar variant on 16 demo images: an epoch is two batches, so checkpoints come often.
+FAST = ["-arch", "cifar", "-batchsize", "8", "-threads", "1", "-workers", "1", "-seed", "5"]
+
+
+def run_cli(args, cwd, timeout=120, env=None):
+    """`python -m minialex ARGS` as a user runs it; a hang fails the test through the timeout."""
+    full_env = dict(os.environ, NUMBA_NUM_THREADS="2",
+                    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def popen_cli(args, cwd, **kw):
+    env = dict(os.environ, NUMBA_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit 2, the last stderr line is the only `minialex: error:` line, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("minialex: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def write_list(path, samples):
+    path.write_text("".join(f"{s.label} {s.path}\n" for s in samples))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo16(tmp_path_factory):
+    """(list path, samples): 16 demo training images, two of each of the first 8 classes and more."""
+    samples = read_list(demo_dataset().train_list)[:16]
+    folder = tmp_path_factory.mktemp("demo16")
+    return write_list(folder / "train.list", samples), samples
+
+
+@pytest.fixture
+def same_threads():
+    """Restore Numba's thread count after a test that trains in-process with -threads."""
+    before = numba.get_num_threads()
+    yield
+    numba.set_num_threads(before)
