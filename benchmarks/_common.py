@@ -85,3 +85,165 @@ def markdown_table(header, rows):
     for r in rows:
         lines.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(lines)
+
+
+# -- shared by the suite in run.py ------------------------------------------------------------------
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = 1e-3  # our result may differ from torch's by this fraction of the reference's largest value
+
+
+def torch_available():
+    """True when torch imports; the suite then times it as our peer and checks against it."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_model():
+    """The 'model name' line of /proc/cpuinfo, or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(threads):
+    """Date, CPU, thread count and library versions, for the report's header."""
+    import datetime
+    import numba
+    info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu_model(),
+                cores=os.cpu_count(), threads=threads, python=sys.version.split()[0],
+                numpy=np.__version__, numba=numba.__version__, torch=None)
+    if torch_available():
+        import torch
+        info["torch"] = torch.__version__
+    return info
+
+
+def worker_env(lib, threads):
+    """Environment of a child timing `lib` with `threads` threads (the repo importable from anywhere)."""
+    path = os.environ.get("PYTHONPATH", "")
+    env = {"PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else ""), "OMP_NUM_THREADS": str(threads)}
+    if lib == "minialex":
+        # numba.set_num_threads cannot go above the pool size fixed at import
+        env["NUMBA_NUM_THREADS"] = str(max(threads, int(os.environ.get("NUMBA_NUM_THREADS", "0") or 0)))
+    return env
+
+
+def set_threads(lib, threads):
+    """Inside a child: give `lib` exactly `threads` compute threads."""
+    if lib == "minialex":
+        import numba
+        numba.set_num_threads(threads)
+    elif lib == "torch":
+        import torch
+        torch.set_num_threads(threads)
+
+
+def max_rel_error(ours, ref):
+    """max|ours - ref| / max|ref| (absolute error when ref is all zeros); inf on a shape mismatch or NaN."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        return float("inf")
+    if ours.size == 0:
+        return 0.0
+    diff = np.abs(ours - ref)
+    if not np.isfinite(diff).all():
+        # NaN where the reference has NaN too is agreement (e.g. a NaN input); anything else is not
+        same_nan = np.isnan(ours) & np.isnan(ref)
+        if not (np.isfinite(diff) | same_nan).all():
+            return float("inf")
+        diff = np.where(same_nan, 0.0, diff)
+        ref = np.where(same_nan, 0.0, ref)
+    scale = float(np.abs(ref).max())
+    return float(diff.max() / scale) if scale > 0 else float(diff.max())
+
+
+def norm_rel_error(ours, ref):
+    """||ours - ref|| / ||ref|| (absolute when ref is zero); inf on a shape mismatch or non-finite values."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape or not (np.isfinite(ours).all() and np.isfinite(ref).all()):
+        return float("inf")
+    scale = float(np.linalg.norm(ref))
+    diff = float(np.linalg.norm(ours - ref))
+    return diff / scale if scale > 0 else diff
+
+
+# Whole-network gradients in float32 are compared norm-wise with this much more room: last-bit
+# differences flip a few ReLU and max-pool decisions, which moves single entries of the weight
+# gradients of the early layers. On this project's machine torch's own float32 gradients of
+# torchvision's AlexNet (batch 32) lie up to 6e-3 norm-wise from the float64 truth, ours about
+# 1e-3; a wrong kernel is off by order 1.
+LOOSE_FACTOR = 10
+
+
+def compare_outputs(ours, ref, rtol=RTOL, loose=()):
+    """(ok, worst error, index of the worst array) over two equally long lists of arrays.
+
+    Arrays are compared by max_rel_error against rtol, except the indices in `loose`: by
+    norm_rel_error against LOOSE_FACTOR * rtol. The worst array is the one nearest its limit.
+    """
+    if len(ours) != len(ref):
+        return False, float("inf"), None
+    if not ours:
+        return True, 0.0, None
+    errors, limits = [], []
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if i in loose:
+            errors.append(norm_rel_error(a, b))
+            limits.append(LOOSE_FACTOR * rtol)
+        else:
+            errors.append(max_rel_error(a, b))
+            limits.append(rtol)
+    worst = int(np.argmax([e / lim for e, lim in zip(errors, limits)]))
+    return errors[worst] <= limits[worst], errors[worst], worst
+
+
+def peak_rss_mb():
+    """This process's peak resident set (VmHWM) in MB; ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb():
+    """This process's resident set now (VmRSS) in MB, or None without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def fmt_ms(seconds):
+    return "–" if seconds is None else f"{seconds * 1e3:.2f}" if seconds < 0.1 else f"{seconds * 1e3:.1f}"
+
+
+def fmt_num(value, digits=1):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ratio(torch_s, ours_s):
+    """torch time / our time: above 1 means we are faster."""
+    if torch_s is None or ours_s is None or ours_s <= 0:
+        return "–"
+    return f"{torch_s / ours_s:.2f}x"

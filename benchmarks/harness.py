@@ -1,0 +1,150 @@
+"""Sections made of cases: check every case once against torch, then time each library on its own.
+
+Order of work for one section:
+1. one child process builds every case with both libraries and compares all outputs (forward
+   result, every gradient) -- a case that disagrees, or raises, is FAILED and is not timed;
+2. the cases are timed in children that import only one library each, one child per library and
+   batch size, the library that goes first alternating from one batch to the next.
+
+Separate processes because on two cores the OpenMP pools of Numba and torch disturb each other:
+a pool that has just finished spins for a while, taking the core the other one wants. Alternation
+spreads the drift of a shared, noisy machine over both libraries instead of one.
+
+A section module using this provides `cases(opts)` (JSON-able dicts with at least "name" and
+"batch") and `build(case, lib)` returning an `ops.Bench`.
+"""
+import json
+
+from ._common import (LOOSE_FACTOR, RTOL, compare_outputs, fmt_ms, fmt_num, fmt_ratio, markdown_table, run_worker,
+                      set_threads, time_call, worker_env)
+
+LIBS = ("minialex", "torch")
+HEADER = ["case", "batch", "pass", "ours ms", "torch ms", "ours GFLOP/s", "torch GFLOP/s", "torch/ours", "check"]
+
+
+def check_cases(build, cases, rtol=RTOL):
+    """Compare minialex with torch on every case, in this process: [{name, batch, phase, ok, rel_err, error}]."""
+    out = []
+    for case in cases:
+        key = dict(name=case["name"], batch=case["batch"])
+        try:
+            bench = build(case, "minialex")
+            ours = bench.outputs()
+            ref = build(case, "torch").outputs()
+        except Exception as e:  # a kernel that raises is as wrong as one that miscomputes
+            out.append(dict(key, phase="all", ok=False, rel_err=None, error=f"{type(e).__name__}: {e}"))
+            continue
+        for phase, expected in ref.items():
+            ok, err, worst = compare_outputs(ours.get(phase, []), expected, rtol, bench.loose.get(phase, ()))
+            names = bench.labels.get(phase, [])
+            where = names[worst] if worst is not None and worst < len(names) else f"output {worst}"
+            limit = rtol
+            if worst in bench.loose.get(phase, ()):
+                where += " (norm-wise)"
+                limit = LOOSE_FACTOR * rtol
+            out.append(dict(key, phase=phase, ok=ok, rel_err=err, limit=limit, worst=where, error=None))
+    return out
+
+
+def time_cases(build, cases, lib, repeats, warmup=1):
+    """Median and best seconds of every phase of every case on `lib`, in this process."""
+    out = []
+    for case in cases:
+        bench = build(case, lib)
+        for phase, fn, flops in bench.phases:
+            med, best = time_call(fn, repeats, warmup)
+            out.append(dict(name=case["name"], batch=case["batch"], phase=phase, lib=lib,
+                            median_s=med, best_s=best, flops=flops))
+        del bench
+    return out
+
+
+def worker(module, payload):
+    """Child side: run the check or the timings the parent asked for; returns JSON-able results."""
+    threads = payload["threads"]
+    if payload["action"] == "check":
+        for lib in LIBS:
+            set_threads(lib, threads)
+        return check_cases(module.build, payload["cases"], payload.get("rtol", RTOL))
+    set_threads(payload["lib"], threads)
+    return time_cases(module.build, payload["cases"], payload["lib"], payload["repeats"], payload["warmup"])
+
+
+def _child(section, payload, libs, threads):
+    env = {}
+    for lib in libs:
+        env.update(worker_env(lib, threads))
+    return run_worker("benchmarks.run", ["--worker", json.dumps(dict(payload, section=section, threads=threads))],
+                      env)
+
+
+class Alternator:
+    """Which library goes first in the next round: flips every call."""
+
+    def __init__(self):
+        self.flip = False
+
+    def order(self, libs):
+        self.flip = not self.flip
+        return list(libs) if self.flip else list(reversed(libs))
+
+
+def run_cases(section, cases, opts, alternator=None):
+    """Check and time `cases` of `section` in child processes; returns the section's result dict."""
+    alternator = alternator or Alternator()
+    notes, failed = [], False
+    libs = ["minialex", "torch"] if opts.have_torch else ["minialex"]
+    checks = {}
+    if opts.have_torch:
+        for r in _child(section, dict(action="check", cases=cases), LIBS, opts.threads):
+            checks.setdefault((r["name"], r["batch"]), []).append(r)
+    else:
+        notes.append("torch is not importable: no torch timings, and nothing to check our results against")
+
+    def bad(case):
+        return any(not r["ok"] for r in checks.get((case["name"], case["batch"]), []))
+
+    timed = {}
+    batches = sorted({c["batch"] for c in cases})
+    for batch in batches:
+        todo = [c for c in cases if c["batch"] == batch and not bad(c)]
+        if not todo:
+            continue
+        for lib in alternator.order(libs):
+            payload = dict(action="time", lib=lib, cases=todo, repeats=opts.repeats, warmup=opts.warmup)
+            for r in _child(section, payload, [lib], opts.threads):
+                timed[(r["name"], r["batch"], r["phase"], r["lib"])] = r
+
+    records, rows = [], []
+    for case in cases:
+        key = (case["name"], case["batch"])
+        found = checks.get(key, [])
+        if bad(case):
+            failed = True
+            for r in found:
+                if not r["ok"]:
+                    why = r["error"] or f"{r['worst']}: relative error {r['rel_err']:.2e} > {r['limit']:g}"
+                    records.append(dict(case=case["name"], batch=case["batch"], phase=r["phase"],
+                                        status="FAILED", detail=why))
+                    rows.append([case["name"], case["batch"], r["phase"], "–", "–", "–", "–", "–",
+                                 f"FAILED: {why}"])
+            continue
+        phases = [p for (n, b, p, lib) in timed if (n, b) == key and lib == "minialex"]
+        for phase in phases:
+            ours = timed[key + (phase, "minialex")]
+            peer = timed.get(key + (phase, "torch"))
+            check = next((r for r in found if r["phase"] == phase), None)
+            status = "OK" if check else "unchecked"
+            rec = dict(case=case["name"], batch=case["batch"], phase=phase, status=status,
+                       rel_err=check["rel_err"] if check else None, flops=ours["flops"],
+                       ours_s=ours["median_s"], ours_best_s=ours["best_s"],
+                       torch_s=peer["median_s"] if peer else None, torch_best_s=peer["best_s"] if peer else None)
+            rec["ours_gflops"] = ours["flops"] / ours["median_s"] / 1e9 if ours["flops"] else None
+            rec["torch_gflops"] = ours["flops"] / peer["median_s"] / 1e9 if ours["flops"] and peer else None
+            rec["ratio"] = rec["torch_s"] / rec["ours_s"] if peer else None
+            records.append(rec)
+            rows.append([case["name"], case["batch"], phase, fmt_ms(rec["ours_s"]), fmt_ms(rec["torch_s"]),
+                         fmt_num(rec["ours_gflops"]), fmt_num(rec["torch_gflops"]),
+                         fmt_ratio(rec["torch_s"], rec["ours_s"]),
+                         f"OK ({rec['rel_err']:.1e})" if check else status])
+    return dict(records=records, table=markdown_table(HEADER, rows), notes=notes, failed=failed)

@@ -1,0 +1,42 @@
+"""Inference of torchvision's AlexNet in eval mode: batch-1 latency and batch-64 throughput.
+
+torch runs under torch.no_grad(), as a deployment would; both networks hold the same weights
+and the check compares the logits.
+"""
+from . import harness
+from .ops import Bench
+from .step import forward_flops, images_table, model_and_data
+
+TITLE = "Inference, eval mode (torchvision AlexNet, 224×224)"
+PHASE = "forward (eval)"
+
+
+def cases(opts):
+    return [dict(name="latency", variant="torchvision", batch=1, size=224, classes=1000),
+            dict(name="throughput", variant="torchvision", batch=64, size=224, classes=1000)]
+
+
+def build(case, lib):
+    model, x, _ = model_and_data(case)
+    model.eval()
+    flops = forward_flops(model, x.shape)[0]
+    if lib == "minialex":
+        def forward():
+            return model(x)
+    else:
+        import torch
+        from tests.torch_reference import torch_model_like
+        net = torch_model_like(model).eval()
+        tx = torch.from_numpy(x)
+
+        def forward():
+            with torch.no_grad():
+                return net(tx).numpy()
+
+    def outputs():
+        return {PHASE: [forward()]}
+    return Bench([(PHASE, forward, flops)], outputs)
+
+
+def run(opts, alternator=None):
+    return images_table(harness.run_cases("inference", cases(opts), opts, alternator))

@@ -1,0 +1,120 @@
+"""The benchmark suite runs end to end on tiny inputs, and its check refuses wrong results."""
+import json
+import types
+
+import numpy as np
+import pytest
+
+from benchmarks import harness, ops, run
+from benchmarks._common import compare_outputs, max_rel_error
+
+TINY = [
+    dict(name="conv", kind="conv", batch=2, x=[2, 3, 9, 9], w=[4, 3, 3, 3], stride=2, padding=1),
+    dict(name="relu", kind="relu", batch=2, x=[2, 4, 5, 5]),
+    dict(name="fc", kind="linear", batch=2, x=[2, 16], out=8),
+]
+
+
+def _opts(*argv):
+    return run.parse_options(["--quick", *argv])
+
+
+def _wrong_relu(x):
+    return np.abs(x)  # right where x >= 0, wrong elsewhere
+
+
+def test_compare_outputs_measures_error_relative_to_magnitude():
+    ref = np.array([1000.0, 1.0], dtype=np.float32)
+    assert compare_outputs([ref + np.float32(0.5)], [ref])[0]  # 0.5 off a largest value of 1000
+    ok, err, worst = compare_outputs([ref, ref * 1.01], [ref, ref])
+    assert not ok and worst == 1 and err == pytest.approx(0.01, rel=1e-3)
+    assert max_rel_error(np.zeros(3), np.zeros(4)) == float("inf")
+    assert max_rel_error(np.array([np.nan]), np.array([1.0])) == float("inf")
+    assert max_rel_error(np.array([np.nan, 1.0]), np.array([np.nan, 1.0])) == 0.0
+
+
+def test_loose_outputs_are_compared_norm_wise():
+    ref = np.ones(10_000, dtype=np.float32)
+    one_flip = ref.copy()
+    one_flip[7] = 0.5  # one entry moved, as a flipped max-pool decision moves it
+    assert not compare_outputs([one_flip], [ref])[0]
+    assert compare_outputs([one_flip], [ref], loose={0})[0]
+    assert not compare_outputs([ref * 1.5], [ref], loose={0})[0]  # wrong everywhere stays wrong
+
+
+def test_checker_passes_our_kernels_and_catches_a_wrong_one(torch, monkeypatch):
+    good = harness.check_cases(ops.build, TINY)
+    assert good and all(r["ok"] for r in good), good
+    from minialex.kernels import relu
+    monkeypatch.setattr(relu, "relu_forward", _wrong_relu)
+    bad = harness.check_cases(ops.build, [TINY[1]])
+    forward = next(r for r in bad if r["phase"] == "forward")
+    assert not forward["ok"] and forward["worst"] == "y" and forward["rel_err"] > 0.5
+
+
+def test_checker_counts_an_exception_as_a_failure(torch, monkeypatch):
+    from minialex.kernels import linear
+
+    def broken(*args):
+        raise ValueError("shape trouble")
+    monkeypatch.setattr(linear, "linear_forward", broken)
+    (r,) = harness.check_cases(ops.build, [TINY[2]])
+    assert not r["ok"] and "shape trouble" in r["error"]
+
+
+def test_failed_case_is_reported_and_not_timed(torch, monkeypatch):
+    # children cannot see a monkeypatch, so the section's "children" run here
+    section = types.SimpleNamespace(build=ops.build)
+    monkeypatch.setattr(harness, "_child",
+                        lambda name, payload, libs, threads: harness.worker(section, dict(payload, threads=threads)))
+    from minialex.kernels import relu
+    monkeypatch.setattr(relu, "relu_forward", _wrong_relu)
+    result = harness.run_cases("layers", TINY, _opts())
+    assert result["failed"]
+    by_case = {}
+    for rec in result["records"]:
+        by_case.setdefault(rec["case"], []).append(rec)
+    # |x| as the forward also spoils the backward, which masks with the saved output
+    assert [(r["phase"], r["status"]) for r in by_case["relu"]] == [("forward", "FAILED"), ("backward", "FAILED")]
+    assert "ours_s" not in by_case["relu"][0]
+    assert {r["status"] for r in by_case["conv"] + by_case["fc"]} == {"OK"}
+    assert "FAILED: y: relative error" in result["table"]
+
+
+def test_tiny_layer_section_in_child_processes():
+    opts = _opts()
+    result = harness.run_cases("layers", TINY, opts)
+    assert not result["failed"], result["table"]
+    phases = {(r["case"], r["phase"]) for r in result["records"]}
+    assert phases == {(c["name"], p) for c in TINY for p in ("forward", "backward")}
+    for r in result["records"]:
+        assert r["ours_s"] > 0
+        assert (r["torch_s"] > 0 and r["status"] == "OK") if opts.have_torch else r["torch_s"] is None
+    conv_fwd = next(r for r in result["records"] if r["case"] == "conv" and r["phase"] == "forward")
+    assert conv_fwd["flops"] == 2 * 2 * 4 * 5 * 5 * 3 * 3 * 3
+    assert "| conv | 2 | forward |" in result["table"]
+
+
+def test_suite_entry_point_runs_peak_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert run.main(["--sections", "peak", "--quick", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("minialex benchmarks, ") and "threads: 2" in printed
+    report = json.loads(out.read_text())
+    rows = report["sections"]["peak"]["records"]
+    assert [r["threads"] for r in rows] == [1, 2] and all(r["gflops"] > 0.1 for r in rows)
+    assert report["failed"] is False and report["machine"]["numba"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sections", "peak,nope"], "unknown section 'nope'"),
+    (["--threads", "0"], "must be at least 1"),
+    (["--batch", "eight"], "'eight' is not an integer"),
+    (["--gemm-layers", "conv9"], "unknown layer 'conv9'"),
+    (["--json", "{missing}/x.json"], "does not exist or is not writable"),
+])
+def test_bad_options_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    argv = [a.format(missing=tmp_path / "missing") for a in argv]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
