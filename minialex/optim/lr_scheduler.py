@@ -7,7 +7,20 @@ that is ReduceLROnPlateau(mode="min", factor=0.1).
 import math
 
 
-class _Scheduler:
+class _SchedulerState:
+    """What every schedule shares: the current rates and a state_dict of plain numbers."""
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state_dict):
+        self.__dict__.update(state_dict)
+
+
+class _Scheduler(_SchedulerState):
     def __init__(self, optimizer):
         self.optimizer = optimizer
         for g in optimizer.param_groups:
@@ -26,15 +39,6 @@ class _Scheduler:
     def step(self):
         self.last_epoch += 1
         self._apply()
-
-    def get_last_lr(self):
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
-
-    def load_state_dict(self, state_dict):
-        self.__dict__.update(state_dict)
 
 
 class StepLR(_Scheduler):
@@ -59,7 +63,7 @@ class MultiStepLR(_Scheduler):
         return base_lr * self.gamma ** sum(1 for m in self.milestones if m <= self.last_epoch)
 
 
-class ReduceLROnPlateau:
+class ReduceLROnPlateau(_SchedulerState):
     """Multiply the rate by `factor` once the metric has not improved for `patience` epochs."""
 
     def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
@@ -103,12 +107,3 @@ class ReduceLROnPlateau:
                     g["lr"] = new_lr
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
-
-    def get_last_lr(self):
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
-
-    def load_state_dict(self, state_dict):
-        self.__dict__.update(state_dict)
