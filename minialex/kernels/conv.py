@@ -1,6 +1,11 @@
 """2-D convolution (PyTorch Conv2d semantics, groups included) on im2col + our GEMM.
 
-Forward, per batch chunk of Nc images:
+float32 goes through conv_blocked.py: per thread, blocks of ~1024 columns are unfolded,
+multiplied and rectified while in cache, in one parallel region per call (backward too, when
+there is at least one image per thread). The batched path below serves float64 (gradient
+checks) and float32 backward with fewer images than threads.
+
+Batched path, per batch chunk of Nc images:
     cols (K, Nc*P) = im2col(x chunk)          K = Cin*kh*kw, P = OH*OW
     Y_g (Cout/g, Nc*P) = W_g (Cout/g, K/g) @ cols[rows of group g]
     y[n, co, p] = Y[co, n*P + p] + b[co]      (reorder fused with the bias add)
@@ -8,9 +13,11 @@ Backward reorders dy the same way (fused with the bias-gradient sum), then
     dW_g += dY_g @ cols_g.T                   dcols_g = W_g.T @ dY_g ;  dx = col2im(dcols)
 The batch is processed in chunks so the column buffer stays under _COLS_BYTES.
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
+from minialex.kernels import conv_blocked
 from minialex.kernels.gemm import gemm
 from minialex.kernels.im2col import col2im, conv_output_size, im2col
 
@@ -99,6 +106,8 @@ def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
     n, cin, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
     oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)
+    if x.dtype == np.float32:
+        return conv_blocked.forward(x, w, b, stride, padding, groups, relu, numba.get_num_threads())
     plane = oh * ow
     k_rows = cin * kh * kw
     kg = cin_g * kh * kw
@@ -146,8 +155,14 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
     cout_g = cout // groups
     w2 = np.ascontiguousarray(w).reshape(cout, kg)
     # accumulate straight into dw when it can be viewed as (Cout, K/g), else through a scratch
-    direct = dw.flags.c_contiguous
-    dw2 = dw.reshape(cout, kg) if direct else np.zeros((cout, kg), dtype=dw.dtype)
+    direct = dw.flags.c_contiguous and dw.dtype == x.dtype
+    dw2 = dw.reshape(cout, kg) if direct else np.zeros((cout, kg), dtype=x.dtype)
+    nthreads = numba.get_num_threads()
+    if x.dtype == np.float32 and n >= nthreads:
+        dx, db_sum = conv_blocked.backward(dy, x, w, dw2, stride, padding, groups,
+                                           accumulate and direct, need_dx, relu_out, nthreads)
+        _store_grads(dw, dw2, db, db_sum, direct, accumulate)
+        return dx
     db_acc = np.zeros(cout, dtype=np.float64) if db is not None else np.zeros(1, dtype=np.float64)
     dy3 = dy.reshape(n, cout, plane)
     yr3 = dy3 if relu_out is None else np.ascontiguousarray(relu_out).reshape(n, cout, plane)
@@ -171,6 +186,12 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
                 gemm(w2[g * cout_g:(g + 1) * cout_g], dyc[g * cout_g:(g + 1) * cout_g],
                      out=cols[g * kg:(g + 1) * kg], trans_a=True)
             dx[n0:n1] = col2im(cols, (n1 - n0, cin, h, wd), kh, kw, stride, padding)
+    _store_grads(dw, dw2, db, db_acc, direct, accumulate)
+    return dx
+
+
+def _store_grads(dw, dw2, db, db_sum, direct, accumulate):
+    # dw2 already holds dw's new value when direct, else the gradient of this call alone
     if not direct:
         if accumulate:
             dw += dw2.reshape(dw.shape)
@@ -178,10 +199,9 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
             dw[...] = dw2.reshape(dw.shape)
     if db is not None:
         if accumulate:
-            db += db_acc.astype(db.dtype)
+            db += db_sum.astype(db.dtype)
         else:
-            db[...] = db_acc
-    return dx
+            db[...] = db_sum
 
 
 def conv2d_forward_ref(x, w, b, stride, padding, groups, relu=False):

@@ -101,17 +101,18 @@ def test_backward_accumulates_parameter_grads_and_can_skip_dx():
 
 
 def test_batch_chunking_gives_the_same_result(monkeypatch):
+    # the batched path (float64; float32 takes the blocked path in conv_blocked.py)
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((5, 3, 7, 7)).astype(np.float32)
-    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(4).astype(np.float32)
-    dy = rng.standard_normal((5, 4, 4, 4)).astype(np.float32)
+    x = rng.standard_normal((5, 3, 7, 7))
+    w = rng.standard_normal((4, 3, 3, 3))
+    b = rng.standard_normal(4)
+    dy = rng.standard_normal((5, 4, 4, 4))
     y_full = conv2d_forward(x, w, b, 2, 1, 1)
     dw_full, db_full = np.zeros_like(w), np.zeros_like(b)
     dx_full = conv2d_backward(dy, x, w, dw_full, db_full, 2, 1, 1)
     # room for two images per chunk: chunks of 2, 2, 1
-    monkeypatch.setattr(conv_mod, "_COLS_BYTES", 27 * 16 * 4 * 2)
-    assert conv_mod._chunk_size(5, 27, 16, 4) == 2
+    monkeypatch.setattr(conv_mod, "_COLS_BYTES", 27 * 16 * 8 * 2)
+    assert conv_mod._chunk_size(5, 27, 16, 8) == 2
     np.testing.assert_allclose(conv2d_forward(x, w, b, 2, 1, 1), y_full, rtol=1e-6, atol=1e-6)
     dw, db = np.zeros_like(w), np.zeros_like(b)
     dx = conv2d_backward(dy, x, w, dw, db, 2, 1, 1)
@@ -177,3 +178,85 @@ def test_fused_relu_equals_conv_then_relu():
         np.testing.assert_allclose(dx, dx_want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dw, want[0], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(db, want[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def threads():
+    """Set numba's thread count for one test and restore it afterwards."""
+    import numba
+    before = numba.get_num_threads()
+    yield lambda t: numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(before)
+
+
+def _float32_case_against_float64(rng, n, cin, cout, k, s, p, hw, g, relu, accumulate):
+    x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
+    w = (rng.standard_normal((cout, cin // g, k, k)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    y = conv2d_forward(x, w, b, s, p, g, relu=relu)
+    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(y, conv2d_forward_ref(x64, w64, b64, s, p, g, relu=relu), rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dw, db = np.full_like(w, 0.5), np.full_like(b, 0.5)
+    dw_r, db_r = np.full(w.shape, 0.5), np.full(b.shape, 0.5)
+    relu_out = y if relu else None
+    dx = conv2d_backward(dy, x, w, dw, db, s, p, g, accumulate=accumulate, relu_out=relu_out)
+    dx_r = conv2d_backward_ref(dy.astype(np.float64), x64, w64, dw_r, db_r, s, p, g, accumulate=accumulate,
+                               relu_out=None if relu_out is None else relu_out.astype(np.float64))
+    np.testing.assert_allclose(dx, dx_r, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, dw_r, rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(db, db_r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("block_cols", [1024, 40, 7])
+def test_blocked_float32_path_covers_row_blocks_image_groups_and_thread_splits(
+        monkeypatch, threads, nthreads, block_cols):
+    # block_cols 1024: whole images grouped per block; 40 and 7: images cut into row blocks
+    # (of one row at 7); n=1 deals one image's rows out to the threads (backward then takes
+    # the batched path), n=3 gives the threads unequal image counts
+    import minialex.kernels.conv_blocked as blocked
+    threads(nthreads)
+    monkeypatch.setattr(blocked, "BLOCK_COLS", block_cols)
+    rng = np.random.default_rng(block_cols + nthreads)
+    for n, cin, cout, k, s, p, hw, g, relu, acc in (
+            (3, 3, 8, 11, 4, 2, 40, 1, True, True),    # conv1-like: stride 4, phase-split rows
+            (4, 6, 10, 5, 1, 2, 11, 2, True, False),   # grouped, stride 1
+            (1, 5, 7, 3, 2, 1, 9, 1, False, True),     # one image
+            (5, 4, 40, 3, 1, 1, 6, 1, True, False),    # more channels than columns
+            (2, 3, 4, 3, 3, 0, 7, 1, False, True)):    # stride 3 without padding
+        _float32_case_against_float64(rng, n, cin, cout, k, s, p, hw, g, relu, acc)
+
+
+def test_blocked_path_reuses_scratch_across_shapes(threads):
+    # the per-thread scratch buffers grow to the largest call and are re-carved for smaller
+    # ones: results must not depend on what ran before
+    threads(2)
+    rng = np.random.default_rng(7)
+    shapes = ((4, 16, 32, 5, 1, 2, 20, 1), (2, 3, 4, 3, 1, 1, 5, 1), (4, 16, 32, 5, 1, 2, 20, 1))
+    for n, cin, cout, k, s, p, hw, g in shapes:
+        _float32_case_against_float64(rng, n, cin, cout, k, s, p, hw, g, True, False)
+
+
+def test_blocked_backward_writes_through_non_contiguous_and_float64_grads(threads):
+    threads(2)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 4, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((4, 6, 9, 9)).astype(np.float32)
+    dw_want = np.zeros_like(w)
+    db_want = np.zeros(6, np.float32)
+    dx_want = conv2d_backward(dy, x, w, dw_want, db_want, 1, 1, 1)
+    dwt = np.full(w.shape[::-1], 3.0, dtype=np.float32).T
+    dw64, db64 = np.full(w.shape, 3.0), np.full(6, 3.0)
+    for acc in (True, False):
+        dwt[...] = 3.0
+        dw64[...] = 3.0
+        db64[...] = 3.0
+        conv2d_backward(dy, x, w, dwt, None, 1, 1, 1, need_dx=False, accumulate=acc)
+        dx = conv2d_backward(dy, x, w, dw64, db64, 1, 1, 1, accumulate=acc)
+        base = 3.0 if acc else 0.0
+        np.testing.assert_allclose(dwt, dw_want + base, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(dw64, dw_want + base, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(db64, db_want + base, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(dx, dx_want)

@@ -63,3 +63,45 @@ def test_conv_output_size_follows_pytorch():
     assert conv_output_size(7, 9, 3, 2, (2, 3), (0, 1)) == (3, 4)
     with pytest.raises(ValueError):
         conv_output_size(2, 2, 5, 5, (1, 1), (1, 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(geom, st.integers(0, 2**31), st.data())
+def test_row_block_im2col_and_col2im_match_reference(g, seed, data):
+    # one image's output rows oh0..oh1 placed at column offset off of a block whose leading
+    # dimension leaves room for the 16-lane overrun im2col_rows documents
+    from minialex.kernels.im2col import col2im_rows, im2col_rows, padded_to_image
+    _, c, h, w, kh, kw, s, p = g
+    assume(_ok(h, w, kh, kw, p))
+    oh_n, ow_n = conv_output_size(h, w, kh, kw, s, p)
+    oh0 = data.draw(st.integers(0, oh_n - 1))
+    oh1 = data.draw(st.integers(oh0 + 1, oh_n))
+    off = data.draw(st.integers(0, 5))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    width = (oh1 - oh0) * ow_n
+    ld = off + width + 16
+    k_rows = c * kh * kw
+    wq = (w + 2 * p[1] + s[1] - 1) // s[1] + kw
+    cols = np.full(k_rows * ld + 16, np.nan, dtype=np.float32)
+    buf = np.empty(((oh1 - oh0 - 1) * s[0] + kh) * s[1] * wq + 16, dtype=np.float32)
+    im2col_rows(x[0], buf, cols, ld, off, oh0, oh1, kh, kw, s[0], s[1], p[0], p[1], ow_n)
+    block = cols[:k_rows * ld].reshape(k_rows, ld)
+    want = im2col_ref(x, kh, kw, s, p)[:, oh0 * ow_n:oh1 * ow_n]
+    np.testing.assert_array_equal(block[:, off:off + width], want)
+    assert np.isnan(block[:, :off]).all()  # nothing before the block's columns is touched
+
+    # the adjoint, accumulated over two row blocks as the backward pass does
+    gcols = rng.standard_normal((k_rows, oh_n * ow_n)).astype(np.float32)
+    hp = h + 2 * p[0]
+    acc = np.zeros(c * hp * s[1] * wq + 16, dtype=np.float32)
+    ld = off + oh_n * ow_n + 16
+    for r0, r1 in ((0, oh0), (oh0, oh_n)):
+        if r1 > r0:
+            blk = np.zeros((k_rows, ld), dtype=np.float32)
+            blk[:, off:off + (r1 - r0) * ow_n] = gcols[:, r0 * ow_n:r1 * ow_n]
+            col2im_rows(np.append(blk.reshape(-1), np.zeros(16, np.float32)), ld, off, acc,
+                        r0, r1, c, kh, kw, s[0], s[1], hp, wq, ow_n)
+    dx = np.empty((c, h, w), dtype=np.float32)
+    padded_to_image(acc, dx, p[0], p[1], s[1], wq)
+    np.testing.assert_allclose(dx, col2im_ref(gcols, (1, c, h, w), kh, kw, s, p)[0], rtol=1e-5, atol=1e-5)

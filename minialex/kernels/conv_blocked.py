@@ -1,0 +1,334 @@
+"""float32 conv2d fused per cache block: im2col block -> GEMM -> bias/ReLU, one parallel region.
+
+The batched path in conv.py writes a column matrix for a whole batch chunk (35 MB for AlexNet
+conv1 at batch 8), runs a parallel GEMM over it and reorders the result in separate parallel
+passes. On two cores most of that time was memory traffic and parallel-region hand-offs, not
+arithmetic. Here each thread walks its own blocks of output rows:
+
+    forward   cols = im2col(block)           (K, width)       stays in L2/L3
+              yb   = W @ cols                serial GEMM, same thread
+              y[block] = relu(yb + b)        while yb is hot
+    backward  dyb  = relu mask(dy[block]), db partial summed in the same pass
+              dW_t += dyb @ cols.T           per-thread partial, reduced at the end
+              cols = W.T @ dyb ; col2im into the thread's padded image accumulator
+
+A block is either a run of output rows of one image (large planes: conv1, conv2) or a run of
+whole images (small planes: conv3-5), about BLOCK_COLS columns either way. Backward gives each
+thread whole images so the input gradient has a single writer. Scratch buffers are kept per
+Python thread across calls, so their pages are not faulted in afresh on every call.
+"""
+import threading
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from minialex.kernels.gemm import NR, _gemm32_slab
+from minialex.kernels.im2col import col2im_rows, im2col_rows, padded_to_image
+
+# Columns per block: wide enough that packing the weights once per block is a few percent
+# of the block's arithmetic, narrow enough that the column block stays in cache: at most
+# BLOCK_COLS columns and BLOCK_BYTES of columns (conv4's backward at batch 8, one thread:
+# 33.5 ms with 4-image blocks of 9.7 MB, 28 ms with 1-image blocks of 2.3 MB).
+BLOCK_COLS = 1024
+BLOCK_BYTES = 5 * 1024 * 1024
+
+# Forward reads the column block in place (no packing) only for up to this many output
+# channels per group: measured equal at conv2's 192, packing 8-10% faster at 256 and 384.
+INPLACE_MAX_COUT = 192
+
+_local = threading.local()
+
+
+def _scratch(name, rows, size):
+    """A (rows, >= size) float32 array kept across calls, every row 64-byte aligned."""
+    stride = (size + 15) // 16 * 16
+    cache = getattr(_local, "bufs", None)
+    if cache is None:
+        cache = _local.bufs = {}
+    raw = cache.get(name)
+    if raw is None or raw.size < rows * stride + 16:
+        raw = cache[name] = np.empty(rows * stride + 16, dtype=np.float32)
+    off = (-raw.ctypes.data % 64) // 4
+    return raw[off:off + rows * stride].reshape(rows, stride)
+
+
+def _block_cols(k_rows):
+    return max(1, min(BLOCK_COLS, BLOCK_BYTES // (4 * k_rows)))
+
+
+def _leading_dim(width):
+    # whole 16-lane rows (aligned in-place GEMM panels) with room for im2col_rows' overrun
+    return (width + 15) // 16 * 16 + 16
+
+
+def _blocks(n, oh, ow, block_cols, nthreads):
+    """Blocks (n0, n1, r0, r1): rows r0..r1 of every image n0..n1, in image order.
+
+    Large planes are cut into row blocks (at least nthreads of them in all, so one image at
+    inference still feeds every thread); small planes are grouped into a multiple of nthreads
+    runs of whole images, so the runs share out evenly.
+    """
+    out = []
+    plane = oh * ow
+    if plane >= block_cols or n < nthreads:
+        nb = max(1, -(-plane // block_cols))
+        if n < nthreads:
+            nb = -(-nb * n // nthreads) * nthreads // n
+        rows = -(-oh // min(oh, nb))
+        for i in range(n):
+            for r0 in range(0, oh, rows):
+                out.append((i, i + 1, r0, min(oh, r0 + rows)))
+    else:
+        groups = -(-n // max(1, block_cols // plane))
+        groups = min(n, -(-groups // nthreads) * nthreads)
+        per = -(-n // groups)
+        for n0 in range(0, n, per):
+            out.append((n0, min(n, n0 + per), 0, oh))
+    return out
+
+
+def _plan(n, oh, ow, nthreads, block_cols, whole_images):
+    """(blocks as an (nb, 4) int64 array, units, widest block's columns, most rows in a block).
+
+    Threads take work units u = blocks units[u]..units[u+1] from a shared counter (a static
+    split made both threads wait for whichever core the other processes of a busy machine
+    were using). whole_images: a unit holds every block of its images (backward: one writer
+    per input-gradient image); otherwise each block is a unit.
+    """
+    blocks = _blocks(n, oh, ow, block_cols, nthreads)
+    units = [0]
+    for i in range(1, len(blocks) + 1):
+        if not whole_images or i == len(blocks) or blocks[i][0] != blocks[i - 1][0]:
+            units.append(i)
+    arr = np.array(blocks, dtype=np.int64).reshape(-1, 4)
+    widest = int(max((b[1] - b[0]) * (b[3] - b[2]) for b in blocks)) * ow
+    rows = int(max(b[3] - b[2] for b in blocks))
+    return arr, np.array(units, dtype=np.int64), widest, rows
+
+
+@intrinsic
+def _take(typingctx, counter):
+    """Atomically counter[0] += 1, returning the old value: the next unit of work."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", ary.data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return sig, codegen
+
+
+@njit(fastmath={"reassoc", "nsz"}, cache=True)
+def _mask_copy_sum(src, yr, dst, relu):
+    # dst = src where yr > 0 (relu) else src; returns the float64 sum of dst (reassociated so
+    # the sum vectorises; the "<= 0" test is exact and lets a NaN output pass, as relu_backward)
+    acc = 0.0
+    if relu:
+        for p in range(src.size):
+            v = 0.0 if yr[p] <= 0.0 else src[p]
+            dst[p] = v
+            acc += v
+    else:
+        for p in range(src.size):
+            v = src[p]
+            dst[p] = v
+            acc += v
+    return acc
+
+
+@njit(parallel=True, cache=True)
+def _forward_kernel(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
+                    blocks, units, counter, ld, cols_ws, yb_ws, buf_ws):
+    # x: (N, Cin, H, W) ; w2f: (Cout*K/g,) weights as rows of K/g ; bias: (Cout,) ; y3: (N, Cout, OH*OW)
+    # blocks: (nb, 4) of (n0, n1, r0, r1) ; units: see _plan ; counter: (1,) zero
+    # cols_ws: (T, >= K*ld) ; yb_ws: (T, >= Cout*ld) ; buf_ws: (T, im2col_rows scratch)
+    for t in prange(cols_ws.shape[0]):
+        cols = cols_ws[t]
+        yb = yb_ws[t]
+        buf = buf_ws[t]
+        while True:
+            u = _take(counter)
+            if u >= units.size - 1:
+                break
+            _forward_unit(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
+                          blocks, units[u], units[u + 1], ld, cols, yb, buf)
+
+
+@njit(cache=True)
+def _forward_unit(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
+                  blocks, b_lo, b_hi, ld, cols, yb, buf):
+    # blocks b_lo..b_hi: unfold into cols, multiply into yb, add bias (and rectify) into y3
+    cout = y3.shape[1]
+    kg = w2f.size // cout
+    cg = cout // groups
+    for bi in range(b_lo, b_hi):
+        n0, n1, r0, r1 = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2], blocks[bi, 3]
+        run = (r1 - r0) * ow_n
+        for n in range(n0, n1):
+            im2col_rows(x[n], buf, cols, ld, (n - n0) * run, r0, r1, kh, kw, sh, sw, ph, pw, ow_n)
+        width = (n1 - n0) * run
+        inplace = cg <= INPLACE_MAX_COUT and width >= NR
+        for g in range(groups):
+            _gemm32_slab(w2f, kg, False, cols[g * kg * ld:], ld, False, yb, ld,
+                         g * cg, (g + 1) * cg, 0, width, kg, False, inplace)
+        for n in range(n0, n1):
+            for co in range(cout):
+                s = yb[co * ld + (n - n0) * run:]
+                d = y3[n, co, r0 * ow_n:r1 * ow_n]
+                bv = bias[co]
+                if relu:
+                    for p in range(run):
+                        v = s[p] + bv
+                        d[p] = 0.0 if v <= 0.0 else v  # as relu_forward: NaN passes
+                else:
+                    for p in range(run):
+                        d[p] = s[p] + bv
+
+
+@njit(parallel=True, cache=True)
+def _backward_kernel(dy3, yr3, relu, x, wtf, dw2f, accumulate, dw_parts, db_parts, dx, need_dx,
+                     kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, units, counter, ld,
+                     cols_ws, dyb_ws, buf_ws, acc_ws):
+    # dy3, yr3: (N, Cout, OH*OW) ; x, dx: (N, Cin, H, W) ; dw2f: (Cout*K/g,) rows of K/g
+    # wtf: (groups*K/g*Cout/g,) each group's weights transposed to (K/g, Cout/g)
+    # thread 0 accumulates dW into dw2f, thread t > 0 into dw_parts[t-1] (summed afterwards)
+    # db_parts: (T, Cout) float64, overwritten ; acc_ws: (T, padded image accumulators)
+    # units hold whole images (see _plan), so each dx image has one writer
+    cout = dy3.shape[1]
+    for t in prange(cols_ws.shape[0]):
+        dwt = dw2f if t == 0 else dw_parts[t - 1]
+        add = accumulate if t == 0 else False
+        for co in range(cout):
+            db_parts[t, co] = 0.0
+        while True:
+            u = _take(counter)
+            if u >= units.size - 1:
+                break
+            _backward_unit(dy3, yr3, relu, x, wtf, dwt, add, db_parts[t], dx, need_dx,
+                           kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, units[u], units[u + 1],
+                           ld, cols_ws[t], dyb_ws[t], buf_ws[t], acc_ws[t])
+            add = True
+        if not add:
+            dwt[:] = 0.0  # this thread got no work: its share of dW is zero
+
+
+@njit(cache=True)
+def _backward_unit(dy3, yr3, relu, x, wtf, dwt, add, db, dx, need_dx,
+                   kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, b_lo, b_hi,
+                   ld, cols, dyb, buf, acc):
+    # blocks b_lo..b_hi: dW (+)= into dwt, db += into db (float64), dx of their images
+    cout = dy3.shape[1]
+    n_ch, h, w = x.shape[1], x.shape[2], x.shape[3]
+    kg = wtf.size // cout
+    cg = cout // groups
+    hp = h + 2 * ph
+    wq = (w + 2 * pw + sw - 1) // sw + kw
+    img_acc = n_ch * hp * sw * wq
+    for bi in range(b_lo, b_hi):
+        n0, n1, r0, r1 = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2], blocks[bi, 3]
+        run = (r1 - r0) * ow_n
+        width = (n1 - n0) * run
+        for n in range(n0, n1):
+            for co in range(cout):
+                src = dy3[n, co, r0 * ow_n:r1 * ow_n]
+                yr = yr3[n, co, r0 * ow_n:r1 * ow_n]
+                dst = dyb[co * ld + (n - n0) * run:co * ld + (n - n0 + 1) * run]
+                db[co] += _mask_copy_sum(src, yr, dst, relu)
+            im2col_rows(x[n], buf, cols, ld, (n - n0) * run, r0, r1, kh, kw, sh, sw, ph, pw, ow_n)
+        for g in range(groups):
+            _gemm32_slab(dyb[g * cg * ld:], ld, False, cols[g * kg * ld:], ld, True,
+                         dwt[g * cg * kg:], kg, 0, cg, 0, kg, width, add, False)
+        add = True
+        if not need_dx:
+            continue
+        # the columns are consumed: reuse the buffer for their gradient. The block of dy
+        # is small and in cache, so it is read in place however many rows K/g has, and
+        # the weights come pre-transposed: packing a transposed A is a scalar gather
+        # (measured on conv2 at batch 8, one thread: 21.7 ms -> 16.3 ms).
+        for g in range(groups):
+            _gemm32_slab(wtf[g * kg * cg:], cg, False, dyb[g * cg * ld:], ld, False,
+                         cols[g * kg * ld:], ld, 0, kg, 0, width, cg, False, width >= NR)
+        for n in range(n0, n1):
+            a = acc[(n - n0) * img_acc:(n - n0 + 1) * img_acc]
+            if r0 == 0:
+                a[:] = 0.0
+            col2im_rows(cols, ld, (n - n0) * run, a, r0, r1, n_ch, kh, kw, sh, sw, hp, wq, ow_n)
+            if r1 == oh_n:
+                padded_to_image(a, dx[n], ph, pw, sw, wq)
+
+
+@njit(parallel=True, cache=True)
+def _sum_parts(dst, parts):
+    # dst (+)= sum of the rows of parts, in column stripes so each thread owns its stripe
+    size = dst.size
+    step = 4096
+    for s in prange((size + step - 1) // step):
+        lo = s * step
+        hi = min(size, lo + step)
+        for r in range(parts.shape[0]):
+            src = parts[r]
+            for i in range(lo, hi):
+                dst[i] += src[i]
+
+
+def _geometry(x, w, stride, padding):
+    n, cin, h, wd = x.shape
+    cout, cin_g, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (wd + 2 * pw - kw) // sw + 1
+    return n, cin, h, wd, cout, cin_g * kh * kw, kh, kw, sh, sw, ph, pw, oh, ow
+
+
+def forward(x, w, b, stride, padding, groups, relu, nthreads):
+    """conv2d_forward for float32 (arguments already checked and normalised by conv.py)."""
+    n, cin, h, wd, cout, kg, kh, kw, sh, sw, ph, pw, oh, ow = _geometry(x, w, stride, padding)
+    blocks, units, widest, rows = _plan(n, oh, ow, nthreads, _block_cols(cin * kh * kw), False)
+    ld = _leading_dim(widest)
+    wq = (wd + 2 * pw + sw - 1) // sw + kw
+    cols = _scratch("cols", nthreads, cin * kh * kw * ld + 16)
+    yb = _scratch("out", nthreads, cout * ld)
+    buf = _scratch("rows", nthreads, ((rows - 1) * sh + kh) * sw * wq + 16)
+    bias = np.zeros(cout, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    y = np.empty((n, cout, oh, ow), dtype=np.float32)
+    _forward_kernel(x, np.ascontiguousarray(w).reshape(-1), bias, relu,
+                    y.reshape(n, cout, oh * ow), kh, kw, sh, sw, ph, pw, ow, groups,
+                    blocks, units, np.zeros(1, np.int64), ld, cols, yb, buf)
+    return y
+
+
+def backward(dy, x, w, dw2, stride, padding, groups, accumulate, need_dx, relu_out, nthreads):
+    """conv2d_backward for float32 with at least one image per thread.
+
+    dw2: C-contiguous (Cout, K/g) float32 view of dW, accumulated into (overwritten when not
+    accumulate). Returns (dx or None, db as float64 (Cout,)).
+    """
+    n, cin, h, wd, cout, kg, kh, kw, sh, sw, ph, pw, oh, ow = _geometry(x, w, stride, padding)
+    if n < nthreads:
+        raise ValueError(f"blocked conv backward needs at least one image per thread ({n} < {nthreads})")
+    blocks, units, widest, rows = _plan(n, oh, ow, nthreads, _block_cols(cin * kh * kw), True)
+    ld = _leading_dim(widest)
+    wq = (wd + 2 * pw + sw - 1) // sw + kw
+    images = int(max(blocks[:, 1] - blocks[:, 0]))
+    cols = _scratch("cols", nthreads, cin * kh * kw * ld + 16)
+    dyb = _scratch("out", nthreads, cout * ld)
+    buf = _scratch("rows", nthreads, ((rows - 1) * sh + kh) * sw * wq + 16)
+    acc = _scratch("acc", nthreads, images * cin * (h + 2 * ph) * sw * wq + 16)
+    parts = _scratch("dw", max(1, nthreads - 1), cout * kg)
+    db = np.empty((nthreads, cout), dtype=np.float64)
+    plane = oh * ow
+    dy3 = dy.reshape(n, cout, plane)
+    yr3 = dy3 if relu_out is None else np.ascontiguousarray(relu_out).reshape(n, cout, plane)
+    dx = np.empty(x.shape, dtype=np.float32) if need_dx else np.empty((1, 1, 1, 1), np.float32)
+    dwf = dw2.reshape(-1)
+    wt = np.ascontiguousarray(w.reshape(groups, cout // groups, kg).transpose(0, 2, 1))
+    _backward_kernel(dy3, yr3, relu_out is not None, x, wt.reshape(-1), dwf,
+                     accumulate, parts, db, dx, need_dx, kh, kw, sh, sw, ph, pw, oh, ow, groups,
+                     blocks, units, np.zeros(1, np.int64), ld, cols, dyb, buf, acc)
+    if nthreads > 1:
+        _sum_parts(dwf, parts[:nthreads - 1, :cout * kg])
+    return (dx if need_dx else None), db.sum(axis=0)
