@@ -11,7 +11,8 @@ training, the centre crop for testing.
 
 Recipe (target: >= 92% top-1 within 10 epochs): batch normalisation after every convolution, so a
 high rate is stable from the first batch; SGD with momentum 0.9, lr 0.05, weight decay 5e-4, batch
-128, the rate divided by 10 after epochs 5 and 8 -- the usual step schedule compressed to 10 epochs.
+128, dropout 0.25 (0.5 underfits here: with lr steps after epochs 5 and 8 it ended at 90.8%, train
+and test accuracy equal), the rate divided by 10 after epochs 6 and 9.
 The test set is evaluated after every epoch (top-1, top-5), and each epoch's line reports its time.
 """
 import argparse
@@ -44,6 +45,8 @@ def main(argv=None):
     p.add_argument("-epochs", "--epochs", type=int, default=10)
     p.add_argument("-batchsize", "--batchsize", type=int, default=128)
     p.add_argument("-lr", "--lr", type=float, default=0.05)
+    p.add_argument("-dropout", "--dropout", type=float, default=0.25)
+    p.add_argument("-milestones", "--milestones", default="6,9", help="epochs where the rate is divided by 10")
     p.add_argument("-threads", "--threads", type=int, default=None)
     p.add_argument("-workers", "--workers", type=int, default=2)
     p.add_argument("-save", "--save", default="fashion_mnist_alexnet.npz")
@@ -55,8 +58,9 @@ def main(argv=None):
         train_list, test_list, labels = prepared(args.data, args.source)
         epochs = 1 if args.smoke else args.epochs
         cfg = TrainConfig(list_path=train_list, val_path=test_list, labels_path=labels, arch="cifar",
-                          batch_norm=True, optimizer="sgd", lr=args.lr, momentum=0.9, weight_decay=5e-4,
-                          schedule="multistep", milestones=[5, 8], gamma=0.1, batch_size=args.batchsize,
+                          batch_norm=True, dropout=args.dropout, optimizer="sgd", lr=args.lr, momentum=0.9,
+                          weight_decay=5e-4, schedule="multistep",
+                          milestones=[int(m) for m in args.milestones.split(",")], gamma=0.1, batch_size=args.batchsize,
                           epochs=epochs, seed=0, threads=args.threads, workers=args.workers,
                           save=args.save, log=args.log, max_batches=5 if args.smoke else None)
         state = run_training(cfg)
