@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 
 from benchmarks import harness  # noqa: E402
 from benchmarks._common import RTOL, machine_info, torch_available  # noqa: E402
+from minialex.cli import _positive_int
 
 # Imported only when used: a worker child loads its own section alone, so the memory section's
 # torch child never carries Numba, nor its minialex child torch.
@@ -45,24 +46,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
 def build_parser():
     p = _Parser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", nargs="+", default=[",".join(SECTIONS)], metavar="S",
                    help="comma- or space-separated subset of " + ",".join(SECTIONS) + " (default: all)")
-    p.add_argument("--batch", type=_positive, nargs="+", metavar="N",
+    p.add_argument("--batch", type=_positive_int, nargs="+", metavar="N",
                    help="batch sizes for gemm and layers (default 8 64) and step (default 8 32 64)")
-    p.add_argument("--repeats", type=_positive, metavar="R", help="timed calls per row, median reported (default 5)")
-    p.add_argument("--threads", type=_positive, default=2, metavar="T",
+    p.add_argument("--repeats", type=_positive_int, metavar="R", help="timed calls per row, median reported (default 5)")
+    p.add_argument("--threads", type=_positive_int, default=2, metavar="T",
                    help="threads for Numba and torch alike (default 2)")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     p.add_argument("--quick", action="store_true", help="1 repeat and shorter probes: a fast look, not a result")

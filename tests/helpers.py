@@ -94,3 +94,16 @@ def to_torch(torch, a, grad=False):
     if grad:
         t.requires_grad_(True)
     return t
+
+
+def assert_user_error(result, *fragments):
+    """A CLI result that is a user error: exit 2, exactly one `minialex: error:` line (the last
+    line of stderr), no traceback, naming each fragment. Returns the error line."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("minialex: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

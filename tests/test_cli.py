@@ -16,6 +16,7 @@ from PIL import Image
 
 from minialex.checkpoint import HEADER_KEY, load_checkpoint
 from minialex.data import demo_dataset, read_list
+from helpers import assert_user_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["-arch", "cifar", "-batchsize", "8", "-threads", "1", "-workers", "1", "-seed", "3"]
@@ -31,18 +32,6 @@ def minialex(args, cwd, timeout=180):
 def write_list(path, samples):
     path.write_text("".join(f"{s.label} {s.path}\n" for s in samples))
     return path
-
-
-def assert_user_error(result, *fragments):
-    """Exit 2, exactly one line on stderr, no traceback, naming what it should."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("minialex: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    for f in fragments:
-        assert f in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import sys
 import numba
 import pytest
 
+from helpers import assert_user_error as assert_one_line_error
 from minialex.data import demo_dataset, read_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,18 +28,6 @@ def popen_cli(args, cwd, **kw):
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def assert_one_line_error(result, *fragments):
-    """Exit 2, the last stderr line is the only `minialex: error:` line, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("minialex: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def write_list(path, samples):
