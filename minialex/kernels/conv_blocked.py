@@ -92,9 +92,10 @@ def _blocks(n, oh, ow, block_cols, nthreads):
 def _plan(n, oh, ow, nthreads, block_cols, whole_images):
     """(blocks as an (nb, 4) int64 array, units, widest block's columns, most rows in a block).
 
-    Threads take work units u = blocks units[u]..units[u+1] from a shared counter (a static
-    split made both threads wait for whichever core the other processes of a busy machine
-    were using). whole_images: a unit holds every block of its images (backward: one writer
+    In forward, threads take work units u = blocks units[u]..units[u+1] from a shared counter
+    (a static split made both threads wait for whichever core the other processes of a busy
+    machine were using); backward deals them round-robin, because its per-thread dW and db
+    partials must not depend on timing (reproducible runs). whole_images: a unit holds every block of its images (backward: one writer
     per input-gradient image); otherwise each block is a unit.
     """
     blocks = _blocks(n, oh, ow, block_cols, nthreads)
@@ -199,15 +200,16 @@ def _backward_kernel(dy3, yr3, relu, x, wtf, dw2f, accumulate, dw_parts, db_part
     # db_parts: (T, Cout) float64, overwritten ; acc_ws: (T, padded image accumulators)
     # units hold whole images (see _plan), so each dx image has one writer
     cout = dy3.shape[1]
-    for t in prange(cols_ws.shape[0]):
+    nthr = cols_ws.shape[0]
+    for t in prange(nthr):
         dwt = dw2f if t == 0 else dw_parts[t - 1]
         add = accumulate if t == 0 else False
         for co in range(cout):
             db_parts[t, co] = 0.0
-        while True:
-            u = _take(counter)
-            if u >= units.size - 1:
-                break
+        # Units are dealt round-robin, not taken from the counter as in forward: which units
+        # a thread sums into its dW and db partials must not depend on timing, or two runs
+        # with the same seed and thread count would differ in the last bits.
+        for u in range(t, units.size - 1, nthr):
             _backward_unit(dy3, yr3, relu, x, wtf, dwt, add, db_parts[t], dx, need_dx,
                            kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, units[u], units[u + 1],
                            ld, cols_ws[t], dyb_ws[t], buf_ws[t], acc_ws[t])
