@@ -46,6 +46,8 @@ def main(argv=None):
     p.add_argument("-batchsize", "--batchsize", type=int, default=128)
     p.add_argument("-lr", "--lr", type=float, default=0.05)
     p.add_argument("-dropout", "--dropout", type=float, default=0.25)
+    p.add_argument("-resize", "--resize", type=int, default=36,
+                   help="shorter side before the 32x32 crop (32: flips are the only augmentation)")
     p.add_argument("-milestones", "--milestones", default="6,9", help="epochs where the rate is divided by 10")
     p.add_argument("-threads", "--threads", type=int, default=None)
     p.add_argument("-workers", "--workers", type=int, default=2)
@@ -58,7 +60,7 @@ def main(argv=None):
         train_list, test_list, labels = prepared(args.data, args.source)
         epochs = 1 if args.smoke else args.epochs
         cfg = TrainConfig(list_path=train_list, val_path=test_list, labels_path=labels, arch="cifar",
-                          batch_norm=True, dropout=args.dropout, optimizer="sgd", lr=args.lr, momentum=0.9,
+                          batch_norm=True, dropout=args.dropout, resize=args.resize, optimizer="sgd", lr=args.lr, momentum=0.9,
                           weight_decay=5e-4, schedule="multistep",
                           milestones=[int(m) for m in args.milestones.split(",")], gamma=0.1, batch_size=args.batchsize,
                           epochs=epochs, seed=0, threads=args.threads, workers=args.workers,

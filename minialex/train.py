@@ -59,6 +59,7 @@ class TrainConfig:
     arch: str | None = None           # None: "cifar" on the demo data, "torchvision" otherwise
     batch_norm: bool | None = None
     dropout: float | None = None
+    resize: int | None = None  # shorter side before cropping; default resize_for(input size)
     optimizer: str | None = None      # sgd | adam
     lr: float | None = None           # None: 0.01 for SGD, 0.001 for Adam
     momentum: float | None = None
@@ -510,7 +511,10 @@ def _normalization(cfg, ckpt, pretrained, train, list_path, size):
         _raise_first_bad_image(train, list_path)
         raise
     _say("mean/std of the training images: " + " ".join(f"{m:.3f}/{s:.3f}" for m, s in zip(mean, std)))
-    return {"mean": mean, "std": std, "resize": resize_for(size), "crop": size}
+    resize = cfg.resize if cfg.resize else resize_for(size)
+    if resize < size:
+        raise MinialexError(f"-resize {resize} is smaller than the {size}x{size} input")
+    return {"mean": mean, "std": std, "resize": resize, "crop": size}
 
 
 def _restore_training_state(ckpt, opt, sched):
