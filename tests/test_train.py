@@ -197,3 +197,15 @@ def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch):
     with pytest.raises(MinialexError, match=r"^-plot needs matplotlib, .*pip install") as e:
         require_matplotlib()
     assert "\n" not in str(e.value)
+
+
+def test_resize_option_sets_the_crop_source_and_is_checked():
+    from minialex.data import demo_dataset, read_list
+    from minialex.errors import MinialexError
+    from minialex.train import _normalization
+    train = read_list(demo_dataset().train_list)[:20]
+    norm = _normalization(TrainConfig(resize=40), None, None, train, "images.list", 32)
+    assert norm["resize"] == 40 and norm["crop"] == 32
+    assert _normalization(TrainConfig(), None, None, train, "images.list", 32)["resize"] == 36
+    with pytest.raises(MinialexError, match="-resize 20"):
+        _normalization(TrainConfig(resize=20), None, None, train, "images.list", 32)
