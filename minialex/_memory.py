@@ -14,6 +14,8 @@ import ctypes.util
 import os
 import sys
 
+import numpy as np
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -30,3 +32,13 @@ def keep_freed_memory():
     ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     ok = mallopt(_M_TRIM_THRESHOLD, 1 << 31) and ok
     return bool(ok)
+
+
+def aligned_zeros_like(a, alignment=64):
+    """np.zeros_like(a), C-contiguous, with its data 64-byte aligned: whole cache lines per row
+    start, which streaming (non-temporal) stores need. numpy's own arrays are 16-byte aligned."""
+    a = np.asarray(a)
+    n = a.size * a.itemsize
+    raw = np.zeros(n + alignment, dtype=np.uint8)
+    off = -raw.ctypes.data % alignment
+    return raw[off:off + n].view(a.dtype).reshape(a.shape)

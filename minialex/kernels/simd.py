@@ -100,6 +100,38 @@ def vstore(typingctx, arr, idx, v):
 
 
 @intrinsic
+def vstore_nt(typingctx, arr, idx, v):
+    """arr[idx : idx + 16] = v with a non-temporal (streaming) store, which writes the line
+    without first reading it into the cache: for results far larger than the cache that are
+    not read again soon (an FC layer's weight gradient). The address must be 64-byte aligned;
+    call `store_fence()` before other threads read what was written."""
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer) and v == f32x16):
+        return None
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        vptr = builder.bitcast(ptr, _vec.as_pointer())
+        st = builder.store(args[2], vptr, align=64)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_i32, 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """Orders this thread's earlier stores, non-temporal ones included, before later ones."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def vbroadcast(typingctx, arr, idx):
     """arr[idx] in all 16 lanes; LLVM folds it into the FMA as a {1to16} memory operand."""
     if not (_is_f32_array(arr) and isinstance(idx, types.Integer)):

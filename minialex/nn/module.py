@@ -8,6 +8,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .._memory import aligned_zeros_like
+
 
 class Parameter:
     """A trainable array: `.data` and its gradient `.grad` (same shape and dtype).
@@ -22,7 +24,7 @@ class Parameter:
 
     def __init__(self, data):
         self.data = np.ascontiguousarray(data)
-        self._grad = np.zeros_like(self.data)
+        self._grad = aligned_zeros_like(self.data)  # aligned: see kernels/linear.py
         self._grad_pending_zero = False
 
     @property
@@ -149,7 +151,7 @@ class Module:
         for m in self.modules():
             for name, p in m._parameters.items():
                 p.data = np.ascontiguousarray(p.data, dtype=dtype)
-                p.grad = np.zeros_like(p.data)
+                p.grad = aligned_zeros_like(p.data)
             for name, b in list(m._buffers.items()):
                 if b is not None and np.issubdtype(b.dtype, np.floating):
                     m.register_buffer(name, b.astype(dtype))

@@ -81,3 +81,49 @@ def test_matches_torch_linear(torch, d, seed):
     np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-4)
     if b is not None:
         np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 300), st.integers(8, 90), st.booleans(), st.booleans(),
+       st.booleans(), st.sampled_from([1, 2]), st.integers(0, 2**31))
+def test_small_batch_backward_matches_reference(n, fin, fout, accumulate, need_dx, aligned, threads, seed):
+    # float32 with at most SMALL_BATCH rows takes the fused one-pass kernel: edges in both
+    # directions (rows past a multiple of 8, columns past a multiple of 16), the streaming-store
+    # case (aligned gradient, whole vectors per row) and the plain-store case, 1 and 2 threads
+    import numba
+    from minialex._memory import aligned_zeros_like
+    from minialex.kernels.linear import SMALL_BATCH
+    assert n <= SMALL_BATCH
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, fin)).astype(np.float32)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    dy = rng.standard_normal((n, fout)).astype(np.float32)
+    start = rng.standard_normal((fout, fin)).astype(np.float32)
+    dw = aligned_zeros_like(w) if aligned else np.zeros((fout * fin + 1,), np.float32)[1:].reshape(fout, fin)
+    dw[...] = start
+    db = np.zeros(fout, np.float32)
+    dw_r, db_r = start.astype(np.float64), np.zeros(fout)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        dx = linear_backward(dy, x, w, dw, db, need_dx=need_dx, accumulate=accumulate)
+    finally:
+        numba.set_num_threads(before)
+    dx_r = linear_backward_ref(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), dw_r, db_r,
+                               need_dx=need_dx, accumulate=accumulate)
+    np.testing.assert_allclose(dw, dw_r, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(db, db_r, rtol=1e-5, atol=1e-5)
+    if need_dx:
+        assert dx.shape == (n, fin) and dx.dtype == np.float32
+        np.testing.assert_allclose(dx, dx_r, rtol=1e-5, atol=1e-4)
+    else:
+        assert dx is None
+
+
+def test_parameter_gradients_are_aligned_for_streaming_stores():
+    from minialex._memory import aligned_zeros_like
+    from minialex.nn import Linear
+    layer = Linear(37, 11)
+    assert layer.weight.grad.ctypes.data % 64 == 0 and layer.weight.grad.shape == (11, 37)
+    a = aligned_zeros_like(np.ones((3, 5), np.float64))
+    assert a.ctypes.data % 64 == 0 and a.dtype == np.float64 and a.flags.c_contiguous and not a.any()
