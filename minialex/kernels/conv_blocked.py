@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from minialex.kernels.gemm import NR, _gemm32_slab
+from minialex.kernels.gemm import MC, NR, SMALL_M, _gemm32_slab, pack_a_blocks, packed_a_size
 from minialex.kernels.im2col import col2im_rows, im2col_rows, padded_to_image
 
 # Columns per block: wide enough that packing the weights once per block is a few percent
@@ -142,7 +142,7 @@ def _mask_copy_sum(src, yr, dst, relu):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
+def _forward_kernel(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
                     blocks, units, counter, ld, cols_ws, yb_ws, buf_ws):
     # x: (N, Cin, H, W) ; w2f: (Cout*K/g,) weights as rows of K/g ; bias: (Cout,) ; y3: (N, Cout, OH*OW)
     # blocks: (nb, 4) of (n0, n1, r0, r1) ; units: see _plan ; counter: (1,) zero
@@ -155,17 +155,19 @@ def _forward_kernel(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups
             u = _take(counter)
             if u >= units.size - 1:
                 break
-            _forward_unit(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
+            _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
                           blocks, units[u], units[u + 1], ld, cols, yb, buf)
 
 
 @njit(cache=True)
-def _forward_unit(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
+def _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
                   blocks, b_lo, b_hi, ld, cols, yb, buf):
     # blocks b_lo..b_hi: unfold into cols, multiply into yb, add bias (and rectify) into y3
+    # wpk: every group's weights packed by _pack_weights in blocks of wmcb rows, gsize per group
     cout = y3.shape[1]
     kg = w2f.size // cout
     cg = cout // groups
+    gsize = wpk.size // groups
     for bi in range(b_lo, b_hi):
         n0, n1, r0, r1 = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2], blocks[bi, 3]
         run = (r1 - r0) * ow_n
@@ -175,7 +177,7 @@ def _forward_unit(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
         inplace = cg <= INPLACE_MAX_COUT and width >= NR
         for g in range(groups):
             _gemm32_slab(w2f, kg, False, cols[g * kg * ld:], ld, False, yb, ld,
-                         g * cg, (g + 1) * cg, 0, width, kg, False, inplace)
+                         g * cg, (g + 1) * cg, 0, width, kg, False, inplace, wpk[g * gsize:], wmcb)
         for n in range(n0, n1):
             for co in range(cout):
                 s = yb[co * ld + (n - n0) * run:]
@@ -191,7 +193,7 @@ def _forward_unit(x, w2f, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(dy3, yr3, relu, x, wtf, dw2f, accumulate, dw_parts, db_parts, dx, need_dx,
+def _backward_kernel(dy3, yr3, relu, x, wtf, wtpk, dw2f, accumulate, dw_parts, db_parts, dx, need_dx,
                      kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, units, counter, ld,
                      cols_ws, dyb_ws, buf_ws, acc_ws):
     # dy3, yr3: (N, Cout, OH*OW) ; x, dx: (N, Cin, H, W) ; dw2f: (Cout*K/g,) rows of K/g
@@ -210,7 +212,7 @@ def _backward_kernel(dy3, yr3, relu, x, wtf, dw2f, accumulate, dw_parts, db_part
         # a thread sums into its dW and db partials must not depend on timing, or two runs
         # with the same seed and thread count would differ in the last bits.
         for u in range(t, units.size - 1, nthr):
-            _backward_unit(dy3, yr3, relu, x, wtf, dwt, add, db_parts[t], dx, need_dx,
+            _backward_unit(dy3, yr3, relu, x, wtf, wtpk, dwt, add, db_parts[t], dx, need_dx,
                            kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, units[u], units[u + 1],
                            ld, cols_ws[t], dyb_ws[t], buf_ws[t], acc_ws[t])
             add = True
@@ -219,7 +221,7 @@ def _backward_kernel(dy3, yr3, relu, x, wtf, dw2f, accumulate, dw_parts, db_part
 
 
 @njit(cache=True)
-def _backward_unit(dy3, yr3, relu, x, wtf, dwt, add, db, dx, need_dx,
+def _backward_unit(dy3, yr3, relu, x, wtf, wtpk, dwt, add, db, dx, need_dx,
                    kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, b_lo, b_hi,
                    ld, cols, dyb, buf, acc):
     # blocks b_lo..b_hi: dW (+)= into dwt, db += into db (float64), dx of their images
@@ -243,7 +245,7 @@ def _backward_unit(dy3, yr3, relu, x, wtf, dwt, add, db, dx, need_dx,
             im2col_rows(x[n], buf, cols, ld, (n - n0) * run, r0, r1, kh, kw, sh, sw, ph, pw, ow_n)
         for g in range(groups):
             _gemm32_slab(dyb[g * cg * ld:], ld, False, cols[g * kg * ld:], ld, True,
-                         dwt[g * cg * kg:], kg, 0, cg, 0, kg, width, add, False)
+                         dwt[g * cg * kg:], kg, 0, cg, 0, kg, width, add, False, wtpk[:0], 0)
         add = True
         if not need_dx:
             continue
@@ -251,9 +253,11 @@ def _backward_unit(dy3, yr3, relu, x, wtf, dwt, add, db, dx, need_dx,
         # is small and in cache, so it is read in place however many rows K/g has, and
         # the weights come pre-transposed: packing a transposed A is a scalar gather
         # (measured on conv2 at batch 8, one thread: 21.7 ms -> 16.3 ms).
+        gsize = wtpk.size // groups
         for g in range(groups):
             _gemm32_slab(wtf[g * kg * cg:], cg, False, dyb[g * cg * ld:], ld, False,
-                         cols[g * kg * ld:], ld, 0, kg, 0, width, cg, False, width >= NR)
+                         cols[g * kg * ld:], ld, 0, kg, 0, width, cg, False, width >= NR,
+                         wtpk[g * gsize:], SMALL_M)
         for n in range(n0, n1):
             a = acc[(n - n0) * img_acc:(n - n0 + 1) * img_acc]
             if r0 == 0:
@@ -277,6 +281,23 @@ def _sum_parts(dst, parts):
                 dst[i] += src[i]
 
 
+@njit(parallel=True, cache=True)
+def _pack_weights(a, rows, k, groups, mcb, dst):
+    # a: (groups*rows*k,) each group's (rows, k) operand ; dst: (groups * gsize,) packed for the
+    # GEMM slab (pack_a_blocks), one group per task
+    gsize = dst.size // groups
+    for g in prange(groups):
+        pack_a_blocks(a[g * rows * k:], k, False, 0, rows, k, mcb, dst[g * gsize:(g + 1) * gsize])
+
+
+def _packed(a, rows, k, groups, mcb):
+    """The weights as every column block's GEMM reads them, packed once per call (not per block)."""
+    gsize = packed_a_size(rows, k, mcb)
+    dst = _scratch("wpk", 1, groups * gsize)[0, :groups * gsize]
+    _pack_weights(a, rows, k, groups, mcb, dst)
+    return dst
+
+
 def _geometry(x, w, stride, padding):
     n, cin, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
@@ -297,7 +318,10 @@ def forward(x, w, b, stride, padding, groups, relu, nthreads):
     buf = _scratch("rows", nthreads, ((rows - 1) * sh + kh) * sw * wq + 16)
     bias = np.zeros(cout, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
     y = np.empty((n, cout, oh, ow), dtype=np.float32)
-    _forward_kernel(x, np.ascontiguousarray(w).reshape(-1), bias, relu,
+    w2f = np.ascontiguousarray(w).reshape(-1)
+    # row blocks as the slab takes them: SMALL_M when it reads the columns in place
+    wmcb = SMALL_M if cout // groups <= INPLACE_MAX_COUT else MC
+    _forward_kernel(x, w2f, _packed(w2f, cout // groups, kg, groups, wmcb), wmcb, bias, relu,
                     y.reshape(n, cout, oh * ow), kh, kw, sh, sw, ph, pw, ow, groups,
                     blocks, units, np.zeros(1, np.int64), ld, cols, yb, buf)
     return y
@@ -328,7 +352,8 @@ def backward(dy, x, w, dw2, stride, padding, groups, accumulate, need_dx, relu_o
     dx = np.empty(x.shape, dtype=np.float32) if need_dx else np.empty((1, 1, 1, 1), np.float32)
     dwf = dw2.reshape(-1)
     wt = np.ascontiguousarray(w.reshape(groups, cout // groups, kg).transpose(0, 2, 1))
-    _backward_kernel(dy3, yr3, relu_out is not None, x, wt.reshape(-1), dwf,
+    wtf = wt.reshape(-1)
+    _backward_kernel(dy3, yr3, relu_out is not None, x, wtf, _packed(wtf, kg, cout // groups, groups, SMALL_M), dwf,
                      accumulate, parts, db, dx, need_dx, kh, kw, sh, sw, ph, pw, oh, ow, groups,
                      blocks, units, np.zeros(1, np.int64), ld, cols, dyb, buf, acc)
     if nthreads > 1:

@@ -50,6 +50,7 @@ PREFETCH_AHEAD = 64  # columns ahead (two micro-panels) to prefetch when B is re
 C_PREFETCH_AT = 32   # k steps before the end of a micro-kernel call to prefetch its C tile
 PACK_PREFETCH = 64   # elements ahead along each row of a transposed B while packing
 PAR_MIN_FLOPS = 4_000_000  # below this a second thread costs more than it saves
+_NO_PACKED_A = np.empty(0, dtype=np.float32)  # the apk argument of a slab that packs A itself
 DOT_PREFETCH = 128  # elements ahead on each weight row in the dot kernel
 DOT_MAX_M = 8  # A·Bᵀ with at most this many rows (an FC layer at small batch) uses the dot kernel
 
@@ -200,12 +201,39 @@ def _pack_a32(a, lda, ta, ic, mc, pc, kc, dst):
 
 
 @njit(cache=True)
-def _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, inplace):
+def packed_a_size(m, k, mcb):
+    """Elements of pack_a_blocks' output for an m x k operand in blocks of mcb rows."""
+    return ((m + mcb - 1) // mcb) * ((k + KC - 1) // KC) * mcb * KC
+
+
+@njit(cache=True)
+def pack_a_blocks(a, lda, ta, m0, m1, k, mcb, dst):
+    # op(A)[m0:m1, :k] packed once, block by block, for _gemm32_slab(..., dst, mcb) ; mcb: MC, or
+    # SMALL_M for a slab that reads B in place ; dst: 64-byte aligned, packed_a_size(m1 - m0, k,
+    # mcb) elements; block (ic, pc) of mcb x KC at ((ic // mcb) * nkb + pc // KC) * mcb * KC,
+    # laid out as _pack_a32 writes it.
+    # A convolution's weights are the A operand of every column block of a call: packing them
+    # once instead of once per block saves re-reading and re-writing them (3.5 MB for conv4).
+    nkb = (k + KC - 1) // KC
+    for ic in range(m0, m1, mcb):
+        mc = min(mcb, m1 - ic)
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            off = (((ic - m0) // mcb) * nkb + pc // KC) * mcb * KC
+            _pack_a32(a, lda, ta, ic, mc, pc, kc, dst[off:])
+
+
+@njit(cache=True)
+def _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, inplace,
+                 apk, pk_mcb):
     # a, b: flat float32 operands (see _pack_a32/_pack_b32); c: flat C, row stride ldc
     # computes C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1]
     # inplace: B not transposed and m1 - m0 <= SMALL_M: full B micro-panels are read where they lie
-    mcb = SMALL_M if inplace else MC
-    abuf = _aligned_f32(mcb * KC)
+    # pk_mcb > 0: apk holds pack_a_blocks(a, lda, ta, m0, m1, k, pk_mcb) and a is not read
+    prepacked = pk_mcb > 0
+    mcb = pk_mcb if prepacked else (SMALL_M if inplace else MC)
+    nkb = (k + KC - 1) // KC
+    abuf = _aligned_f32(MR if prepacked else mcb * KC)
     bbuf = _aligned_f32(KC * (NR if inplace else NC))
     tile = _aligned_f32(MR * NR)
     for jc in range(n0, n1, NC):
@@ -218,27 +246,33 @@ def _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, 
             add = accumulate or pc > 0
             for ic in range(m0, m1, mcb):
                 mc = min(mcb, m1 - ic)
-                _pack_a32(a, lda, ta, ic, mc, pc, kc, abuf)
+                if prepacked:
+                    ap = apk
+                    abase = (((ic - m0) // mcb) * nkb + pc // KC) * mcb * KC
+                else:
+                    _pack_a32(a, lda, ta, ic, mc, pc, kc, abuf)
+                    ap = abuf
+                    abase = 0
                 for jr in range(0, nc, NR):
                     w = min(NR, nc - jr)
                     boff = ((jr - nfull) // NR) * kc * NR
                     for ir in range(0, mc, MR):
                         h = min(MR, mc - ir)
-                        aoff = (ir // MR) * kc * MR
+                        aoff = abase + (ir // MR) * kc * MR
                         coff = (ic + ir) * ldc + jc + jr
                         if jr < nfull:
                             # full-width panel read in place (h < 8 goes via the tile)
                             if h == MR:
-                                _micro_8x32(kc, abuf, aoff, b, pc * ldb + jc + jr, ldb, True,
+                                _micro_8x32(kc, ap, aoff, b, pc * ldb + jc + jr, ldb, True,
                                             c, coff, ldc, add)
                                 continue
-                            _micro_8x32(kc, abuf, aoff, b, pc * ldb + jc + jr, ldb, True,
+                            _micro_8x32(kc, ap, aoff, b, pc * ldb + jc + jr, ldb, True,
                                         tile, 0, NR, False)
                         elif h == MR and w == NR:
-                            _micro_8x32(kc, abuf, aoff, bbuf, boff, NR, False, c, coff, ldc, add)
+                            _micro_8x32(kc, ap, aoff, bbuf, boff, NR, False, c, coff, ldc, add)
                             continue
                         else:
-                            _micro_8x32(kc, abuf, aoff, bbuf, boff, NR, False, tile, 0, NR, False)
+                            _micro_8x32(kc, ap, aoff, bbuf, boff, NR, False, tile, 0, NR, False)
                         for r in range(h):
                             for jj in range(w):
                                 if add:
@@ -259,11 +293,11 @@ def _gemm32_par(a, lda, ta, b, ldb, tb, c, ldc, m, n, k, accumulate, inplace, ns
         if split_n:
             hi = min(n, lo + step)
             if lo < hi:
-                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, 0, m, lo, hi, k, accumulate, inplace)
+                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, 0, m, lo, hi, k, accumulate, inplace, np.empty(0, np.float32), 0)
         else:
             hi = min(m, lo + step)
             if lo < hi:
-                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, lo, hi, 0, n, k, accumulate, inplace)
+                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, lo, hi, 0, n, k, accumulate, inplace, np.empty(0, np.float32), 0)
 
 
 @njit(cache=True)
@@ -452,7 +486,7 @@ def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
         if nslab > 1:
             _gemm32_par(af, lda, ta, bf, ldb, tb, cf, n, m, n, k, accumulate, inplace, nslab, split_n)
             return out
-    _gemm32_slab(af, lda, ta, bf, ldb, tb, cf, n, 0, m, 0, n, k, accumulate, inplace)
+    _gemm32_slab(af, lda, ta, bf, ldb, tb, cf, n, 0, m, 0, n, k, accumulate, inplace, _NO_PACKED_A, 0)
     return out
 
 
