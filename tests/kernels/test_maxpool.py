@@ -82,3 +82,40 @@ def test_matches_torch_max_pool2d(torch, c, kind, seed):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     yt.backward(torch.from_numpy(dy))
     np.testing.assert_allclose(maxpool2d_backward(dy, arg, x.shape), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@st.composite
+def alexnet_windows(draw):
+    # 3x3 windows with column stride 2 take the vectorised row path; rows long enough to have a
+    # vector body and a remainder, padding and ceil_mode for the edge windows around it
+    h, w = draw(st.integers(3, 12)), draw(st.integers(3, 45))
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 3)), h, w, (3, 3), (draw(st.integers(1, 3)), 2),
+            (draw(st.integers(0, 1)), draw(st.integers(0, 1))), draw(st.booleans()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(alexnet_windows(), st.sampled_from([np.float64, np.float32]),
+       st.sampled_from(["normal", "ties", "negative", "-inf"]), st.integers(0, 2**31))
+def test_3x3_stride_2_rows_match_reference(c, dtype, kind, seed):
+    n, ch, h, w, k, s, p, ceil = c
+    rng = np.random.default_rng(seed)
+    x = _x(rng, (n, ch, h, w), dtype, "normal" if kind == "-inf" else kind)
+    if kind == "-inf":  # whole windows of -inf: the index must stay on the window's first element
+        x[rng.random(x.shape) < 0.7] = -np.inf
+    y, arg = maxpool2d_forward(x, k, s, p, ceil)
+    y_r, arg_r = maxpool2d_forward_ref(x, k, s, p, ceil)
+    np.testing.assert_array_equal(y, y_r)
+    np.testing.assert_array_equal(arg, arg_r)
+
+
+@settings(max_examples=15, deadline=None)
+@given(alexnet_windows(), st.integers(0, 2**31))
+def test_3x3_stride_2_rows_with_nan_match_torch(torch, c, seed):
+    n, ch, h, w, k, s, p, ceil = c
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, ch, h, w)).astype(np.float32)
+    x[rng.random(x.shape) < 0.2] = np.nan
+    yt, it = torch.nn.functional.max_pool2d(torch.from_numpy(x), k, s, p, ceil_mode=ceil, return_indices=True)
+    y, arg = maxpool2d_forward(x, k, s, p, ceil)
+    np.testing.assert_array_equal(y, yt.numpy())
+    np.testing.assert_array_equal(arg, it.numpy())
