@@ -1,0 +1,124 @@
+"""The channels-last direct convolution (stride 1, groups 1, channel panels of 32): its kernels
+against the NumPy twins, and the dispatch through conv2d_forward / conv2d_backward."""
+import numba
+import numpy as np
+from hypothesis import assume, given, settings, strategies as st
+
+from helpers import to_torch
+from minialex.kernels import conv_direct
+from minialex.kernels.conv import conv2d_backward, conv2d_backward_ref, conv2d_forward, conv2d_forward_ref
+
+case = st.tuples(
+    st.integers(1, 3),                                # n
+    st.integers(1, 40),                               # cin
+    st.sampled_from([32, 64]),                        # cout (the direct kernel's panels)
+    st.integers(1, 11), st.integers(1, 11),           # h, w
+    st.integers(1, 5), st.integers(1, 5),             # kh, kw
+    st.integers(0, 4), st.integers(0, 4),             # padding (kept below the kernel size)
+    st.booleans(), st.booleans(),                     # bias, relu
+    st.sampled_from([1, 2]),                          # threads
+)
+
+
+def _make(c, seed):
+    n, cin, cout, h, w, kh, kw, ph, pw, bias, relu, threads = c
+    assume(ph < kh and pw < kw and h + 2 * ph >= kh and w + 2 * pw >= kw)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
+    wt = rng.standard_normal((cout, cin, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32) if bias else None
+    return x, wt, b, (ph, pw), relu, min(threads, numba.config.NUMBA_NUM_THREADS), rng
+
+
+def _with_threads(threads, fn):
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        numba.set_num_threads(before)
+
+
+def _close(a, ref):
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(a, ref, rtol=1e-5, atol=2e-6 * scale)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case, st.integers(0, 2**31))
+def test_forward_matches_twin(c, seed):
+    x, w, b, p, relu, threads, _ = _make(c, seed)
+    assert conv_direct.supported(x, w, (1, 1), 1, p, w.shape[0])
+    y = _with_threads(threads, lambda: conv_direct.forward(x, w, b, p, relu, threads))
+    ref = conv_direct.conv2d_direct_ref(x.astype(np.float64), w.astype(np.float64), p)
+    if b is not None:
+        ref = ref + b[None, :, None, None]
+    if relu:
+        ref = np.maximum(ref, 0)
+    assert y.dtype == np.float32
+    _close(y, ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case, st.integers(0, 2**31))
+def test_input_gradient_matches_reference(c, seed):
+    # the roles swap: the input channels are the panels, so draw them from {32, 64}
+    n, cin, cout, *rest = c
+    x, w, b, p, relu, threads, rng = _make((n, cout, max(1, cin), *rest), seed)
+    y = conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), b, (1, 1), p, 1, relu=relu)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    relu_out = y.astype(np.float32) if relu else None
+    dx = _with_threads(threads, lambda: conv_direct.backward_data(dy, w, x.shape, p, relu_out, threads))
+    dx_r = conv2d_backward_ref(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                               np.zeros(w.shape), None, (1, 1), p, 1,
+                               relu_out=None if relu_out is None else relu_out.astype(np.float64))
+    assert dx.shape == x.shape and dx.dtype == np.float32
+    _close(dx, dx_r)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case, st.integers(0, 2**31))
+def test_public_entry_points_use_it_and_agree_with_reference(c, seed):
+    n, cin, cout, *rest = c
+    x, w, b, p, relu, threads, rng = _make((n, 32 * (1 + cin % 2), cout, *rest), seed)
+    y = _with_threads(threads, lambda: conv2d_forward(x, w, b, 1, p, 1, relu=relu))
+    y_r = conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), b, 1, p, 1, relu=relu)
+    _close(y, y_r)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dw, db = np.zeros_like(w), (np.zeros_like(b) if b is not None else None)
+    dw_r, db_r = np.zeros(w.shape), (np.zeros(b.shape) if b is not None else None)
+    dx = _with_threads(threads, lambda: conv2d_backward(dy, x, w, dw, db, 1, p, 1, relu_out=y if relu else None))
+    dx_r = conv2d_backward_ref(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), dw_r, db_r,
+                               1, p, 1, relu_out=y_r if relu else None)
+    _close(dx, dx_r)
+    _close(dw, dw_r)
+    if b is not None:
+        _close(db, db_r)
+
+
+def test_not_used_where_it_does_not_apply():
+    x = np.zeros((1, 32, 8, 8), np.float32)
+    assert conv_direct.supported(x, np.zeros((64, 32, 3, 3), np.float32), (1, 1), 1, (1, 1), 64)
+    assert not conv_direct.supported(x, np.zeros((48, 32, 3, 3), np.float32), (1, 1), 1, (1, 1), 48)
+    assert not conv_direct.supported(x, np.zeros((64, 32, 3, 3), np.float32), (2, 2), 1, (1, 1), 64)
+    assert not conv_direct.supported(x, np.zeros((64, 16, 3, 3), np.float32), (1, 1), 2, (1, 1), 64)
+    assert not conv_direct.supported(x, np.zeros((64, 32, 3, 3), np.float32), (1, 1), 1, (3, 1), 64)
+    assert not conv_direct.supported(x.astype(np.float64), np.zeros((64, 32, 3, 3)), (1, 1), 1, (1, 1), 64)
+
+
+def test_alexnet_conv3_matches_torch(torch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 192, 13, 13)).astype(np.float32)
+    w = (rng.standard_normal((384, 192, 3, 3)) * 0.05).astype(np.float32)
+    b = rng.standard_normal(384).astype(np.float32)
+    xt, wt, bt = to_torch(torch, x, True), to_torch(torch, w, True), to_torch(torch, b, True)
+    yt = torch.relu(torch.nn.functional.conv2d(xt, wt, bt, padding=1))
+    y = conv2d_forward(x, w, b, 1, 1, 1, relu=True)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(dy))
+    dw, db = np.zeros_like(w), np.zeros_like(b)
+    dx = conv2d_backward(dy, x, w, dw, db, 1, 1, 1, relu_out=y)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
