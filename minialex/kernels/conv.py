@@ -107,7 +107,7 @@ def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
     cout, cin_g, kh, kw = w.shape
     oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)
     if x.dtype == np.float32:
-        if conv_direct.supported(x, w, stride, groups, padding, cout):
+        if conv_direct.supported(x, w, stride, groups, padding):
             return conv_direct.forward(x, w, b, padding, relu, numba.get_num_threads())
         return conv_blocked.forward(x, w, b, stride, padding, groups, relu, numba.get_num_threads())
     plane = oh * ow
@@ -160,14 +160,13 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
     direct = dw.flags.c_contiguous and dw.dtype == x.dtype
     dw2 = dw.reshape(cout, kg) if direct else np.zeros((cout, kg), dtype=x.dtype)
     nthreads = numba.get_num_threads()
+    if (conv_direct.supported_backward(x, w, stride, groups, padding) and dw.flags.c_contiguous
+            and dw.dtype == np.float32 and (db is None or db.dtype == np.float32)):
+        # stride 1: both gradients straight from channels-last copies, no im2col (conv_direct.py)
+        return conv_direct.backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads)
     if x.dtype == np.float32 and n >= nthreads:
-        # the input gradient of a stride-1 convolution is itself a convolution: the direct
-        # kernel does it without im2col/col2im (see conv_direct.py); dW stays on im2col + GEMM
-        by_direct = need_dx and conv_direct.supported(x, w, stride, groups, padding, cin)
         dx, db_sum = conv_blocked.backward(dy, x, w, dw2, stride, padding, groups,
-                                           accumulate and direct, need_dx and not by_direct, relu_out, nthreads)
-        if by_direct:
-            dx = conv_direct.backward_data(dy, w, x.shape, padding, relu_out, nthreads)
+                                           accumulate and direct, need_dx, relu_out, nthreads)
         _store_grads(dw, dw2, db, db_sum, direct, accumulate)
         return dx
     db_acc = np.zeros(cout, dtype=np.float64) if db is not None else np.zeros(1, dtype=np.float64)

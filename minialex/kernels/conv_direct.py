@@ -27,19 +27,28 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.conv_blocked import _take
-from minialex.kernels.simd import vbroadcast, vfma, vload, vstore, vzero
+from minialex.kernels.simd import vadd, vbroadcast, vfma, vload, vstore, vzero
 
 PANEL = 32        # output channels per micro-tile (two 16-lane vectors)
 PIXELS = 8        # output pixels per micro-tile
+DW_PIXEL_BLOCK = 512  # pixels per step of the weight gradient (their dy rows stay in L2)
 CHUNK_TILES = 8  # micro-tiles of pixels a thread takes at once (it loops over every panel)
 
 
-def supported(x, w, stride, groups, padding, out_channels):
-    """Whether the direct kernel serves this float32 convolution (output channels: forward's
-    Cout, or Cin for the input gradient)."""
+def supported(x, w, stride, groups, padding):
+    """Whether the direct forward serves this convolution: float32, stride 1, groups 1, Cout a
+    multiple of 32, padding below the kernel size."""
     kh, kw = w.shape[2], w.shape[3]
-    return (x.dtype == np.float32 and tuple(stride) == (1, 1) and groups == 1
-            and out_channels % PANEL == 0 and padding[0] < kh and padding[1] < kw)
+    return (x.dtype == np.float32 and w.dtype == np.float32 and tuple(stride) == (1, 1) and groups == 1
+            and w.shape[0] % PANEL == 0 and padding[0] < kh and padding[1] < kw)
+
+
+def supported_backward(x, w, stride, groups, padding):
+    """Whether the direct backward serves it: as the forward, but Cin a multiple of 32 (the input
+    gradient's panels) and Cout of 8 (the weight gradient's rows)."""
+    kh, kw = w.shape[2], w.shape[3]
+    return (x.dtype == np.float32 and w.dtype == np.float32 and tuple(stride) == (1, 1) and groups == 1
+            and w.shape[1] % PANEL == 0 and w.shape[0] % PIXELS == 0 and padding[0] < kh and padding[1] < kw)
 
 
 @njit(cache=True)
@@ -195,6 +204,126 @@ def _from_nhwc(out, bias, has_bias, relu, y):
                 y[b, ch, p] = v
 
 
+@njit(cache=True)
+def _micro_dw_8x32(dyp, xp, r0, r1, oh_n, ow_n, hq, wq, qh, qw, hp, wp, cout, cin, co0, tap_off, ci0,
+                   c, c_off, ldc, add):
+    # C[8 x 32] (+)= sum over the output pixels of rows r0..r1 (flat (n, oh) indices) of
+    # dy[pixel, co0 + r] * x[pixel + tap, ci0 + lane] ; dyp: dy as padded NHWC (Hq, Wq, Cout,
+    # data from (qh, qw)) ; xp: x as padded NHWC (Hp, Wp, Cin) ; along a row both advance by
+    # one pixel, so the loop needs no per-pixel offsets
+    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
+    c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
+    c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+    c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
+    for rr in range(r0, r1):
+        n = rr // oh_n
+        oh = rr - n * oh_n
+        q = (n * hp + oh) * wp * cin + tap_off + ci0
+        d = ((n * hq + oh + qh) * wq + qw) * cout + co0
+        for _ in range(ow_n):
+            w0 = vload(xp, q)
+            w1 = vload(xp, q + 16)
+            a = vbroadcast(dyp, d)
+            c00 = vfma(a, w0, c00); c01 = vfma(a, w1, c01)
+            a = vbroadcast(dyp, d + 1)
+            c10 = vfma(a, w0, c10); c11 = vfma(a, w1, c11)
+            a = vbroadcast(dyp, d + 2)
+            c20 = vfma(a, w0, c20); c21 = vfma(a, w1, c21)
+            a = vbroadcast(dyp, d + 3)
+            c30 = vfma(a, w0, c30); c31 = vfma(a, w1, c31)
+            a = vbroadcast(dyp, d + 4)
+            c40 = vfma(a, w0, c40); c41 = vfma(a, w1, c41)
+            a = vbroadcast(dyp, d + 5)
+            c50 = vfma(a, w0, c50); c51 = vfma(a, w1, c51)
+            a = vbroadcast(dyp, d + 6)
+            c60 = vfma(a, w0, c60); c61 = vfma(a, w1, c61)
+            a = vbroadcast(dyp, d + 7)
+            c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
+            q += cin
+            d += cout
+    if add:
+        c00 = vadd(c00, vload(c, c_off)); c01 = vadd(c01, vload(c, c_off + 16))
+        c10 = vadd(c10, vload(c, c_off + ldc)); c11 = vadd(c11, vload(c, c_off + ldc + 16))
+        c20 = vadd(c20, vload(c, c_off + 2 * ldc)); c21 = vadd(c21, vload(c, c_off + 2 * ldc + 16))
+        c30 = vadd(c30, vload(c, c_off + 3 * ldc)); c31 = vadd(c31, vload(c, c_off + 3 * ldc + 16))
+        c40 = vadd(c40, vload(c, c_off + 4 * ldc)); c41 = vadd(c41, vload(c, c_off + 4 * ldc + 16))
+        c50 = vadd(c50, vload(c, c_off + 5 * ldc)); c51 = vadd(c51, vload(c, c_off + 5 * ldc + 16))
+        c60 = vadd(c60, vload(c, c_off + 6 * ldc)); c61 = vadd(c61, vload(c, c_off + 6 * ldc + 16))
+        c70 = vadd(c70, vload(c, c_off + 7 * ldc)); c71 = vadd(c71, vload(c, c_off + 7 * ldc + 16))
+    vstore(c, c_off, c00); vstore(c, c_off + 16, c01)
+    vstore(c, c_off + ldc, c10); vstore(c, c_off + ldc + 16, c11)
+    vstore(c, c_off + 2 * ldc, c20); vstore(c, c_off + 2 * ldc + 16, c21)
+    vstore(c, c_off + 3 * ldc, c30); vstore(c, c_off + 3 * ldc + 16, c31)
+    vstore(c, c_off + 4 * ldc, c40); vstore(c, c_off + 4 * ldc + 16, c41)
+    vstore(c, c_off + 5 * ldc, c50); vstore(c, c_off + 5 * ldc + 16, c51)
+    vstore(c, c_off + 6 * ldc, c60); vstore(c, c_off + 6 * ldc + 16, c61)
+    vstore(c, c_off + 7 * ldc, c70); vstore(c, c_off + 7 * ldc + 16, c71)
+
+
+@njit(parallel=True, cache=True)
+def _weight_grad_kernel(dyp, qh, qw, xp, toff, oh_n, ow_n, dwt, nthreads, counter):
+    # dyp: (N, Hq, Wq, Cout) padded NHWC dy ; xp: (N, Hp, Wp, Cin) padded NHWC x ; toff: (taps,)
+    # offsets of the taps in a flat xp image ; dwt: (taps * Cout * Cin,) = [tap][co][ci], overwritten
+    # Work units are the 32-wide input-channel panels: each element of dwt has one writer and
+    # one summation order whatever the thread count. A unit walks the output rows in blocks of
+    # about DW_PIXEL_BLOCK pixels, whose dy and x rows stay in cache while every tap and
+    # output-channel block reuses them.
+    n, hq, wq, cout = dyp.shape
+    hp, wp, cin = xp.shape[1], xp.shape[2], xp.shape[3]
+    dyf = dyp.reshape(-1)
+    xf = xp.reshape(-1)
+    rows = n * oh_n
+    step = max(1, DW_PIXEL_BLOCK // ow_n)
+    npan = cin // PANEL
+    for _ in prange(nthreads):
+        while True:
+            pan = _take(counter)
+            if pan >= npan:
+                break
+            ci0 = pan * PANEL
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                for t in range(toff.size):
+                    for co0 in range(0, cout, PIXELS):
+                        _micro_dw_8x32(dyf, xf, r0, r1, oh_n, ow_n, hq, wq, qh, qw, hp, wp, cout, cin,
+                                       co0, toff[t], ci0, dwt, (t * cout + co0) * cin + ci0, cin, r0 > 0)
+
+
+@njit(parallel=True, cache=True)
+def _store_weight_grad(dwt, dw, accumulate):
+    # dwt: (taps, Cout, Cin) -> dw: (Cout, Cin, kh, kw), overwritten or (accumulate) added to
+    cout, cin, kh, kw = dw.shape
+    for co in prange(cout):
+        for ci in range(cin):
+            for i in range(kh):
+                for j in range(kw):
+                    v = dwt[i * kw + j, co, ci]
+                    if accumulate:
+                        dw[co, ci, i, j] += v
+                    else:
+                        dw[co, ci, i, j] = v
+
+
+@njit(parallel=True, cache=True)
+def _column_sums(rows, db, accumulate):
+    # db (+)= rows.sum(axis=0) in float64 ; rows: (R, C). Fixed row chunks summed in order, so
+    # the result does not depend on the thread count; each chunk reads its rows contiguously.
+    r, c = rows.shape
+    nchunks = 64
+    parts = np.zeros((nchunks, c), dtype=np.float64)
+    for k in prange(nchunks):
+        acc = parts[k]
+        for i in range(k * r // nchunks, (k + 1) * r // nchunks):
+            row = rows[i]
+            for j in range(c):
+                acc[j] += row[j]
+    for j in range(c):
+        v = 0.0
+        for k in range(nchunks):
+            v += parts[k, j]
+        db[j] = db[j] + v if accumulate else v
+
+
 def _run(xp, wpk, kh, kw, npix, oh, ow, cout, nthreads):
     n, hp, wp, cin = xp.shape
     toff = np.array([(i * wp + j) * cin for i in range(kh) for j in range(kw)], dtype=np.int64)
@@ -224,23 +353,38 @@ def forward(x, w, b, padding, relu, nthreads):
     return y
 
 
-def backward_data(dy, w, x_shape, padding, relu_out, nthreads):
-    """Input gradient of a stride-1, groups-1 float32 convolution with Cin a multiple of 32:
-    dy (masked by relu_out > 0 when given) convolved with the flipped, transposed weights."""
+def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads):
+    """conv2d_backward for float32, stride 1, groups 1, Cin a multiple of 32 and Cout of 8 (see
+    supported_backward): dW (+)= into dw (Cout, Cin, kh, kw), db (+)= into db (or None);
+    returns dx, or None when not need_dx.
+
+    dy (masked by relu_out > 0 when given) is laid out once as a padded NHWC array that serves
+    both products: the input gradient convolves it with the flipped, transposed weights; the
+    weight gradient multiplies it, pixel by pixel, with the input rows each tap met.
+    """
     n, cout, oh, ow = dy.shape
     _, cin, kh, kw = w.shape
-    h, wd = x_shape[2], x_shape[3]
-    dx = np.empty((n, cin, h, wd), dtype=np.float32)
-    if n == 0 or h == 0 or wd == 0:
-        return dx
-    qh, qw = kh - 1 - padding[0], kw - 1 - padding[1]
+    h, wd = x.shape[2], x.shape[3]
+    ph, pw = padding
+    qh, qw = kh - 1 - ph, kw - 1 - pw
     dyp = np.empty((n, oh + 2 * qh, ow + 2 * qw, cout), dtype=np.float32)
     yr = dy if relu_out is None else np.ascontiguousarray(relu_out)
     _to_padded_nhwc(dy, yr, relu_out is not None, qh, qw, dyp)
-    wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
-    _pack_weights(np.ascontiguousarray(w), True, wpk)
-    out = _run(dyp, wpk, kh, kw, n * h * wd, h, wd, cin, nthreads)
-    _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, h * wd))
+    dx = None
+    if need_dx:
+        dx = np.empty((n, cin, h, wd), dtype=np.float32)
+        wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
+        _pack_weights(np.ascontiguousarray(w), True, wpk)
+        out = _run(dyp, wpk, kh, kw, n * h * wd, h, wd, cin, nthreads)
+        _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, h * wd))
+    xp = np.empty((n, h + 2 * ph, wd + 2 * pw, cin), dtype=np.float32)
+    _to_padded_nhwc(x, x, False, ph, pw, xp)
+    toff = np.array([(i * xp.shape[2] + j) * cin for i in range(kh) for j in range(kw)], dtype=np.int64)
+    dwt = np.empty((kh * kw, cout, cin), dtype=np.float32)
+    _weight_grad_kernel(dyp, qh, qw, xp, toff, oh, ow, dwt.reshape(-1), nthreads, np.zeros(1, np.int64))
+    _store_weight_grad(dwt.reshape(kh * kw, cout, cin), dw, accumulate)
+    if db is not None:
+        _column_sums(dyp.reshape(-1, cout), db, accumulate)  # its zero padding adds nothing
     return dx
 
 

@@ -48,7 +48,7 @@ def _close(a, ref):
 @given(case, st.integers(0, 2**31))
 def test_forward_matches_twin(c, seed):
     x, w, b, p, relu, threads, _ = _make(c, seed)
-    assert conv_direct.supported(x, w, (1, 1), 1, p, w.shape[0])
+    assert conv_direct.supported(x, w, (1, 1), 1, p)
     y = _with_threads(threads, lambda: conv_direct.forward(x, w, b, p, relu, threads))
     ref = conv_direct.conv2d_direct_ref(x.astype(np.float64), w.astype(np.float64), p)
     if b is not None:
@@ -61,19 +61,27 @@ def test_forward_matches_twin(c, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(case, st.integers(0, 2**31))
-def test_input_gradient_matches_reference(c, seed):
+def test_backward_matches_reference(c, seed):
     # the roles swap: the input channels are the panels, so draw them from {32, 64}
     n, cin, cout, *rest = c
     x, w, b, p, relu, threads, rng = _make((n, cout, max(1, cin), *rest), seed)
-    y = conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), b, (1, 1), p, 1, relu=relu)
+    w = w[: w.shape[0] // 8 * 8] if w.shape[0] >= 8 else np.concatenate([w] * 8)[:8]  # Cout: rows of 8
+    y = conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), None, (1, 1), p, 1, relu=relu)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     relu_out = y.astype(np.float32) if relu else None
-    dx = _with_threads(threads, lambda: conv_direct.backward_data(dy, w, x.shape, p, relu_out, threads))
-    dx_r = conv2d_backward_ref(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
-                               np.zeros(w.shape), None, (1, 1), p, 1,
+    start = rng.standard_normal(w.shape).astype(np.float32)
+    accumulate = bool(seed % 2)
+    dw, db = start.copy(), np.ones(w.shape[0], np.float32)
+    dx = _with_threads(threads, lambda: conv_direct.backward(dy, x, w, dw, db, p, accumulate, True, relu_out, threads))
+    dw_r, db_r = start.astype(np.float64), np.ones(w.shape[0])
+    dx_r = conv2d_backward_ref(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), dw_r, db_r,
+                               (1, 1), p, 1, accumulate=accumulate,
                                relu_out=None if relu_out is None else relu_out.astype(np.float64))
     assert dx.shape == x.shape and dx.dtype == np.float32
     _close(dx, dx_r)
+    _close(dw, dw_r)
+    _close(db, db_r)
+    assert conv_direct.backward(dy, x, w, dw, None, p, True, False, relu_out, threads) is None
 
 
 @settings(max_examples=20, deadline=None)
@@ -98,12 +106,17 @@ def test_public_entry_points_use_it_and_agree_with_reference(c, seed):
 
 def test_not_used_where_it_does_not_apply():
     x = np.zeros((1, 32, 8, 8), np.float32)
-    assert conv_direct.supported(x, np.zeros((64, 32, 3, 3), np.float32), (1, 1), 1, (1, 1), 64)
-    assert not conv_direct.supported(x, np.zeros((48, 32, 3, 3), np.float32), (1, 1), 1, (1, 1), 48)
-    assert not conv_direct.supported(x, np.zeros((64, 32, 3, 3), np.float32), (2, 2), 1, (1, 1), 64)
-    assert not conv_direct.supported(x, np.zeros((64, 16, 3, 3), np.float32), (1, 1), 2, (1, 1), 64)
-    assert not conv_direct.supported(x, np.zeros((64, 32, 3, 3), np.float32), (1, 1), 1, (3, 1), 64)
-    assert not conv_direct.supported(x.astype(np.float64), np.zeros((64, 32, 3, 3)), (1, 1), 1, (1, 1), 64)
+    w = np.zeros((64, 32, 3, 3), np.float32)
+    for ok in (conv_direct.supported, conv_direct.supported_backward):
+        assert ok(x, w, (1, 1), 1, (1, 1))
+        assert not ok(x, w, (2, 2), 1, (1, 1))
+        assert not ok(x, w[:, :16], (1, 1), 2, (1, 1))
+        assert not ok(x, w, (1, 1), 1, (3, 1))
+        assert not ok(x.astype(np.float64), w.astype(np.float64), (1, 1), 1, (1, 1))
+    assert not conv_direct.supported(x, w[:48], (1, 1), 1, (1, 1))           # Cout not in panels of 32
+    assert conv_direct.supported_backward(x, w[:48], (1, 1), 1, (1, 1))      # rows of 8 are enough there
+    assert not conv_direct.supported_backward(x, w[:44], (1, 1), 1, (1, 1))
+    assert not conv_direct.supported_backward(x[:, :16], w[:, :16], (1, 1), 1, (1, 1))  # Cin not 32s
 
 
 def test_alexnet_conv3_matches_torch(torch):
