@@ -44,11 +44,11 @@ def supported(x, w, stride, groups, padding):
 
 
 def supported_backward(x, w, stride, groups, padding):
-    """Whether the direct backward serves it: as the forward, but Cin a multiple of 32 (the input
-    gradient's panels) and Cout of 8 (the weight gradient's rows)."""
+    """Whether the direct backward serves it: as the forward, and Cin a multiple of 32 too (the
+    input gradient's panels; the weight gradient's panels are output channels)."""
     kh, kw = w.shape[2], w.shape[3]
     return (x.dtype == np.float32 and w.dtype == np.float32 and tuple(stride) == (1, 1) and groups == 1
-            and w.shape[1] % PANEL == 0 and w.shape[0] % PIXELS == 0 and padding[0] < kh and padding[1] < kw)
+            and w.shape[1] % PANEL == 0 and w.shape[0] % PANEL == 0 and padding[0] < kh and padding[1] < kw)
 
 
 @njit(cache=True)
@@ -205,12 +205,13 @@ def _from_nhwc(out, bias, has_bias, relu, y):
 
 
 @njit(cache=True)
-def _micro_dw_8x32(dyp, xp, r0, r1, oh_n, ow_n, hq, wq, qh, qw, hp, wp, cout, cin, co0, tap_off, ci0,
-                   c, c_off, ldc, add):
-    # C[8 x 32] (+)= sum over the output pixels of rows r0..r1 (flat (n, oh) indices) of
-    # dy[pixel, co0 + r] * x[pixel + tap, ci0 + lane] ; dyp: dy as padded NHWC (Hq, Wq, Cout,
-    # data from (qh, qw)) ; xp: x as padded NHWC (Hp, Wp, Cin) ; along a row both advance by
-    # one pixel, so the loop needs no per-pixel offsets
+def _micro_dw_8x32(xq, dyk, r0, r1, oh_n, ow_n, hp, wp, cin, ci0, i, j, dk_off, c, c_off, ldc, add):
+    # C[8 x 32] (+)= over the output pixels of rows r0..r1 (flat (n, oh) indices) of
+    # x[n, ci0 + r, oh + i, ow + j] * dy[n, co, oh, ow] for the 32 channels co of one panel
+    # xq: x zero-padded, NCHW (N, Cin, Hp, Wp): the 8 broadcasts walk 8 channel rows ;
+    # dyk: dy packed [panel][pixel][32] from dk_off: two sequential vector loads per pixel.
+    # The forward kernel's shape, so the same near-peak loop.
+    plane = hp * wp
     c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
     c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
     c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
@@ -218,29 +219,35 @@ def _micro_dw_8x32(dyp, xp, r0, r1, oh_n, ow_n, hq, wq, qh, qw, hp, wp, cout, ci
     for rr in range(r0, r1):
         n = rr // oh_n
         oh = rr - n * oh_n
-        q = (n * hp + oh) * wp * cin + tap_off + ci0
-        d = ((n * hq + oh + qh) * wq + qw) * cout + co0
-        for _ in range(ow_n):
-            w0 = vload(xp, q)
-            w1 = vload(xp, q + 16)
-            a = vbroadcast(dyp, d)
+        q0 = ((n * cin + ci0) * hp + oh + i) * wp + j
+        q1 = q0 + plane
+        q2 = q1 + plane
+        q3 = q2 + plane
+        q4 = q3 + plane
+        q5 = q4 + plane
+        q6 = q5 + plane
+        q7 = q6 + plane
+        pb = dk_off + rr * ow_n * PANEL
+        for ow in range(ow_n):
+            w0 = vload(dyk, pb)
+            w1 = vload(dyk, pb + 16)
+            a = vbroadcast(xq, q0 + ow)
             c00 = vfma(a, w0, c00); c01 = vfma(a, w1, c01)
-            a = vbroadcast(dyp, d + 1)
+            a = vbroadcast(xq, q1 + ow)
             c10 = vfma(a, w0, c10); c11 = vfma(a, w1, c11)
-            a = vbroadcast(dyp, d + 2)
+            a = vbroadcast(xq, q2 + ow)
             c20 = vfma(a, w0, c20); c21 = vfma(a, w1, c21)
-            a = vbroadcast(dyp, d + 3)
+            a = vbroadcast(xq, q3 + ow)
             c30 = vfma(a, w0, c30); c31 = vfma(a, w1, c31)
-            a = vbroadcast(dyp, d + 4)
+            a = vbroadcast(xq, q4 + ow)
             c40 = vfma(a, w0, c40); c41 = vfma(a, w1, c41)
-            a = vbroadcast(dyp, d + 5)
+            a = vbroadcast(xq, q5 + ow)
             c50 = vfma(a, w0, c50); c51 = vfma(a, w1, c51)
-            a = vbroadcast(dyp, d + 6)
+            a = vbroadcast(xq, q6 + ow)
             c60 = vfma(a, w0, c60); c61 = vfma(a, w1, c61)
-            a = vbroadcast(dyp, d + 7)
+            a = vbroadcast(xq, q7 + ow)
             c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
-            q += cin
-            d += cout
+            pb += PANEL
     if add:
         c00 = vadd(c00, vload(c, c_off)); c01 = vadd(c01, vload(c, c_off + 16))
         c10 = vadd(c10, vload(c, c_off + ldc)); c11 = vadd(c11, vload(c, c_off + ldc + 16))
@@ -261,43 +268,84 @@ def _micro_dw_8x32(dyp, xp, r0, r1, oh_n, ow_n, hq, wq, qh, qw, hp, wp, cout, ci
 
 
 @njit(parallel=True, cache=True)
-def _weight_grad_kernel(dyp, qh, qw, xp, toff, oh_n, ow_n, dwt, nthreads, counter):
-    # dyp: (N, Hq, Wq, Cout) padded NHWC dy ; xp: (N, Hp, Wp, Cin) padded NHWC x ; toff: (taps,)
-    # offsets of the taps in a flat xp image ; dwt: (taps * Cout * Cin,) = [tap][co][ci], overwritten
-    # Work units are the 32-wide input-channel panels: each element of dwt has one writer and
+def _weight_grad_kernel(xq, dyk, kh, kw, oh_n, ow_n, dwt, nthreads, counter):
+    # xq: (N, Cin, Hp, Wp) padded x ; dyk: (Cout/32, N*OH*OW, 32) packed dy
+    # dwt: (kh*kw, Cin, Cout) = [tap][ci][co], overwritten
+    # Work units are the 32-wide output-channel panels: each element of dwt has one writer and
     # one summation order whatever the thread count. A unit walks the output rows in blocks of
-    # about DW_PIXEL_BLOCK pixels, whose dy and x rows stay in cache while every tap and
-    # output-channel block reuses them.
-    n, hq, wq, cout = dyp.shape
-    hp, wp, cin = xp.shape[1], xp.shape[2], xp.shape[3]
-    dyf = dyp.reshape(-1)
-    xf = xp.reshape(-1)
+    # about DW_PIXEL_BLOCK pixels, whose packed dy stays in cache while every tap and
+    # input-channel block reuses it.
+    n, cin, hp, wp = xq.shape
+    npan, npix = dyk.shape[0], dyk.shape[1]
+    cout = npan * PANEL
+    xf = xq.reshape(-1)
+    dkf = dyk.reshape(-1)
+    cf = dwt.reshape(-1)
     rows = n * oh_n
     step = max(1, DW_PIXEL_BLOCK // ow_n)
-    npan = cin // PANEL
     for _ in prange(nthreads):
         while True:
             pan = _take(counter)
             if pan >= npan:
                 break
-            ci0 = pan * PANEL
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                for t in range(toff.size):
-                    for co0 in range(0, cout, PIXELS):
-                        _micro_dw_8x32(dyf, xf, r0, r1, oh_n, ow_n, hq, wq, qh, qw, hp, wp, cout, cin,
-                                       co0, toff[t], ci0, dwt, (t * cout + co0) * cin + ci0, cin, r0 > 0)
+                for t in range(kh * kw):
+                    i = t // kw
+                    j = t - i * kw
+                    for ci0 in range(0, cin, PIXELS):
+                        _micro_dw_8x32(xf, dkf, r0, r1, oh_n, ow_n, hp, wp, cin, ci0, i, j, pan * npix * PANEL,
+                                       cf, (t * cin + ci0) * cout + pan * PANEL, cout, r0 > 0)
+
+
+@njit(parallel=True, cache=True)
+def _pack_dy(dy, yr, relu, dyk):
+    # dy: (N, Cout, P) -> dyk: (Cout/32, N*P, 32), masked where yr <= 0 when relu
+    n, cout, plane = dy.shape
+    npan = dyk.shape[0]
+    for task in prange(npan * n):
+        pan = task // n
+        b = task - pan * n
+        dst = dyk[pan]
+        for lane in range(PANEL):
+            src = dy[b, pan * PANEL + lane]
+            msk = yr[b, pan * PANEL + lane]
+            for p in range(plane):
+                dst[b * plane + p, lane] = (0.0 if msk[p] <= 0.0 else src[p]) if relu else src[p]
+
+
+@njit(parallel=True, cache=True)
+def _pad_nchw(x, top, left, xq):
+    # x: (N, C, H, W) -> xq: (N, C, H + 2*top, W + 2*left), zero outside
+    n, c, h, w = x.shape
+    hp, wp = xq.shape[2], xq.shape[3]
+    for task in prange(n * c):
+        b = task // c
+        ch = task - b * c
+        dst = xq[b, ch]
+        src = x[b, ch]
+        for r in range(hp):
+            ih = r - top
+            if ih < 0 or ih >= h:
+                dst[r, :] = 0.0
+                continue
+            for col in range(left):
+                dst[r, col] = 0.0
+            for col in range(w):
+                dst[r, left + col] = src[ih, col]
+            for col in range(left + w, wp):
+                dst[r, col] = 0.0
 
 
 @njit(parallel=True, cache=True)
 def _store_weight_grad(dwt, dw, accumulate):
-    # dwt: (taps, Cout, Cin) -> dw: (Cout, Cin, kh, kw), overwritten or (accumulate) added to
+    # dwt: (taps, Cin, Cout) -> dw: (Cout, Cin, kh, kw), overwritten or (accumulate) added to
     cout, cin, kh, kw = dw.shape
     for co in prange(cout):
         for ci in range(cin):
             for i in range(kh):
                 for j in range(kw):
-                    v = dwt[i * kw + j, co, ci]
+                    v = dwt[i * kw + j, ci, co]
                     if accumulate:
                         dw[co, ci, i, j] += v
                     else:
@@ -377,12 +425,13 @@ def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads)
         _pack_weights(np.ascontiguousarray(w), True, wpk)
         out = _run(dyp, wpk, kh, kw, n * h * wd, h, wd, cin, nthreads)
         _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, h * wd))
-    xp = np.empty((n, h + 2 * ph, wd + 2 * pw, cin), dtype=np.float32)
-    _to_padded_nhwc(x, x, False, ph, pw, xp)
-    toff = np.array([(i * xp.shape[2] + j) * cin for i in range(kh) for j in range(kw)], dtype=np.int64)
-    dwt = np.empty((kh * kw, cout, cin), dtype=np.float32)
-    _weight_grad_kernel(dyp, qh, qw, xp, toff, oh, ow, dwt.reshape(-1), nthreads, np.zeros(1, np.int64))
-    _store_weight_grad(dwt.reshape(kh * kw, cout, cin), dw, accumulate)
+    xq = np.empty((n, cin, h + 2 * ph, wd + 2 * pw), dtype=np.float32)
+    _pad_nchw(x, ph, pw, xq)
+    dyk = np.empty((cout // PANEL, n * oh * ow, PANEL), dtype=np.float32)
+    _pack_dy(dy.reshape(n, cout, oh * ow), yr.reshape(n, cout, oh * ow), relu_out is not None, dyk)
+    dwt = np.empty((kh * kw, cin, cout), dtype=np.float32)
+    _weight_grad_kernel(xq, dyk, kh, kw, oh, ow, dwt, nthreads, np.zeros(1, np.int64))
+    _store_weight_grad(dwt, dw, accumulate)
     if db is not None:
         _column_sums(dyp.reshape(-1, cout), db, accumulate)  # its zero padding adds nothing
     return dx
