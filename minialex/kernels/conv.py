@@ -108,7 +108,7 @@ def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
     oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)
     if x.dtype == np.float32:
         if conv_direct.supported(x, w, stride, groups, padding):
-            return conv_direct.forward(x, w, b, padding, relu, numba.get_num_threads())
+            return conv_direct.forward(x, w, b, stride, padding, relu, numba.get_num_threads())
         return conv_blocked.forward(x, w, b, stride, padding, groups, relu, numba.get_num_threads())
     plane = oh * ow
     k_rows = cin * kh * kw

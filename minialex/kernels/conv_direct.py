@@ -1,4 +1,4 @@
-"""float32 stride-1 convolution computed directly on channels-last (NHWC) data, no im2col.
+"""float32 stride-1 convolution computed directly on padded copies of its inputs, no im2col.
 
 For a stride-1 convolution the columns im2col would build are rows of the input itself: in a
 zero-padded channels-last copy xp (N, Hp, Wp, Cin), output pixel (n, oh, ow) and tap (i, j)
@@ -11,17 +11,23 @@ value for each of 8 output pixels (any 8, even across rows and images) and multi
 two 16-lane vectors of 32 output channels' weights, packed once per call as
 [channel panel of 32][tap][Cin][32]. Nothing is unfolded, nothing is packed per block, and the
 accumulators stay in registers for the whole reduction (K = taps x Cin), so the C tile is
-written once. Measured on this machine's AlexNet shapes at batch 8: 111-113 GFLOP/s on one
-core, 223-227 on two (96% of the FMA peak), against 150-170 for im2col + GEMM.
+written once. On AlexNet's conv2-conv5 at batch 8 the kernel runs at 111-113 GFLOP/s on one
+core and 206-227 on two (90-97% of the FMA peak) where im2col + GEMM reached 150-170.
 
-The backward pass's input gradient of a stride-1 convolution is the same computation: a
-convolution of dy, padded by k - 1 - padding, with the weights flipped and their two channel
-axes swapped. conv.py uses both when the stride is 1, groups is 1 and the output (forward) or
-input (backward) channels are a multiple of 32; the weight gradient keeps im2col + GEMM.
+Backward, with dy masked by the ReLU when the layer was fused with one:
+- input gradient: the same kernel on dy padded by k - 1 - padding, with the weights flipped
+  and their channel axes swapped (so the panels are input channels);
+- weight gradient: the same micro-kernel shape with the pixels as the reduction: 8 input
+  channels broadcast along rows of a padded NCHW copy of x, against dy packed
+  [output-channel panel][pixel][32]; each panel has one writer, so the result does not depend
+  on the thread count;
+- bias gradient: column sums of the channels-last dy in fixed chunks.
 
-Layouts: NCHW arrays come in and go out (PyTorch's convention); the NHWC copies are made by
-one pass each way, which also adds the bias and rectifies (forward) or masks the gradient by
-the ReLU (backward).
+conv.py sends here float32 convolutions with stride 1, groups 1, output (and, for backward,
+input) channels in multiples of 32: AlexNet's conv2-conv5. conv1 (3 input channels, stride 4)
+stays on im2col + GEMM, which was faster for it (7.5 against 9.3 ms at batch 8). NCHW arrays
+come in and go out; each channels-last copy costs one pass, which also adds the bias and
+rectifies (forward) or applies the ReLU mask (backward).
 """
 import numpy as np
 from numba import njit, prange
@@ -36,8 +42,8 @@ CHUNK_TILES = 8  # micro-tiles of pixels a thread takes at once (it loops over e
 
 
 def supported(x, w, stride, groups, padding):
-    """Whether the direct forward serves this convolution: float32, stride 1, groups 1, Cout a
-    multiple of 32, padding below the kernel size."""
+    """Whether conv.py sends this forward here: float32, stride 1, groups 1, Cout a multiple of
+    32, padding below the kernel size. (forward() itself takes any stride.)"""
     kh, kw = w.shape[2], w.shape[3]
     return (x.dtype == np.float32 and w.dtype == np.float32 and tuple(stride) == (1, 1) and groups == 1
             and w.shape[0] % PANEL == 0 and padding[0] < kh and padding[1] < kw)
@@ -101,7 +107,7 @@ def _micro_8x32(xp, b0, b1, b2, b3, b4, b5, b6, b7, toff, cin, wp, w_off, out, o
 
 
 @njit(parallel=True, cache=True)
-def _direct_kernel(xp, hp, wpd, cin, wpk, toff, out, oh_n, ow_n, npix, nthreads, counter):
+def _direct_kernel(xp, hp, wpd, cin, wpk, toff, out, oh_n, ow_n, sh, sw, npix, nthreads, counter):
     # xp: (N*Hp*Wp*Cin,) padded NHWC input ; wpk: (Cout/32 * taps*Cin * 32,) packed weights
     # toff: (taps,) offset of each tap in xp ; out: (npix8 * Cout,) NHWC result, npix8 = npix
     # rounded up to 8 (the extra rows repeat the last pixel and are not used)
@@ -129,7 +135,7 @@ def _direct_kernel(xp, hp, wpd, cin, wpk, toff, out, oh_n, ow_n, npix, nthreads,
                         rem = pp - n * plane
                         oh = rem // ow_n
                         ow = rem - oh * ow_n
-                        b[r] = ((n * hp + oh) * wpd + ow) * cin
+                        b[r] = ((n * hp + oh * sh) * wpd + ow * sw) * cin
                     _micro_8x32(xp, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], toff, cin,
                                 wpk, pan * kk * PANEL, out, p * cout + pan * PANEL, cout)
 
@@ -372,22 +378,22 @@ def _column_sums(rows, db, accumulate):
         db[j] = db[j] + v if accumulate else v
 
 
-def _run(xp, wpk, kh, kw, npix, oh, ow, cout, nthreads):
+def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     n, hp, wp, cin = xp.shape
     toff = np.array([(i * wp + j) * cin for i in range(kh) for j in range(kw)], dtype=np.int64)
     npix8 = (npix + PIXELS - 1) // PIXELS * PIXELS
     out = np.empty((npix8, cout), dtype=np.float32)
-    _direct_kernel(xp.reshape(-1), hp, wp, cin, wpk.reshape(-1), toff, out.reshape(-1), oh, ow, npix,
-                   nthreads, np.zeros(1, np.int64))
+    _direct_kernel(xp.reshape(-1), hp, wp, cin, wpk.reshape(-1), toff, out.reshape(-1), oh, ow, sh, sw,
+                   npix, nthreads, np.zeros(1, np.int64))
     return out
 
 
-def forward(x, w, b, padding, relu, nthreads):
-    """conv2d_forward for float32, stride 1, groups 1, Cout a multiple of 32 (see supported)."""
+def forward(x, w, b, stride, padding, relu, nthreads):
+    """conv2d_forward for float32, groups 1, Cout a multiple of 32 (see supported)."""
     n, cin, h, wd = x.shape
     cout, _, kh, kw = w.shape
-    ph, pw = padding
-    oh, ow = h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
     y = np.empty((n, cout, oh, ow), dtype=np.float32)
     if n == 0 or oh <= 0 or ow <= 0:
         return y
@@ -395,7 +401,7 @@ def forward(x, w, b, padding, relu, nthreads):
     _to_padded_nhwc(x, x, False, ph, pw, xp)
     wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
     _pack_weights(np.ascontiguousarray(w), False, wpk)
-    out = _run(xp, wpk, kh, kw, n * oh * ow, oh, ow, cout, nthreads)
+    out = _run(xp, wpk, kh, kw, n * oh * ow, oh, ow, sh, sw, cout, nthreads)
     bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
     _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, oh * ow))
     return y
@@ -423,7 +429,7 @@ def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads)
         dx = np.empty((n, cin, h, wd), dtype=np.float32)
         wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
         _pack_weights(np.ascontiguousarray(w), True, wpk)
-        out = _run(dyp, wpk, kh, kw, n * h * wd, h, wd, cin, nthreads)
+        out = _run(dyp, wpk, kh, kw, n * h * wd, h, wd, 1, 1, cin, nthreads)
         _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, h * wd))
     xq = np.empty((n, cin, h + 2 * ph, wd + 2 * pw), dtype=np.float32)
     _pad_nchw(x, ph, pw, xq)

@@ -49,7 +49,7 @@ def _close(a, ref):
 def test_forward_matches_twin(c, seed):
     x, w, b, p, relu, threads, _ = _make(c, seed)
     assert conv_direct.supported(x, w, (1, 1), 1, p)
-    y = _with_threads(threads, lambda: conv_direct.forward(x, w, b, p, relu, threads))
+    y = _with_threads(threads, lambda: conv_direct.forward(x, w, b, (1, 1), p, relu, threads))
     ref = conv_direct.conv2d_direct_ref(x.astype(np.float64), w.astype(np.float64), p)
     if b is not None:
         ref = ref + b[None, :, None, None]
@@ -57,6 +57,16 @@ def test_forward_matches_twin(c, seed):
         ref = np.maximum(ref, 0)
     assert y.dtype == np.float32
     _close(y, ref)
+
+
+@settings(max_examples=15, deadline=None)
+@given(case, st.tuples(st.integers(1, 3), st.integers(1, 3)), st.integers(0, 2**31))
+def test_strided_forward_matches_reference(c, stride, seed):
+    # conv.py sends only stride 1 here (for conv1's 3 input channels im2col + GEMM was faster),
+    # but the kernel computes any stride
+    x, w, b, p, relu, threads, _ = _make(c, seed)
+    y = _with_threads(threads, lambda: conv_direct.forward(x, w, b, stride, p, relu, threads))
+    _close(y, conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), b, stride, p, 1, relu=relu))
 
 
 @settings(max_examples=30, deadline=None)
