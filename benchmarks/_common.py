@@ -55,8 +55,8 @@ def operands(shape, dtype=np.float32, seed=0):
     return a, b, c
 
 
-def time_call(fn, repeats, warmup=1):
-    """Median and best wall time of fn() over `repeats` runs after `warmup` runs."""
+def time_samples(fn, repeats, warmup=1):
+    """Wall times of `repeats` calls of fn() after `warmup` calls."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -64,6 +64,12 @@ def time_call(fn, repeats, warmup=1):
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
+    return ts
+
+
+def time_call(fn, repeats, warmup=1):
+    """Median and best wall time of fn() over `repeats` runs after `warmup` runs."""
+    ts = time_samples(fn, repeats, warmup)
     return float(np.median(ts)), float(min(ts))
 
 

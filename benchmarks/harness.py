@@ -3,20 +3,24 @@
 Order of work for one section:
 1. one child process builds every case with both libraries and compares all outputs (forward
    result, every gradient) -- a case that disagrees, or raises, is FAILED and is not timed;
-2. the cases are timed in children that import only one library each, one child per library and
-   batch size, the library that goes first alternating from one batch to the next.
+2. the cases are timed in children that import only one library each, one child per library,
+   batch size and round (--rounds), the library that goes first alternating from one child to
+   the next; a row's median and best are over the samples of all its rounds.
 
 Separate processes because on two cores the OpenMP pools of Numba and torch disturb each other:
 a pool that has just finished spins for a while, taking the core the other one wants. Alternation
-spreads the drift of a shared, noisy machine over both libraries instead of one.
+spreads the drift of a shared, noisy machine over both libraries instead of one; several rounds
+(ours, torch, torch, ours, ...) keep a slow minute from landing on one library only.
 
 A section module using this provides `cases(opts)` (JSON-able dicts with at least "name" and
 "batch") and `build(case, lib)` returning an `ops.Bench`.
 """
 import json
 
+import numpy as np
+
 from ._common import (LOOSE_FACTOR, RTOL, compare_outputs, fmt_ms, fmt_num, fmt_ratio, markdown_table, run_worker,
-                      set_threads, time_call, worker_env)
+                      set_threads, time_samples, worker_env)
 
 LIBS = ("minialex", "torch")
 HEADER = ["case", "batch", "pass", "ours ms", "torch ms", "ours GFLOP/s", "torch GFLOP/s", "torch/ours", "check"]
@@ -47,16 +51,25 @@ def check_cases(build, cases, rtol=RTOL):
 
 
 def time_cases(build, cases, lib, repeats, warmup=1):
-    """Median and best seconds of every phase of every case on `lib`, in this process."""
+    """Seconds of every timed call (and their median and best) of every phase of every case on
+    `lib`, in this process."""
     out = []
     for case in cases:
         bench = build(case, lib)
         for phase, fn, flops in bench.phases:
-            med, best = time_call(fn, repeats, warmup)
+            ts = time_samples(fn, repeats, warmup)
             out.append(dict(name=case["name"], batch=case["batch"], phase=phase, lib=lib,
-                            median_s=med, best_s=best, flops=flops))
+                            median_s=float(np.median(ts)), best_s=float(min(ts)), samples=ts, flops=flops))
         del bench
     return out
+
+
+def _pool(old, new):
+    """One timing record from two rounds of the same row: their samples together."""
+    if old is None:
+        return new
+    samples = old["samples"] + new["samples"]
+    return dict(old, samples=samples, median_s=float(np.median(samples)), best_s=float(min(samples)))
 
 
 def worker(module, payload):
@@ -110,10 +123,12 @@ def run_cases(section, cases, opts, alternator=None):
         todo = [c for c in cases if c["batch"] == batch and not bad(c)]
         if not todo:
             continue
-        for lib in alternator.order(libs):
-            payload = dict(action="time", lib=lib, cases=todo, repeats=opts.repeats, warmup=opts.warmup)
-            for r in _child(section, payload, [lib], opts.threads):
-                timed[(r["name"], r["batch"], r["phase"], r["lib"])] = r
+        for _ in range(getattr(opts, "rounds", 1)):
+            for lib in alternator.order(libs):
+                payload = dict(action="time", lib=lib, cases=todo, repeats=opts.repeats, warmup=opts.warmup)
+                for r in _child(section, payload, [lib], opts.threads):
+                    key = (r["name"], r["batch"], r["phase"], r["lib"])
+                    timed[key] = _pool(timed.get(key), r)
 
     records, rows = [], []
     for case in cases:

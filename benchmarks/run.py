@@ -1,11 +1,12 @@
 """minialex against PyTorch on this CPU: peak, GEMM, op scenes, layers, training step, inference,
 memory and start-up, as Markdown tables on stdout (and JSON with --json).
 
-    python -m benchmarks [--sections peak,gemm,...] [--batch 8 64] [--repeats 5] [--threads 2]
-                         [--json FILE] [--quick]
+    python -m benchmarks [--sections peak,gemm,...] [--batch 8 64] [--repeats 5] [--rounds 1]
+                         [--threads 2] [--json FILE] [--quick]
 
 Every library is timed in child processes that import only it (see harness.py for why), after
-one warm-up call, as the median of --repeats calls; a row's ratio is torch ms / our ms, so above
+one warm-up call, as the median of --repeats calls (of all --rounds children, each library's
+children alternating with the other's, for the sections that compare with torch); a row's ratio is torch ms / our ms, so above
 1 means we are faster. Before anything is timed our results are compared with torch's; a
 mismatch marks its row FAILED, leaves it untimed and makes the exit status 1. torch is
 optional: without it the torch columns stay empty and nothing is checked. Bad options: one line
@@ -53,6 +54,9 @@ def build_parser():
     p.add_argument("--batch", type=_positive_int, nargs="+", metavar="N",
                    help="batch sizes for gemm and layers (default 8 64) and step (default 8 32 64)")
     p.add_argument("--repeats", type=_positive_int, metavar="R", help="timed calls per row, median reported (default 5)")
+    p.add_argument("--rounds", type=_positive_int, default=1, metavar="K",
+                   help="timing children per library and batch, alternating with torch's; samples pooled "
+                        "(default 1; more rounds even out a shared machine's drift)")
     p.add_argument("--threads", type=_positive_int, default=2, metavar="T",
                    help="threads for Numba and torch alike (default 2)")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
@@ -98,6 +102,7 @@ def header_line(info, opts):
     return (f"minialex benchmarks, {info['date']}; CPU: {info['cpu']} ({info['cores']} logical); "
             f"threads: {info['threads']}; numpy {info['numpy']}, numba {info['numba']}, torch {torch_v}, "
             f"Python {info['python']}; median of {opts.repeats} after {opts.warmup} warm-up"
+            + (f", pooled over {opts.rounds} rounds alternating with torch" if opts.rounds > 1 else "")
             + (" (--quick)" if opts.quick else ""))
 
 
@@ -115,6 +120,7 @@ def run_suite(opts, out=None):
     info = machine_info(opts.threads)
     print(header_line(info, opts), file=out)
     report = dict(machine=info, options=dict(sections=opts.sections, batches=opts.batches, repeats=opts.repeats,
+                                             rounds=opts.rounds,
                                              warmup=opts.warmup, threads=opts.threads, quick=opts.quick,
                                              rtol=opts.rtol),
                   sections={})

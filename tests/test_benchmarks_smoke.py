@@ -95,6 +95,28 @@ def test_tiny_layer_section_in_child_processes():
     assert "| conv | 2 | forward |" in result["table"]
 
 
+def test_rounds_pool_the_samples_of_every_child(monkeypatch):
+    section = types.SimpleNamespace(build=ops.build)
+    children = []
+
+    def child(name, payload, libs, threads):
+        children.append(payload.get("lib"))
+        return harness.worker(section, dict(payload, threads=threads))
+    monkeypatch.setattr(harness, "_child", child)
+    opts = _opts("--rounds", "3", "--repeats", "2")
+    result = harness.run_cases("layers", TINY[1:2], opts)
+    timing = [c for c in children if c is not None]
+    assert timing.count("minialex") == 3
+    if opts.have_torch:
+        # alternating: no library goes first twice in a row
+        assert timing == ["minialex", "torch", "torch", "minialex", "minialex", "torch"]
+    for r in result["records"]:
+        assert r["ours_s"] > 0 and r["ours_best_s"] <= r["ours_s"]
+    a = dict(samples=[3.0, 1.0], median_s=2.0, best_s=1.0)
+    pooled = harness._pool(harness._pool(None, a), dict(samples=[5.0, 4.0, 0.5], median_s=4.0, best_s=0.5))
+    assert pooled["samples"] == [3.0, 1.0, 5.0, 4.0, 0.5] and pooled["median_s"] == 3.0 and pooled["best_s"] == 0.5
+
+
 def test_suite_entry_point_runs_peak_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert run.main(["--sections", "peak", "--quick", "--json", str(out)]) == 0
@@ -109,6 +131,7 @@ def test_suite_entry_point_runs_peak_and_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--sections", "peak,nope"], "unknown section 'nope'"),
     (["--threads", "0"], "must be at least 1"),
+    (["--rounds", "0"], "must be at least 1"),
     (["--batch", "eight"], "'eight' is not an integer"),
     (["--gemm-layers", "conv9"], "unknown layer 'conv9'"),
     (["--json", "{missing}/x.json"], "does not exist or is not writable"),
