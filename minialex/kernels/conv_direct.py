@@ -107,14 +107,15 @@ def _micro_8x32(xp, b0, b1, b2, b3, b4, b5, b6, b7, toff, cin, wp, w_off, out, o
 
 
 @njit(parallel=True, cache=True)
-def _direct_kernel(xp, hp, wpd, cin, wpk, toff, out, oh_n, ow_n, sh, sw, npix, nthreads, counter):
+def _direct_kernel(xp, hp, wpd, cin, run, wpk, toff, out, oh_n, ow_n, sh, sw, npix, nthreads, counter):
     # xp: (N*Hp*Wp*Cin,) padded NHWC input ; wpk: (Cout/32 * taps*Cin * 32,) packed weights
-    # toff: (taps,) offset of each tap in xp ; out: (npix8 * Cout,) NHWC result, npix8 = npix
+    # toff: (kh,) offset of each window row in xp, whose run of kw*Cin values is contiguous
+    # out: (npix8 * Cout,) NHWC result, npix8 = npix
     # rounded up to 8 (the extra rows repeat the last pixel and are not used)
     # counter: (1,) zero ; threads take chunks of CHUNK_TILES micro-tiles from it, and for each
     # chunk sweep every channel panel while the chunk's input rows are in cache
     cout = out.size // ((npix + PIXELS - 1) // PIXELS * PIXELS)
-    kk = toff.size * cin
+    kk = toff.size * run
     ntiles = (npix + PIXELS - 1) // PIXELS
     nchunks = (ntiles + CHUNK_TILES - 1) // CHUNK_TILES
     plane = oh_n * ow_n
@@ -136,7 +137,7 @@ def _direct_kernel(xp, hp, wpd, cin, wpk, toff, out, oh_n, ow_n, sh, sw, npix, n
                         oh = rem // ow_n
                         ow = rem - oh * ow_n
                         b[r] = ((n * hp + oh * sh) * wpd + ow * sw) * cin
-                    _micro_8x32(xp, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], toff, cin,
+                    _micro_8x32(xp, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], toff, run,
                                 wpk, pan * kk * PANEL, out, p * cout + pan * PANEL, cout)
 
 
@@ -380,10 +381,14 @@ def _column_sums(rows, db, accumulate):
 
 def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     n, hp, wp, cin = xp.shape
-    toff = np.array([(i * wp + j) * cin for i in range(kh) for j in range(kw)], dtype=np.int64)
+    # A window row's kw taps are kw adjacent pixels of xp, so their kw*Cin values are contiguous
+    # and match the packed weights' [tap][Cin] order: the kernel walks kh runs of kw*Cin values
+    # instead of kh*kw runs of Cin (same speed on conv2-5; conv1's 3 channels were still slower
+    # here than im2col + GEMM: 9.4 against 8.7 ms at batch 8)
+    toff = np.array([i * wp * cin for i in range(kh)], dtype=np.int64)
     npix8 = (npix + PIXELS - 1) // PIXELS * PIXELS
     out = np.empty((npix8, cout), dtype=np.float32)
-    _direct_kernel(xp.reshape(-1), hp, wp, cin, wpk.reshape(-1), toff, out.reshape(-1), oh, ow, sh, sw,
+    _direct_kernel(xp.reshape(-1), hp, wp, cin, kw * cin, wpk.reshape(-1), toff, out.reshape(-1), oh, ow, sh, sw,
                    npix, nthreads, np.zeros(1, np.int64))
     return out
 
