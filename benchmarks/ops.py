@@ -108,19 +108,23 @@ def build(case, lib):
 # -- minialex --------------------------------------------------------------------------------------
 
 def _ours(case, d):
+    # Parameter gradients as a training step has them: allocated by Parameter (64-byte aligned)
+    # and overwritten by the first backward after zero_grad() (accumulate=False); the check
+    # (grads()) starts from zero either way.
+    from minialex._memory import aligned_zeros_like
     kind, x, dy = case["kind"], d["x"], d["dy"]
     f_fwd, f_bwd = flops(case)
     if kind == "conv":
         from minialex.kernels import conv as K
         s, p, g, need_dx = case["stride"], case["padding"], case.get("groups", 1), case.get("need_dx", True)
         w, b = d["w"], d["b"]
-        dw, db = np.zeros_like(w), np.zeros_like(b)
+        dw, db = aligned_zeros_like(w), aligned_zeros_like(b)
 
         def fwd():
             return K.conv2d_forward(x, w, b, s, p, g)
 
         def bwd():
-            return K.conv2d_backward(dy, x, w, dw, db, s, p, g, need_dx=need_dx)
+            return K.conv2d_backward(dy, x, w, dw, db, s, p, g, need_dx=need_dx, accumulate=False)
 
         def grads():
             dw[...], db[...] = 0, 0
@@ -129,13 +133,13 @@ def _ours(case, d):
     elif kind == "linear":
         from minialex.kernels import linear as K
         w, b = d["w"], d["b"]
-        dw, db = np.zeros_like(w), np.zeros_like(b)
+        dw, db = aligned_zeros_like(w), aligned_zeros_like(b)
 
         def fwd():
             return K.linear_forward(x, w, b)
 
         def bwd():
-            return K.linear_backward(dy, x, w, dw, db)
+            return K.linear_backward(dy, x, w, dw, db, accumulate=False)
 
         def grads():
             dw[...], db[...] = 0, 0
