@@ -27,8 +27,9 @@ from numba.extending import intrinsic
 from minialex.kernels.gemm import MC, NR, SMALL_M, _gemm32_slab, pack_a_blocks, packed_a_size
 from minialex.kernels.im2col import col2im_rows, im2col_rows, padded_to_image
 
-# Columns per block: wide enough that packing the weights once per block is a few percent
-# of the block's arithmetic, narrow enough that the column block stays in cache: at most
+# Columns per block: wide enough that each block's GEMM calls (and the column block's own
+# packing) are a few percent of its arithmetic, narrow enough that the column block stays in
+# cache (the weights are packed once per call, not per block): at most
 # BLOCK_COLS columns and BLOCK_BYTES of columns (conv4's backward at batch 8, one thread:
 # 33.5 ms with 4-image blocks of 9.7 MB, 28 ms with 1-image blocks of 2.3 MB).
 BLOCK_COLS = 1024
@@ -353,7 +354,9 @@ def backward(dy, x, w, dw2, stride, padding, groups, accumulate, need_dx, relu_o
     dwf = dw2.reshape(-1)
     wt = np.ascontiguousarray(w.reshape(groups, cout // groups, kg).transpose(0, 2, 1))
     wtf = wt.reshape(-1)
-    _backward_kernel(dy3, yr3, relu_out is not None, x, wtf, _packed(wtf, kg, cout // groups, groups, SMALL_M), dwf,
+    # the transposed weights are only read for the input gradient
+    wtpk = _packed(wtf, kg, cout // groups, groups, SMALL_M) if need_dx else np.zeros(0, np.float32)
+    _backward_kernel(dy3, yr3, relu_out is not None, x, wtf, wtpk, dwf,
                      accumulate, parts, db, dx, need_dx, kh, kw, sh, sw, ph, pw, oh, ow, groups,
                      blocks, units, np.zeros(1, np.int64), ld, cols, dyb, buf, acc)
     if nthreads > 1:
