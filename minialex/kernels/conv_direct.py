@@ -424,6 +424,12 @@ def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads)
     n, cout, oh, ow = dy.shape
     _, cin, kh, kw = w.shape
     h, wd = x.shape[2], x.shape[3]
+    if dy.size == 0:  # an empty batch: zero gradients (or nothing to add)
+        if not accumulate:
+            dw[...] = 0
+            if db is not None:
+                db[...] = 0
+        return np.zeros(x.shape, dtype=np.float32) if need_dx else None
     ph, pw = padding
     qh, qw = kh - 1 - ph, kw - 1 - pw
     dyp = np.empty((n, oh + 2 * qh, ow + 2 * qw, cout), dtype=np.float32)

@@ -144,3 +144,13 @@ def test_alexnet_conv3_matches_torch(torch):
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_empty_batch():
+    x = np.zeros((0, 32, 5, 5), np.float32)
+    w = np.ones((32, 32, 3, 3), np.float32)
+    y = conv2d_forward(x, w, None, 1, 1, 1)
+    assert y.shape == (0, 32, 5, 5)
+    dw, db = np.ones_like(w), np.ones(32, np.float32)
+    dx = conv2d_backward(np.zeros_like(y), x, w, dw, db, 1, 1, 1, accumulate=False)
+    assert dx.shape == x.shape and not dw.any() and not db.any()
