@@ -21,7 +21,7 @@ Backward, with dy masked by the ReLU when the layer was fused with one:
   channels broadcast along rows of a padded NCHW copy of x, against dy packed
   [output-channel panel][pixel][32]; each panel has one writer, so the result does not depend
   on the thread count;
-- bias gradient: column sums of the channels-last dy in fixed chunks.
+- bias gradient: column sums of the channels-last dy (linear.column_sums).
 
 conv.py sends here float32 convolutions with stride 1, groups 1, output (and, for backward,
 input) channels in multiples of 32: AlexNet's conv2-conv5. conv1 (3 input channels, stride 4)
@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.conv_blocked import _take
+from minialex.kernels.linear import column_sums
 from minialex.kernels.simd import vadd, vbroadcast, vfma, vload, vstore, vzero
 
 PANEL = 32        # output channels per micro-tile (two 16-lane vectors)
@@ -306,19 +307,22 @@ def _weight_grad_kernel(xq, dyk, kh, kw, oh_n, ow_n, dwt, nthreads, counter):
 
 
 @njit(parallel=True, cache=True)
-def _pack_dy(dy, yr, relu, dyk):
-    # dy: (N, Cout, P) -> dyk: (Cout/32, N*P, 32), masked where yr <= 0 when relu
-    n, cout, plane = dy.shape
+def _pack_dy(dyp, qh, qw, oh_n, ow_n, dyk):
+    # dyp: (N, Hq, Wq, Cout) dy as padded NHWC (already masked), data from (qh, qw)
+    # -> dyk: (Cout/32, N*OH*OW, 32): each pixel's 32 channels of a panel, one contiguous copy
+    n = dyp.shape[0]
     npan = dyk.shape[0]
     for task in prange(npan * n):
         pan = task // n
         b = task - pan * n
         dst = dyk[pan]
-        for lane in range(PANEL):
-            src = dy[b, pan * PANEL + lane]
-            msk = yr[b, pan * PANEL + lane]
-            for p in range(plane):
-                dst[b * plane + p, lane] = (0.0 if msk[p] <= 0.0 else src[p]) if relu else src[p]
+        c0 = pan * PANEL
+        for oh in range(oh_n):
+            for ow in range(ow_n):
+                src = dyp[b, oh + qh, ow + qw]
+                d = dst[(b * oh_n + oh) * ow_n + ow]
+                for lane in range(PANEL):
+                    d[lane] = src[c0 + lane]
 
 
 @njit(parallel=True, cache=True)
@@ -359,26 +363,6 @@ def _store_weight_grad(dwt, dw, accumulate):
                         dw[co, ci, i, j] = v
 
 
-@njit(parallel=True, cache=True)
-def _column_sums(rows, db, accumulate):
-    # db (+)= rows.sum(axis=0) in float64 ; rows: (R, C). Fixed row chunks summed in order, so
-    # the result does not depend on the thread count; each chunk reads its rows contiguously.
-    r, c = rows.shape
-    nchunks = 64
-    parts = np.zeros((nchunks, c), dtype=np.float64)
-    for k in prange(nchunks):
-        acc = parts[k]
-        for i in range(k * r // nchunks, (k + 1) * r // nchunks):
-            row = rows[i]
-            for j in range(c):
-                acc[j] += row[j]
-    for j in range(c):
-        v = 0.0
-        for k in range(nchunks):
-            v += parts[k, j]
-        db[j] = db[j] + v if accumulate else v
-
-
 def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     n, hp, wp, cin = xp.shape
     # A window row's kw taps are kw adjacent pixels of xp, so their kw*Cin values are contiguous
@@ -413,13 +397,13 @@ def forward(x, w, b, stride, padding, relu, nthreads):
 
 
 def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads):
-    """conv2d_backward for float32, stride 1, groups 1, Cin a multiple of 32 and Cout of 8 (see
+    """conv2d_backward for float32, stride 1, groups 1, Cin and Cout multiples of 32 (see
     supported_backward): dW (+)= into dw (Cout, Cin, kh, kw), db (+)= into db (or None);
     returns dx, or None when not need_dx.
 
-    dy (masked by relu_out > 0 when given) is laid out once as a padded NHWC array that serves
-    both products: the input gradient convolves it with the flipped, transposed weights; the
-    weight gradient multiplies it, pixel by pixel, with the input rows each tap met.
+    dy (masked by relu_out > 0 when given) is laid out once as a padded NHWC array: the input
+    gradient convolves it with the flipped, transposed weights, the bias gradient sums its
+    columns, and its panels of 32 channels, copied pixel by pixel, feed the weight gradient.
     """
     n, cout, oh, ow = dy.shape
     _, cin, kh, kw = w.shape
@@ -445,12 +429,12 @@ def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads)
     xq = np.empty((n, cin, h + 2 * ph, wd + 2 * pw), dtype=np.float32)
     _pad_nchw(x, ph, pw, xq)
     dyk = np.empty((cout // PANEL, n * oh * ow, PANEL), dtype=np.float32)
-    _pack_dy(dy.reshape(n, cout, oh * ow), yr.reshape(n, cout, oh * ow), relu_out is not None, dyk)
+    _pack_dy(dyp, qh, qw, oh, ow, dyk)
     dwt = np.empty((kh * kw, cin, cout), dtype=np.float32)
     _weight_grad_kernel(xq, dyk, kh, kw, oh, ow, dwt, nthreads, np.zeros(1, np.int64))
     _store_weight_grad(dwt, dw, accumulate)
     if db is not None:
-        _column_sums(dyp.reshape(-1, cout), db, accumulate)  # its zero padding adds nothing
+        column_sums(dyp.reshape(-1, cout), db, accumulate)  # its zero padding adds nothing
     return dx
 
 

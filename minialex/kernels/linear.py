@@ -32,8 +32,10 @@ def _fill_rows(y, b):
 
 
 @njit(parallel=True, cache=True)
-def _col_sums(dy, db, accumulate):
+def column_sums(dy, db, accumulate):
     # dy: (N, out) ; db: (out,) accumulated (or overwritten) ; each task owns one column block of db
+    # and sums its rows in order, so the result does not depend on the thread count
+    # (the bias gradient of Linear and of the direct convolution)
     n, m = dy.shape
     nblk = (m + 63) // 64
     for blk in prange(nblk):
@@ -194,7 +196,7 @@ def linear_backward(dy, x, w, dw, db, need_dx=True, accumulate=True):
     """
     dy = np.asarray(dy, dtype=x.dtype)
     if db is not None:
-        _col_sums(dy, db, accumulate)
+        column_sums(dy, db, accumulate)
     if (x.dtype == np.float32 and x.shape[0] <= SMALL_BATCH and w.shape[0] >= _ROWS
             and w.flags.c_contiguous and dw.flags.c_contiguous and dw.dtype == np.float32):
         return _linear_backward_small(np.ascontiguousarray(dy), np.ascontiguousarray(x), w, dw,
