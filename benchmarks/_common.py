@@ -215,29 +215,30 @@ def compare_outputs(ours, ref, rtol=RTOL, loose=()):
     return errors[worst] <= limits[worst], errors[worst], worst
 
 
-def peak_rss_mb():
-    """This process's peak resident set (VmHWM) in MB; ru_maxrss where /proc is missing."""
+def _proc_status_mb(field):
+    """A size field of /proc/self/status ("VmHWM", "VmRSS"; reported in kB) in MB, or None."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb():
+    """This process's peak resident set (VmHWM) in MB; ru_maxrss where /proc is missing."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def current_rss_mb():
     """This process's resident set now (VmRSS) in MB, or None without /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return _proc_status_mb("VmRSS")
 
 
 def fmt_ms(seconds):

@@ -33,8 +33,9 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.conv_blocked import _take
+from minialex.kernels.gemm import store_tile_8x32
 from minialex.kernels.linear import column_sums
-from minialex.kernels.simd import vadd, vbroadcast, vfma, vload, vstore, vzero
+from minialex.kernels.simd import vbroadcast, vfma, vload, vzero
 
 PANEL = 32        # output channels per micro-tile (two 16-lane vectors)
 PIXELS = 8        # output pixels per micro-tile
@@ -97,14 +98,8 @@ def _micro_8x32(xp, b0, b1, b2, b3, b4, b5, b6, b7, toff, cin, wp, w_off, out, o
             a = vbroadcast(xp, q7 + ci)
             c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
             pw += PANEL
-    vstore(out, o_off, c00); vstore(out, o_off + 16, c01)
-    vstore(out, o_off + ldo, c10); vstore(out, o_off + ldo + 16, c11)
-    vstore(out, o_off + 2 * ldo, c20); vstore(out, o_off + 2 * ldo + 16, c21)
-    vstore(out, o_off + 3 * ldo, c30); vstore(out, o_off + 3 * ldo + 16, c31)
-    vstore(out, o_off + 4 * ldo, c40); vstore(out, o_off + 4 * ldo + 16, c41)
-    vstore(out, o_off + 5 * ldo, c50); vstore(out, o_off + 5 * ldo + 16, c51)
-    vstore(out, o_off + 6 * ldo, c60); vstore(out, o_off + 6 * ldo + 16, c61)
-    vstore(out, o_off + 7 * ldo, c70); vstore(out, o_off + 7 * ldo + 16, c71)
+    store_tile_8x32(out, o_off, ldo, False, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51, c60, c61, c70, c71)
 
 
 @njit(parallel=True, cache=True)
@@ -256,23 +251,8 @@ def _micro_dw_8x32(xq, dyk, r0, r1, oh_n, ow_n, hp, wp, cin, ci0, i, j, dk_off, 
             a = vbroadcast(xq, q7 + ow)
             c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
             pb += PANEL
-    if add:
-        c00 = vadd(c00, vload(c, c_off)); c01 = vadd(c01, vload(c, c_off + 16))
-        c10 = vadd(c10, vload(c, c_off + ldc)); c11 = vadd(c11, vload(c, c_off + ldc + 16))
-        c20 = vadd(c20, vload(c, c_off + 2 * ldc)); c21 = vadd(c21, vload(c, c_off + 2 * ldc + 16))
-        c30 = vadd(c30, vload(c, c_off + 3 * ldc)); c31 = vadd(c31, vload(c, c_off + 3 * ldc + 16))
-        c40 = vadd(c40, vload(c, c_off + 4 * ldc)); c41 = vadd(c41, vload(c, c_off + 4 * ldc + 16))
-        c50 = vadd(c50, vload(c, c_off + 5 * ldc)); c51 = vadd(c51, vload(c, c_off + 5 * ldc + 16))
-        c60 = vadd(c60, vload(c, c_off + 6 * ldc)); c61 = vadd(c61, vload(c, c_off + 6 * ldc + 16))
-        c70 = vadd(c70, vload(c, c_off + 7 * ldc)); c71 = vadd(c71, vload(c, c_off + 7 * ldc + 16))
-    vstore(c, c_off, c00); vstore(c, c_off + 16, c01)
-    vstore(c, c_off + ldc, c10); vstore(c, c_off + ldc + 16, c11)
-    vstore(c, c_off + 2 * ldc, c20); vstore(c, c_off + 2 * ldc + 16, c21)
-    vstore(c, c_off + 3 * ldc, c30); vstore(c, c_off + 3 * ldc + 16, c31)
-    vstore(c, c_off + 4 * ldc, c40); vstore(c, c_off + 4 * ldc + 16, c41)
-    vstore(c, c_off + 5 * ldc, c50); vstore(c, c_off + 5 * ldc + 16, c51)
-    vstore(c, c_off + 6 * ldc, c60); vstore(c, c_off + 6 * ldc + 16, c61)
-    vstore(c, c_off + 7 * ldc, c70); vstore(c, c_off + 7 * ldc + 16, c71)
+    store_tile_8x32(c, c_off, ldc, add, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51, c60, c61, c70, c71)
 
 
 @njit(parallel=True, cache=True)

@@ -63,6 +63,30 @@ def _aligned_f32(n):
     return raw[off:off + n]
 
 
+@njit(inline="always", cache=True)
+def store_tile_8x32(c, c_off, ldc, add, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51, c60, c61, c70, c71):
+    # the epilogue of every 8x32 micro-kernel (the GEMM's, the direct convolution's):
+    # C tile rows r at c_off + r*ldc, 32 wide, = accumulators (add: += ); inlined into the caller
+    if add:
+        c00 = vadd(c00, vload(c, c_off)); c01 = vadd(c01, vload(c, c_off + 16))
+        c10 = vadd(c10, vload(c, c_off + ldc)); c11 = vadd(c11, vload(c, c_off + ldc + 16))
+        c20 = vadd(c20, vload(c, c_off + 2 * ldc)); c21 = vadd(c21, vload(c, c_off + 2 * ldc + 16))
+        c30 = vadd(c30, vload(c, c_off + 3 * ldc)); c31 = vadd(c31, vload(c, c_off + 3 * ldc + 16))
+        c40 = vadd(c40, vload(c, c_off + 4 * ldc)); c41 = vadd(c41, vload(c, c_off + 4 * ldc + 16))
+        c50 = vadd(c50, vload(c, c_off + 5 * ldc)); c51 = vadd(c51, vload(c, c_off + 5 * ldc + 16))
+        c60 = vadd(c60, vload(c, c_off + 6 * ldc)); c61 = vadd(c61, vload(c, c_off + 6 * ldc + 16))
+        c70 = vadd(c70, vload(c, c_off + 7 * ldc)); c71 = vadd(c71, vload(c, c_off + 7 * ldc + 16))
+    vstore(c, c_off, c00); vstore(c, c_off + 16, c01)
+    vstore(c, c_off + ldc, c10); vstore(c, c_off + ldc + 16, c11)
+    vstore(c, c_off + 2 * ldc, c20); vstore(c, c_off + 2 * ldc + 16, c21)
+    vstore(c, c_off + 3 * ldc, c30); vstore(c, c_off + 3 * ldc + 16, c31)
+    vstore(c, c_off + 4 * ldc, c40); vstore(c, c_off + 4 * ldc + 16, c41)
+    vstore(c, c_off + 5 * ldc, c50); vstore(c, c_off + 5 * ldc + 16, c51)
+    vstore(c, c_off + 6 * ldc, c60); vstore(c, c_off + 6 * ldc + 16, c61)
+    vstore(c, c_off + 7 * ldc, c70); vstore(c, c_off + 7 * ldc + 16, c71)
+
+
 @njit(cache=True)
 def _micro_8x32(kc, ap, a_off, bp, b_off, b_ld, pf, c, c_off, ldc, add):
     # ap: packed A panel, [kc][8] from a_off;  bp: B micro-panel, row p at b_off + p*b_ld (32 wide)
@@ -106,23 +130,8 @@ def _micro_8x32(kc, ap, a_off, bp, b_off, b_ld, pf, c, c_off, ldc, add):
         c70 = vfma(a, b0, c70); c71 = vfma(a, b1, c71)
         pa += MR
         pb += b_ld
-    if add:
-        c00 = vadd(c00, vload(c, c_off)); c01 = vadd(c01, vload(c, c_off + 16))
-        c10 = vadd(c10, vload(c, c_off + ldc)); c11 = vadd(c11, vload(c, c_off + ldc + 16))
-        c20 = vadd(c20, vload(c, c_off + 2 * ldc)); c21 = vadd(c21, vload(c, c_off + 2 * ldc + 16))
-        c30 = vadd(c30, vload(c, c_off + 3 * ldc)); c31 = vadd(c31, vload(c, c_off + 3 * ldc + 16))
-        c40 = vadd(c40, vload(c, c_off + 4 * ldc)); c41 = vadd(c41, vload(c, c_off + 4 * ldc + 16))
-        c50 = vadd(c50, vload(c, c_off + 5 * ldc)); c51 = vadd(c51, vload(c, c_off + 5 * ldc + 16))
-        c60 = vadd(c60, vload(c, c_off + 6 * ldc)); c61 = vadd(c61, vload(c, c_off + 6 * ldc + 16))
-        c70 = vadd(c70, vload(c, c_off + 7 * ldc)); c71 = vadd(c71, vload(c, c_off + 7 * ldc + 16))
-    vstore(c, c_off, c00); vstore(c, c_off + 16, c01)
-    vstore(c, c_off + ldc, c10); vstore(c, c_off + ldc + 16, c11)
-    vstore(c, c_off + 2 * ldc, c20); vstore(c, c_off + 2 * ldc + 16, c21)
-    vstore(c, c_off + 3 * ldc, c30); vstore(c, c_off + 3 * ldc + 16, c31)
-    vstore(c, c_off + 4 * ldc, c40); vstore(c, c_off + 4 * ldc + 16, c41)
-    vstore(c, c_off + 5 * ldc, c50); vstore(c, c_off + 5 * ldc + 16, c51)
-    vstore(c, c_off + 6 * ldc, c60); vstore(c, c_off + 6 * ldc + 16, c61)
-    vstore(c, c_off + 7 * ldc, c70); vstore(c, c_off + 7 * ldc + 16, c71)
+    store_tile_8x32(c, c_off, ldc, add, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51, c60, c61, c70, c71)
 
 
 @njit(cache=True)

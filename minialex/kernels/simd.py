@@ -57,6 +57,15 @@ def _elem_ptr(context, builder, arrty, arr, idx, idxty):
     return builder.gep(ary.data, [idx])
 
 
+def _store_vector(context, builder, signature, args, nontemporal):
+    # args (arr, idx, v): v to arr[idx : idx + 16]; a streaming store needs (and states) alignment 64
+    ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+    vptr = builder.bitcast(ptr, _vec.as_pointer())
+    st = builder.store(args[2], vptr, align=64 if nontemporal else 4)
+    if nontemporal:
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_i32, 1)]))
+
+
 @intrinsic
 def vzero(typingctx):
     """All-zero vector."""
@@ -91,9 +100,7 @@ def vstore(typingctx, arr, idx, v):
     sig = types.void(arr, idx, v)
 
     def codegen(context, builder, signature, args):
-        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        vptr = builder.bitcast(ptr, _vec.as_pointer())
-        builder.store(args[2], vptr, align=4)
+        _store_vector(context, builder, signature, args, nontemporal=False)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -110,10 +117,7 @@ def vstore_nt(typingctx, arr, idx, v):
     sig = types.void(arr, idx, v)
 
     def codegen(context, builder, signature, args):
-        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        vptr = builder.bitcast(ptr, _vec.as_pointer())
-        st = builder.store(args[2], vptr, align=64)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_i32, 1)]))
+        _store_vector(context, builder, signature, args, nontemporal=True)
         return context.get_dummy_value()
 
     return sig, codegen
