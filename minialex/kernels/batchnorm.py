@@ -6,13 +6,20 @@ Training:  mean, var (biased) over the batch; invstd = 1/sqrt(var + eps);
 Backward:  dx = gamma*invstd * (dy - mean(dy) - xhat * mean(dy*xhat)),
            dgamma += sum(dy*xhat), dbeta += sum(dy).
 gamma/beta may be None (affine=False). Statistics are accumulated in float64 with two passes
-(mean first, then squared deviations) so large offsets do not cancel.
+(mean first, then squared deviations) so large offsets do not cancel. The sums may be
+reassociated (fastmath "reassoc": vectorised partial sums; forward 2-4x and backward 1.3-2x
+faster than one serial float64 chain at AlexNet's sizes); NaN handling is untouched, so a NaN
+input still gives NaN statistics and gradients.
 """
 import numpy as np
 from numba import njit, prange
 
 
-@njit(parallel=True, cache=True)
+# reassociated sums only: no "nnan"/"ninf", which would let LLVM assume NaN never occurs
+_SUMS = {"reassoc", "nsz", "contract"}
+
+
+@njit(parallel=True, fastmath=_SUMS, cache=True)
 def _stats(x, mean, var, invstd, eps):
     # x: (N, C, HW) ; mean, var, invstd: (C,) float64
     n_img, n_ch, hw = x.shape
@@ -50,7 +57,7 @@ def _affine(x, a, b, y):
             yr[p] = xr[p] * ac + bc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, fastmath=_SUMS, cache=True)
 def _grad_sums(dy, x, mean, invstd, sum_dy, sum_dyxhat):
     # dy, x: (N, C, HW) ; mean, invstd, sum_dy, sum_dyxhat: (C,) float64, overwritten
     n_img, n_ch, hw = x.shape

@@ -93,6 +93,39 @@ def test_backward_accumulates_and_training_needs_two_values():
         batchnorm2d_forward_train(np.ones((1, 3, 1, 1)), None, None, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vectorised_sums_match_reference_and_keep_nan(dtype):
+    # planes of 117 values: the reassociated sums run their vector body and a remainder
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3, 4, 9, 13)) * 3 + 40).astype(dtype)
+    g = rng.uniform(0.5, 1.5, 4).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    r = 1e-12 if dtype == np.float64 else 2e-5
+    outs = batchnorm2d_forward_train(x, g, b)
+    refs = batchnorm2d_forward_train_ref(x.astype(np.float64), g, b)
+    for o, e in zip(outs, refs):
+        np.testing.assert_allclose(o, e, rtol=r, atol=r)
+    _, mean, _, invstd = outs
+    dg, db = np.zeros_like(g), np.zeros_like(b)
+    dg_r, db_r = np.zeros(4), np.zeros(4)
+    dx = batchnorm2d_backward(dy, x, g, mean, invstd, dg, db)
+    dx_r = batchnorm2d_backward_ref(dy.astype(np.float64), x.astype(np.float64), g, mean.astype(np.float64),
+                                    invstd.astype(np.float64), dg_r, db_r)
+    np.testing.assert_allclose(dx, dx_r, rtol=r, atol=r)
+    np.testing.assert_allclose(dg, dg_r, rtol=r, atol=r * 100)
+    np.testing.assert_allclose(db, db_r, rtol=r, atol=r * 100)
+    # one NaN poisons its channel's statistics and gradients, and only those
+    x[1, 2, 4, 7] = np.nan
+    y, mean, var, invstd = batchnorm2d_forward_train(x, g, b)
+    assert np.isnan(mean[2]) and np.isnan(var[2]) and np.isnan(y[:, 2]).all()
+    assert np.isfinite(np.delete(mean, 2)).all() and np.isfinite(np.delete(y, 2, axis=1)).all()
+    dg, db = np.zeros_like(g), np.zeros_like(b)
+    dx = batchnorm2d_backward(dy, x, g, mean, invstd, dg, db)
+    assert np.isnan(dx[:, 2]).all() and np.isnan(dg[2])
+    assert np.isfinite(np.delete(dx, 2, axis=1)).all()
+
+
 @settings(max_examples=15, deadline=None)
 @given(cases, st.booleans(), st.integers(0, 2**31))
 def test_matches_torch_batch_norm(torch, c, training, seed):
