@@ -5,9 +5,21 @@ exactly as torch.nn.functional.cross_entropy(label_smoothing=eps):
     dlogits = grad_loss/N * (softmax - (1 - eps)*onehot(t) - eps/K)
 
 No fastmath here: a NaN or inf logit must come out as a NaN loss, as in torch.
+
+float32 takes the exponentials 16 lanes at a time (simd.vexp; np.exp in a loop runs one lane at
+a time, 26 of the 29 µs of the forward at batch 8) and runs small batches in the calling thread,
+where a parallel region would cost more than the rows. float64 (gradient checks) keeps the
+scalar kernels.
 """
 import numpy as np
 from numba import njit, prange
+
+from minialex.kernels.simd import (LANES, vadd, vexp, vhmax, vhsum, vload, vmax, vmul, vsplat, vstore,
+                                   vsub, vzero)
+
+# Below this many logits the float32 kernels run serially (measured: 8 x 1000 is as fast in one
+# thread as in a parallel region on two, 64 x 1000 takes 1.2-1.7x longer).
+PARALLEL_MIN = 1 << 14
 
 
 @njit(parallel=True, cache=True)
@@ -27,11 +39,12 @@ def _log_softmax_nll(x, t, eps, logp, per_row):
         for j in range(k):
             s += np.exp(row[j] - mx)
         lse = mx + np.log(s)
-        tot = 0.0
         for j in range(k):
-            lp = row[j] - lse
-            out[j] = lp
-            tot += out[j]
+            out[j] = row[j] - lse
+        tot = 0.0
+        if eps != 0.0:  # only smoothing needs the sum (and 0 * a -inf log-prob would be NaN)
+            for j in range(k):
+                tot += out[j]
         per_row[i] = -(1.0 - eps) * out[t[i]] - eps / k * tot
 
 
@@ -46,6 +59,86 @@ def _ce_grad(logp, t, eps, scale, dx):
         for j in range(k):
             d[j] = scale * (np.exp(lp[j]) - off)
         d[t[i]] -= scale * (1.0 - eps)
+
+
+@njit(cache=True)
+def _row_f32(x, t, eps, logp, per_row, i):
+    # row i of x, logp: (N, K) float32 ; per_row: (N,) float64
+    # log-softmax in float32 as torch computes it: x - max - log(sum(exp(x - max))). A NaN
+    # logit need not win the max: its exp makes the sum, and so the whole row, NaN.
+    row = x[i]
+    out = logp[i]
+    k = row.size
+    nv = k - k % LANES
+    mx = row[0]
+    if nv:
+        mv = vload(row, 0)
+        for j in range(LANES, nv, LANES):
+            mv = vmax(vload(row, j), mv)
+        mx = vhmax(mv)
+    for j in range(nv, k):
+        if row[j] > mx:
+            mx = row[j]
+    m = vsplat(mx)
+    acc = vzero()
+    for j in range(0, nv, LANES):
+        acc = vadd(acc, vexp(vsub(vload(row, j), m)))
+    s = np.float32(vhsum(acc))
+    for j in range(nv, k):
+        s += np.exp(row[j] - mx)
+    logs = np.float32(np.log(s))
+    ls = vsplat(logs)
+    for j in range(0, nv, LANES):
+        vstore(out, j, vsub(vsub(vload(row, j), m), ls))
+    for j in range(nv, k):
+        out[j] = (row[j] - mx) - logs
+    tot = 0.0
+    if eps != 0.0:  # only smoothing needs the sum (and 0 * a -inf log-prob would be NaN)
+        for j in range(k):
+            tot += out[j]
+    per_row[i] = -(1.0 - eps) * out[t[i]] - eps / k * tot
+
+
+@njit(cache=True)
+def _log_softmax_nll_f32(x, t, eps, logp, per_row):
+    for i in range(x.shape[0]):
+        _row_f32(x, t, eps, logp, per_row, i)
+
+
+@njit(parallel=True, cache=True)
+def _log_softmax_nll_f32_par(x, t, eps, logp, per_row):
+    for i in prange(x.shape[0]):
+        _row_f32(x, t, eps, logp, per_row, i)
+
+
+@njit(cache=True)
+def _grad_row_f32(logp, t, eps, scale, dx, i):
+    # row i of logp, dx: (N, K) float32
+    lp = logp[i]
+    d = dx[i]
+    k = lp.size
+    off = eps / k
+    sc = vsplat(np.float32(scale))
+    of = vsplat(np.float32(off))
+    j = 0
+    while j + LANES <= k:
+        vstore(d, j, vmul(sc, vsub(vexp(vload(lp, j)), of)))
+        j += LANES
+    for jj in range(j, k):
+        d[jj] = scale * (np.exp(lp[jj]) - off)
+    d[t[i]] -= scale * (1.0 - eps)
+
+
+@njit(cache=True)
+def _ce_grad_f32(logp, t, eps, scale, dx):
+    for i in range(logp.shape[0]):
+        _grad_row_f32(logp, t, eps, scale, dx, i)
+
+
+@njit(parallel=True, cache=True)
+def _ce_grad_f32_par(logp, t, eps, scale, dx):
+    for i in prange(logp.shape[0]):
+        _grad_row_f32(logp, t, eps, scale, dx, i)
 
 
 def _targets(targets, n, k):
@@ -71,7 +164,11 @@ def cross_entropy_forward(logits, targets, label_smoothing=0.0):
     t = _targets(targets, n, k)
     logp = np.empty_like(x)
     per_row = np.empty(n)
-    _log_softmax_nll(x, t, float(label_smoothing), logp, per_row)
+    if x.dtype == np.float32:
+        kernel = _log_softmax_nll_f32_par if x.size >= PARALLEL_MIN else _log_softmax_nll_f32
+    else:
+        kernel = _log_softmax_nll
+    kernel(x, t, float(label_smoothing), logp, per_row)
     return float(per_row.sum() / n) if n else float("nan"), logp
 
 
@@ -81,7 +178,11 @@ def cross_entropy_backward(log_probs, targets, label_smoothing=0.0, grad_loss=1.
     n, k = lp.shape
     t = _targets(targets, n, k)
     dx = np.empty_like(lp)
-    _ce_grad(lp, t, float(label_smoothing), float(grad_loss) / max(n, 1), dx)
+    if lp.dtype == np.float32:
+        kernel = _ce_grad_f32_par if lp.size >= PARALLEL_MIN else _ce_grad_f32
+    else:
+        kernel = _ce_grad
+    kernel(lp, t, float(label_smoothing), float(grad_loss) / max(n, 1), dx)
     return dx
 
 

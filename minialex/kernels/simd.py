@@ -196,6 +196,113 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
+def vsub(typingctx, a, b):
+    """a - b, lane-wise."""
+    if not (a == f32x16 and b == f32x16):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        return builder.fsub(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """Lane-wise a if a > b else b (x86's max: a NaN in a gives b, a NaN in b gives NaN)."""
+    if not (a == f32x16 and b == f32x16):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vhmax(typingctx, v):
+    """Largest of the 16 lanes as a float32 (halves compared pairwise, as vmax)."""
+    if v != f32x16:
+        return None
+    sig = types.float32(v)
+
+    def codegen(context, builder, signature, args):
+        x = args[0]
+        width = LANES
+        while width > 1:
+            half = width // 2
+            lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half))))
+            hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half, width))))
+            x = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
+            width = half
+        return builder.extract_element(x, ir.Constant(_i32, 0))
+
+    return sig, codegen
+
+
+# exp(x) = 2^n * exp(r), n = rint(x / ln 2), |r| <= ln(2)/2; ln 2 split in two so n * ln 2 is
+# subtracted without rounding error; exp(r) by Cephes' expf polynomial (about 1 ulp).
+_EXP_LO, _EXP_HI = -104.0, 88.8   # exp is 0 below (after rounding) and inf above
+_LOG2E = 1.44269504088896341
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)
+
+
+def _vconst(x):
+    return ir.Constant(_vec, [float(x)] * LANES)
+
+
+def _vcall(builder, name, *args):
+    fnty = ir.FunctionType(_vec, [_vec] * len(args))
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), list(args))
+
+
+@intrinsic
+def vexp(typingctx, x):
+    """exp of each lane, within 2 ulp of the correctly rounded result (denormal results
+    included); exp(-inf) = 0, exp(inf) = inf and a NaN lane stays NaN.
+
+    Numba has no vector exp without Intel's SVML, so a loop of np.exp runs one lane at a time;
+    this is the usual range reduction and polynomial, in registers.
+    """
+    if x != f32x16:
+        return None
+    sig = f32x16(x)
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        # clamp with ordered compares, so a NaN lane passes through (and is restored below)
+        xc = builder.select(builder.fcmp_ordered(">", v, _vconst(_EXP_HI)), _vconst(_EXP_HI), v)
+        xc = builder.select(builder.fcmp_ordered("<", xc, _vconst(_EXP_LO)), _vconst(_EXP_LO), xc)
+        fx = _vcall(builder, "llvm.rint.v16f32", builder.fmul(xc, _vconst(_LOG2E)))
+        r = _vcall(builder, "llvm.fma.v16f32", fx, _vconst(-_LN2_HI), xc)
+        r = _vcall(builder, "llvm.fma.v16f32", fx, _vconst(-_LN2_LO), r)
+        y = _vconst(_EXP_POLY[0])
+        for c in _EXP_POLY[1:]:
+            y = _vcall(builder, "llvm.fma.v16f32", y, r, _vconst(c))
+        y = _vcall(builder, "llvm.fma.v16f32", y, builder.fmul(r, r), r)
+        y = builder.fadd(y, _vconst(1.0))
+        # 2^n in two halves, each a normal float for n in [-150, 129], so results that
+        # overflow, underflow or land among the denormals are rounded once, correctly
+        ivec = ir.VectorType(_i32, LANES)
+        n = builder.fptosi(builder.select(builder.fcmp_unordered("uno", v, v), _vconst(0.0), fx), ivec)
+        n1 = builder.ashr(n, ir.Constant(ivec, [1] * LANES))
+        n2 = builder.sub(n, n1)
+
+        def pow2(e):
+            bits = builder.shl(builder.add(e, ir.Constant(ivec, [127] * LANES)), ir.Constant(ivec, [23] * LANES))
+            return builder.bitcast(bits, _vec)
+
+        out = builder.fmul(builder.fmul(y, pow2(n1)), pow2(n2))
+        return builder.select(builder.fcmp_unordered("uno", v, v), v, out)
+
+    return sig, codegen
+
+
+@intrinsic
 def vmul(typingctx, a, b):
     """a * b, lane-wise."""
     if not (a == f32x16 and b == f32x16):
