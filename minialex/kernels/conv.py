@@ -1,9 +1,11 @@
 """2-D convolution (PyTorch Conv2d semantics, groups included) on im2col + our GEMM.
 
-float32 goes through conv_blocked.py: per thread, blocks of ~1024 columns are unfolded,
-multiplied and rectified while in cache, in one parallel region per call (backward too, when
-there is at least one image per thread). The batched path below serves float64 (gradient
-checks) and float32 backward with fewer images than threads.
+float32 with stride 1 and channels in panels of 32 (conv2-conv5) goes to conv_direct.py, as
+does the backward of a layer whose input gradient is not wanted (conv1: weight and bias
+gradients only). The rest of float32 goes through conv_blocked.py: per thread, blocks of ~1024
+columns are unfolded, multiplied and rectified while in cache, in one parallel region per call
+(backward too, when there is at least one image per thread). The batched path below serves
+float64 (gradient checks) and float32 backward with fewer images than threads.
 
 Batched path, per batch chunk of Nc images:
     cols (K, Nc*P) = im2col(x chunk)          K = Cin*kh*kw, P = OH*OW
@@ -107,6 +109,8 @@ def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
     cout, cin_g, kh, kw = w.shape
     oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)
     if x.dtype == np.float32:
+        if n == 0:  # an empty batch (the blocked path would split nothing between threads)
+            return np.empty((0, cout, oh, ow), dtype=np.float32)
         if conv_direct.supported(x, w, stride, groups, padding):
             return conv_direct.forward(x, w, b, stride, padding, relu, numba.get_num_threads())
         return conv_blocked.forward(x, w, b, stride, padding, groups, relu, numba.get_num_threads())
@@ -164,6 +168,9 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
             and dw.dtype == np.float32 and (db is None or db.dtype == np.float32)):
         # stride 1: both gradients straight from channels-last copies, no im2col (conv_direct.py)
         return conv_direct.backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads)
+    if not need_dx and conv_direct.supported_weight_grad(x, w, groups, dw, db):
+        # the first layer (conv1): weight and bias gradients only, no column matrix
+        return conv_direct.weight_grad(dy, x, w, dw, db, stride, padding, accumulate, relu_out, nthreads)
     if x.dtype == np.float32 and n >= nthreads:
         dx, db_sum = conv_blocked.backward(dy, x, w, dw2, stride, padding, groups,
                                            accumulate and direct, need_dx, relu_out, nthreads)

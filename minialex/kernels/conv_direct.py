@@ -23,24 +23,35 @@ Backward, with dy masked by the ReLU when the layer was fused with one:
   on the thread count;
 - bias gradient: column sums of the channels-last dy (linear.column_sums).
 
+The weight gradient takes any stride: x is copied zero-padded with its columns split by phase
+(column m*s + ph at [ph][m]), so a stride-s window's tap j walks xq[j % s][ow + j // s], one
+element per output pixel as at stride 1, and each block of 8 weight rows is given by a table of
+offsets (8 channels at one tap for conv2-conv5, 8 consecutive (c, i, j) for conv1's 3
+channels). A first layer, whose input gradient nobody needs, gets its weight and bias
+gradients here (weight_grad) with dy packed straight from NCHW: conv1 backward at batch 8
+8.4 -> 7.2 ms, at batch 64 67 -> 60 ms (im2col + GEMM before).
+
 conv.py sends here float32 convolutions with stride 1, groups 1, output (and, for backward,
-input) channels in multiples of 32: AlexNet's conv2-conv5. conv1 (3 input channels, stride 4)
-stays on im2col + GEMM, which was faster for it (7.5 against 9.3 ms at batch 8). NCHW arrays
-come in and go out; each channels-last copy costs one pass, which also adds the bias and
-rectifies (forward) or applies the ReLU mask (backward).
+input) channels in multiples of 32: AlexNet's conv2-conv5, and conv1's backward. conv1's
+forward (3 input channels, stride 4) stays on im2col + GEMM, which was faster for it (7.5
+against 9.3 ms at batch 8). NCHW arrays come in and go out; each channels-last copy costs one
+pass, which also adds the bias and rectifies (forward) or applies the ReLU mask (backward).
 """
+import functools
+
 import numpy as np
 from numba import njit, prange
 
-from minialex.kernels.conv_blocked import _take
+from minialex.kernels.conv_blocked import _mask_copy_sum, _take
 from minialex.kernels.gemm import store_tile_8x32
 from minialex.kernels.linear import column_sums
-from minialex.kernels.simd import vbroadcast, vfma, vload, vzero
+from minialex.kernels.simd import vbroadcast, vfma, vload, vtranspose_8x16, vzero
 
 PANEL = 32        # output channels per micro-tile (two 16-lane vectors)
 PIXELS = 8        # output pixels per micro-tile
 DW_PIXEL_BLOCK = 512  # pixels per step of the weight gradient (their dy rows stay in L2)
 CHUNK_TILES = 8  # micro-tiles of pixels a thread takes at once (it loops over every panel)
+PACK_RUN = 128   # pixels per step of _pack_dy_nchw (a 16 KB scratch block of 32 channels)
 
 
 def supported(x, w, stride, groups, padding):
@@ -208,13 +219,22 @@ def _from_nhwc(out, bias, has_bias, relu, y):
 
 
 @njit(cache=True)
-def _micro_dw_8x32(xq, dyk, r0, r1, oh_n, ow_n, hp, wp, cin, ci0, i, j, dk_off, c, c_off, ldc, add):
+def _micro_dw_8x32(xq, dyk, r0, r1, oh_n, ow_n, step_n, step_oh, poff, p0, dk_off, c, c_off, ldc, add):
     # C[8 x 32] (+)= over the output pixels of rows r0..r1 (flat (n, oh) indices) of
-    # x[n, ci0 + r, oh + i, ow + j] * dy[n, co, oh, ow] for the 32 channels co of one panel
-    # xq: x zero-padded, NCHW (N, Cin, Hp, Wp): the 8 broadcasts walk 8 channel rows ;
+    # x[8 weight rows] * dy[n, co, oh, ow] for the 32 channels co of one panel
+    # xq: x zero-padded and split by column phase (see _pad_split): for weight row p0 + r,
+    # pixel (n, oh, ow) reads xq[n*step_n + oh*step_oh + poff[p0 + r] + ow], so each of the
+    # 8 broadcasts walks one row of xq one element per pixel, whatever the stride ;
     # dyk: dy packed [panel][pixel][32] from dk_off: two sequential vector loads per pixel.
     # The forward kernel's shape, so the same near-peak loop.
-    plane = hp * wp
+    o0 = poff[p0]
+    o1 = poff[p0 + 1]
+    o2 = poff[p0 + 2]
+    o3 = poff[p0 + 3]
+    o4 = poff[p0 + 4]
+    o5 = poff[p0 + 5]
+    o6 = poff[p0 + 6]
+    o7 = poff[p0 + 7]
     c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
     c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
     c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
@@ -222,14 +242,15 @@ def _micro_dw_8x32(xq, dyk, r0, r1, oh_n, ow_n, hp, wp, cin, ci0, i, j, dk_off, 
     for rr in range(r0, r1):
         n = rr // oh_n
         oh = rr - n * oh_n
-        q0 = ((n * cin + ci0) * hp + oh + i) * wp + j
-        q1 = q0 + plane
-        q2 = q1 + plane
-        q3 = q2 + plane
-        q4 = q3 + plane
-        q5 = q4 + plane
-        q6 = q5 + plane
-        q7 = q6 + plane
+        base = n * step_n + oh * step_oh
+        q0 = base + o0
+        q1 = base + o1
+        q2 = base + o2
+        q3 = base + o3
+        q4 = base + o4
+        q5 = base + o5
+        q6 = base + o6
+        q7 = base + o7
         pb = dk_off + rr * ow_n * PANEL
         for ow in range(ow_n):
             w0 = vload(dyk, pb)
@@ -256,20 +277,19 @@ def _micro_dw_8x32(xq, dyk, r0, r1, oh_n, ow_n, hp, wp, cin, ci0, i, j, dk_off, 
 
 
 @njit(parallel=True, cache=True)
-def _weight_grad_kernel(xq, dyk, kh, kw, oh_n, ow_n, dwt, nthreads, counter):
-    # xq: (N, Cin, Hp, Wp) padded x ; dyk: (Cout/32, N*OH*OW, 32) packed dy
-    # dwt: (kh*kw, Cin, Cout) = [tap][ci][co], overwritten
+def _weight_grad_kernel(xq, dyk, poff, oh_n, ow_n, step_n, step_oh, dwt, nthreads, counter):
+    # xq: padded, phase-split x (flat) ; dyk: (Cout/32, N*OH*OW, 32) packed dy
+    # poff: (R,) offset in xq of each weight row (R a multiple of 8, see _weight_rows)
+    # dwt: (R, Cout), row r the gradient of weight row r, overwritten
     # Work units are the 32-wide output-channel panels: each element of dwt has one writer and
     # one summation order whatever the thread count. A unit walks the output rows in blocks of
-    # about DW_PIXEL_BLOCK pixels, whose packed dy stays in cache while every tap and
-    # input-channel block reuses it.
-    n, cin, hp, wp = xq.shape
+    # about DW_PIXEL_BLOCK pixels, whose packed dy stays in cache while every weight row
+    # reuses it.
     npan, npix = dyk.shape[0], dyk.shape[1]
     cout = npan * PANEL
-    xf = xq.reshape(-1)
     dkf = dyk.reshape(-1)
     cf = dwt.reshape(-1)
-    rows = n * oh_n
+    rows = npix // ow_n
     step = max(1, DW_PIXEL_BLOCK // ow_n)
     for _ in prange(nthreads):
         while True:
@@ -278,12 +298,32 @@ def _weight_grad_kernel(xq, dyk, kh, kw, oh_n, ow_n, dwt, nthreads, counter):
                 break
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                for t in range(kh * kw):
-                    i = t // kw
-                    j = t - i * kw
-                    for ci0 in range(0, cin, PIXELS):
-                        _micro_dw_8x32(xf, dkf, r0, r1, oh_n, ow_n, hp, wp, cin, ci0, i, j, pan * npix * PANEL,
-                                       cf, (t * cin + ci0) * cout + pan * PANEL, cout, r0 > 0)
+                for p0 in range(0, poff.size, PIXELS):
+                    _micro_dw_8x32(xq, dkf, r0, r1, oh_n, ow_n, step_n, step_oh, poff, p0, pan * npix * PANEL,
+                                   cf, p0 * cout + pan * PANEL, cout, r0 > 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _weight_rows(cin, kh, kw, hp, s, wq):
+    """(poff, rowof): the weight rows of the weight gradient in the order the kernel takes
+    them, 8 at a time. poff[r]: offset of row r's first input value in a phase-split padded
+    image (relative to the output pixel's; R = poff.size, a multiple of 8, the rows past K
+    repeating offset 0); rowof[k]: the row holding column k = c*kh*kw + i*kw + j of the
+    (Cout, K) weight. With Cin a multiple of 8 a block of 8 rows is 8 channels at one tap (8
+    planes, as conv2-conv5 were first written), else 8 consecutive (c, i, j) (conv1's 3
+    channels). Cached: one set per layer shape."""
+    c, i, j = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
+    c, i, j = c.ravel(), i.ravel(), j.ravel()          # in column order k
+    poff_k = c * (hp * s * wq) + i * (s * wq) + (j % s) * wq + j // s
+    if cin % PIXELS == 0:
+        rows = np.argsort((i * kw + j) * cin + c)        # tap-major: row r = tap * Cin + c
+    else:
+        rows = np.arange(c.size)
+    poff = np.zeros(-(-c.size // PIXELS) * PIXELS, dtype=np.int64)
+    poff[:c.size] = poff_k[rows]
+    rowof = np.empty(c.size, dtype=np.int64)
+    rowof[rows] = np.arange(c.size)
+    return poff, rowof
 
 
 @njit(parallel=True, cache=True)
@@ -306,10 +346,46 @@ def _pack_dy(dyp, qh, qw, oh_n, ow_n, dyk):
 
 
 @njit(parallel=True, cache=True)
-def _pad_nchw(x, top, left, xq):
-    # x: (N, C, H, W) -> xq: (N, C, H + 2*top, W + 2*left), zero outside
+def _pack_dy_nchw(dy3, yr3, relu, dyk, dbp):
+    # dy3, yr3: (N, Cout, P) ; dyk: (Cout/32, N*P, 32) as _pack_dy writes it, masked where
+    # yr3 <= 0 when relu ; dbp: (N, Cout) float64, each image's bias gradient, overwritten
+    # One task per (panel, image), in runs of PACK_RUN pixels: the run of each of the 32
+    # channels is masked (and summed) into a scratch block in L1, which register transposes
+    # turn into the run's 32-channel pixel rows.
+    n, cout, plane = dy3.shape
+    npan = dyk.shape[0]
+    dkf = dyk.reshape(-1)
+    npix = dyk.shape[1]
+    for task in prange(npan * n):
+        pan = task // n
+        b = task - pan * n
+        scratch = np.empty(PANEL * PACK_RUN, dtype=np.float32)
+        for lane in range(PANEL):
+            dbp[b, pan * PANEL + lane] = 0.0
+        for p0 in range(0, plane, PACK_RUN):
+            run = min(PACK_RUN, plane - p0)
+            for lane in range(PANEL):
+                co = pan * PANEL + lane
+                dbp[b, co] += _mask_copy_sum(dy3[b, co, p0:p0 + run], yr3[b, co, p0:p0 + run],
+                                             scratch[lane * PACK_RUN:lane * PACK_RUN + run], relu)
+            d0 = (pan * npix + b * plane + p0) * PANEL
+            full = run - run % 16
+            for pc in range(0, full, 16):
+                for g in range(PANEL // 8):
+                    vtranspose_8x16(scratch, g * 8 * PACK_RUN + pc, PACK_RUN, dkf, d0 + pc * PANEL + g * 8, PANEL)
+            for p in range(full, run):
+                for lane in range(PANEL):
+                    dkf[d0 + p * PANEL + lane] = scratch[lane * PACK_RUN + p]
+
+
+@njit(parallel=True, cache=True)
+def _pad_split(x, top, left, s, xq):
+    # x: (N, C, H, W) -> xq: (N, C, H + 2*top, s, Wq): padded row r, column m*s + ph of x
+    # zero-padded (rows top.., columns left..) at xq[n, c, r, ph, m], zero outside. Splitting
+    # the columns by phase makes a stride-s window's taps j walk xq[..., j % s, ow + j // s]
+    # one element per output pixel; for s = 1 it is the plain padded NCHW copy.
     n, c, h, w = x.shape
-    hp, wp = xq.shape[2], xq.shape[3]
+    hp, wq = xq.shape[2], xq.shape[4]
     for task in prange(n * c):
         b = task // c
         ch = task - b * c
@@ -318,29 +394,55 @@ def _pad_nchw(x, top, left, xq):
         for r in range(hp):
             ih = r - top
             if ih < 0 or ih >= h:
-                dst[r, :] = 0.0
+                dst[r, :, :] = 0.0
                 continue
-            for col in range(left):
-                dst[r, col] = 0.0
-            for col in range(w):
-                dst[r, left + col] = src[ih, col]
-            for col in range(left + w, wp):
-                dst[r, col] = 0.0
+            row = src[ih]
+            if s == 1:  # the plain padded copy: contiguous, vectorised
+                d = dst[r, 0]
+                for m in range(left):
+                    d[m] = 0.0
+                for m in range(w):
+                    d[left + m] = row[m]
+                for m in range(left + w, wq):
+                    d[m] = 0.0
+                continue
+            for ph in range(s):
+                d = dst[r, ph]
+                for m in range(wq):
+                    iw = m * s + ph - left
+                    d[m] = row[iw] if 0 <= iw < w else 0.0
 
 
 @njit(parallel=True, cache=True)
-def _store_weight_grad(dwt, dw, accumulate):
-    # dwt: (taps, Cin, Cout) -> dw: (Cout, Cin, kh, kw), overwritten or (accumulate) added to
-    cout, cin, kh, kw = dw.shape
+def _store_weight_grad(dwt, rowof, dw2, accumulate):
+    # dwt: (R, Cout), rows in _weight_rows' order -> dw2: (Cout, K), overwritten or added to;
+    # rowof[k]: the row of dwt holding weight column k (so dw2's rows are written in order)
+    cout, k_n = dw2.shape
     for co in prange(cout):
-        for ci in range(cin):
-            for i in range(kh):
-                for j in range(kw):
-                    v = dwt[i * kw + j, ci, co]
-                    if accumulate:
-                        dw[co, ci, i, j] += v
-                    else:
-                        dw[co, ci, i, j] = v
+        d = dw2[co]
+        for k in range(k_n):
+            v = dwt[rowof[k], co]
+            if accumulate:
+                d[k] += v
+            else:
+                d[k] = v
+
+
+def _weight_grad(x, dyk, dw, kh, kw, stride, padding, oh, ow, accumulate, nthreads):
+    """dW (+)= into dw (Cout, Cin, kh, kw) from dy packed as dyk (_pack_dy's layout)."""
+    n, cin, h, wd = x.shape
+    cout = dw.shape[0]
+    (sh, sw), (ph, pw) = stride, padding
+    hp = max(h + 2 * ph, (oh - 1) * sh + kh)
+    wq = -(-max(wd + 2 * pw, (ow - 1) * sw + kw) // sw)
+    xq = np.empty((n, cin, hp, sw, wq), dtype=np.float32)
+    _pad_split(x, ph, pw, sw, xq)
+    poff, rowof = _weight_rows(cin, kh, kw, hp, sw, wq)
+    dwt = np.empty((poff.size, cout), dtype=np.float32)
+    step_oh = sh * sw * wq
+    _weight_grad_kernel(xq.reshape(-1), dyk, poff, oh, ow, cin * hp * sw * wq, step_oh, dwt,
+                        nthreads, np.zeros(1, np.int64))
+    _store_weight_grad(dwt, rowof, dw.reshape(cout, -1), accumulate)
 
 
 def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
@@ -406,16 +508,44 @@ def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads)
         _pack_weights(np.ascontiguousarray(w), True, wpk)
         out = _run(dyp, wpk, kh, kw, n * h * wd, h, wd, 1, 1, cin, nthreads)
         _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, h * wd))
-    xq = np.empty((n, cin, h + 2 * ph, wd + 2 * pw), dtype=np.float32)
-    _pad_nchw(x, ph, pw, xq)
     dyk = np.empty((cout // PANEL, n * oh * ow, PANEL), dtype=np.float32)
     _pack_dy(dyp, qh, qw, oh, ow, dyk)
-    dwt = np.empty((kh * kw, cin, cout), dtype=np.float32)
-    _weight_grad_kernel(xq, dyk, kh, kw, oh, ow, dwt, nthreads, np.zeros(1, np.int64))
-    _store_weight_grad(dwt, dw, accumulate)
+    _weight_grad(x, dyk, dw, kh, kw, (1, 1), padding, oh, ow, accumulate, nthreads)
     if db is not None:
         column_sums(dyp.reshape(-1, cout), db, accumulate)  # its zero padding adds nothing
     return dx
+
+
+def supported_weight_grad(x, w, groups, dw, db):
+    """Whether weight_grad serves a backward that needs no input gradient: float32, groups 1,
+    Cout a multiple of 32, any stride and Cin (AlexNet's conv1), contiguous float32 dw."""
+    return (x.dtype == np.float32 and w.dtype == np.float32 and groups == 1 and w.shape[0] % PANEL == 0
+            and dw.flags.c_contiguous and dw.dtype == np.float32 and (db is None or db.dtype == np.float32))
+
+
+def weight_grad(dy, x, w, dw, db, stride, padding, accumulate, relu_out, nthreads):
+    """dW (+)= into dw and db (+)= into db (or None) of a convolution whose input gradient is
+    not wanted (the first layer), any stride: dy, masked by relu_out > 0 when given, is packed
+    straight from NCHW (its bias gradient summed in the same pass) and the weight-gradient
+    kernel reads x through a phase-split padded copy, so no column matrix is built."""
+    n, cout, oh, ow = dy.shape
+    kh, kw = w.shape[2], w.shape[3]
+    if dy.size == 0:
+        if not accumulate:
+            dw[...] = 0
+            if db is not None:
+                db[...] = 0
+        return None
+    dy3 = np.ascontiguousarray(dy).reshape(n, cout, oh * ow)
+    yr3 = dy3 if relu_out is None else np.ascontiguousarray(relu_out).reshape(n, cout, oh * ow)
+    dyk = np.empty((cout // PANEL, n * oh * ow, PANEL), dtype=np.float32)
+    dbp = np.empty((n, cout), dtype=np.float64)
+    _pack_dy_nchw(dy3, yr3, relu_out is not None, dyk, dbp)
+    _weight_grad(x, dyk, dw, kh, kw, stride, padding, oh, ow, accumulate, nthreads)
+    if db is not None:
+        total = dbp.sum(axis=0)
+        db[...] = (db + total) if accumulate else total
+    return None
 
 
 def conv2d_direct_ref(x, w, padding):

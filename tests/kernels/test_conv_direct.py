@@ -1,8 +1,9 @@
-"""The channels-last direct convolution (stride 1, groups 1, channel panels of 32): its kernels
-against the NumPy twins, and the dispatch through conv2d_forward / conv2d_backward."""
+"""The channels-last direct convolution (stride 1, groups 1, channel panels of 32) and the direct
+weight gradient of a first layer (any stride and Cin, no input gradient): kernels against the
+NumPy twins and references, and the dispatch through conv2d_forward / conv2d_backward."""
 import numba
 import numpy as np
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from helpers import to_torch
 from minialex.kernels import conv_direct
@@ -22,7 +23,10 @@ case = st.tuples(
 
 def _make(c, seed):
     n, cin, cout, h, w, kh, kw, ph, pw, bias, relu, threads = c
-    assume(ph < kh and pw < kw and h + 2 * ph >= kh and w + 2 * pw >= kw)
+    # padding below the kernel size and at least one output pixel, by construction (filtering
+    # drawn cases with assume() rejected so many that Hypothesis' health check could fail)
+    ph, pw = ph % kh, pw % kw
+    h, w = max(h, kh - 2 * ph), max(w, kw - 2 * pw)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
     wt = rng.standard_normal((cout, cin, kh, kw)).astype(np.float32)
@@ -113,6 +117,61 @@ def test_public_entry_points_use_it_and_agree_with_reference(c, seed):
         _close(db, db_r)
 
 
+@settings(max_examples=30, deadline=None)
+@given(case, st.tuples(st.integers(1, 4), st.integers(1, 4)), st.integers(0, 2**31))
+def test_weight_grad_any_stride_matches_reference(c, stride, seed):
+    # the first layer's backward (conv1: 3 channels, stride 4): weight and bias gradients only,
+    # through the public entry point, with and without accumulation and a fused ReLU
+    x, w, b, p, relu, threads, rng = _make(c, seed)
+    y = conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), None, stride, p, 1, relu=relu)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    relu_out = y.astype(np.float32) if relu else None
+    accumulate = bool(seed % 2)
+    start = rng.standard_normal(w.shape).astype(np.float32)
+    dw, db = start.copy(), np.ones(w.shape[0], np.float32)
+    assert conv_direct.supported_weight_grad(x, w, 1, dw, db)
+    out = _with_threads(threads, lambda: conv2d_backward(dy, x, w, dw, db, stride, p, 1, need_dx=False,
+                                                        accumulate=accumulate, relu_out=relu_out))
+    assert out is None
+    dw_r, db_r = start.astype(np.float64), np.ones(w.shape[0])
+    conv2d_backward_ref(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), dw_r, db_r,
+                        stride, p, 1, need_dx=False, accumulate=accumulate,
+                        relu_out=None if relu_out is None else relu_out.astype(np.float64))
+    _close(dw, dw_r)
+    _close(db, db_r)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.integers(0, 3),
+       st.integers(0, 3), st.integers(0, 2**31))
+def test_phase_split_padding(c, h, w, s, top, left, seed):
+    x = np.random.default_rng(seed).standard_normal((2, c, h, w)).astype(np.float32)
+    hp = h + 2 * top
+    wq = -(-(w + 2 * left) // s) + 1
+    xq = np.full((2, c, hp, s, wq), np.nan, np.float32)
+    conv_direct._pad_split(x, top, left, s, xq)
+    padded = np.zeros((2, c, hp, s * wq), np.float32)
+    padded[:, :, top:top + h, left:left + w] = x
+    # xq[..., r, ph, m] is padded column m*s + ph
+    np.testing.assert_array_equal(xq, padded.reshape(2, c, hp, wq, s).transpose(0, 1, 2, 4, 3))
+
+
+def test_alexnet_conv1_weight_grad_matches_torch(torch):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 224, 224)).astype(np.float32)
+    w = (rng.standard_normal((64, 3, 11, 11)) * 0.05).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    wt, bt = to_torch(torch, w, True), to_torch(torch, b, True)
+    yt = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), wt, bt, stride=4, padding=2))
+    y = conv2d_forward(x, w, b, 4, 2, 1, relu=True)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(dy))
+    dw, db = np.zeros_like(w), np.zeros_like(b)
+    assert conv2d_backward(dy, x, w, dw, db, 4, 2, 1, need_dx=False, relu_out=y) is None
+    np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_not_used_where_it_does_not_apply():
     x = np.zeros((1, 32, 8, 8), np.float32)
     w = np.zeros((64, 32, 3, 3), np.float32)
@@ -126,6 +185,11 @@ def test_not_used_where_it_does_not_apply():
         assert not ok(x, w[:48], (1, 1), 1, (1, 1))                        # Cout not in panels of 32
     assert conv_direct.supported(x[:, :16], w[:, :16], (1, 1), 1, (1, 1))  # any Cin forward,
     assert not conv_direct.supported_backward(x[:, :16], w[:, :16], (1, 1), 1, (1, 1))  # 32s backward
+    dw = np.zeros_like(w)
+    assert conv_direct.supported_weight_grad(x[:, :3], w[:, :3], 1, dw[:, :3].copy(), None)  # any Cin
+    assert not conv_direct.supported_weight_grad(x, w[:48], 1, dw[:48], None)
+    assert not conv_direct.supported_weight_grad(x, w[:, :16], 2, dw[:, :16].copy(), None)
+    assert not conv_direct.supported_weight_grad(x, w, 1, dw[:, :, :, ::-1], None)        # dw not contiguous
 
 
 def test_alexnet_conv3_matches_torch(torch):
@@ -154,3 +218,9 @@ def test_empty_batch():
     dw, db = np.ones_like(w), np.ones(32, np.float32)
     dx = conv2d_backward(np.zeros_like(y), x, w, dw, db, 1, 1, 1, accumulate=False)
     assert dx.shape == x.shape and not dw.any() and not db.any()
+    # the first layer's weight-gradient-only path (stride 4, 3 channels)
+    x1, w1 = np.zeros((0, 3, 23, 23), np.float32), np.ones((32, 3, 11, 11), np.float32)
+    y1 = conv2d_forward(x1, w1, None, 4, 2, 1)
+    dw1, db1 = np.ones_like(w1), np.ones(32, np.float32)
+    assert conv2d_backward(np.zeros_like(y1), x1, w1, dw1, db1, 4, 2, 1, need_dx=False, accumulate=False) is None
+    assert not dw1.any() and not db1.any()
