@@ -1,8 +1,9 @@
 """2-D convolution (PyTorch Conv2d semantics, groups included) on im2col + our GEMM.
 
-float32 with stride 1 and channels in panels of 32 (conv2-conv5) goes to conv_direct.py, as
-does the backward of a layer whose input gradient is not wanted (conv1: weight and bias
-gradients only). The rest of float32 goes through conv_blocked.py: per thread, blocks of ~1024
+float32 with output channels in panels of 32 goes to conv_direct.py: stride 1 (conv2-conv5)
+forward and backward, other strides (conv1) forward, and the backward of a layer whose input
+gradient is not wanted (conv1: weight and bias gradients only). The rest of float32 goes
+through conv_blocked.py: per thread, blocks of ~1024
 columns are unfolded, multiplied and rectified while in cache, in one parallel region per call
 (backward too, when there is at least one image per thread). The batched path below serves
 float64 (gradient checks) and float32 backward with fewer images than threads.
@@ -113,6 +114,9 @@ def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
             return np.empty((0, cout, oh, ow), dtype=np.float32)
         if conv_direct.supported(x, w, stride, groups, padding):
             return conv_direct.forward(x, w, b, stride, padding, relu, numba.get_num_threads())
+        if conv_direct.supported_split(x, w, stride, groups, padding):
+            # strided, Cout in 32s (conv1): direct on a phase-split copy, NCHW out
+            return conv_direct.forward_split(x, w, b, stride, padding, relu, numba.get_num_threads())
         return conv_blocked.forward(x, w, b, stride, padding, groups, relu, numba.get_num_threads())
     plane = oh * ow
     k_rows = cin * kh * kw

@@ -31,11 +31,17 @@ channels). A first layer, whose input gradient nobody needs, gets its weight and
 gradients here (weight_grad) with dy packed straight from NCHW: conv1 backward at batch 8
 8.4 -> 7.2 ms, at batch 64 67 -> 60 ms (im2col + GEMM before).
 
-conv.py sends here float32 convolutions with stride 1, groups 1, output (and, for backward,
-input) channels in multiples of 32: AlexNet's conv2-conv5, and conv1's backward. conv1's
-forward (3 input channels, stride 4) stays on im2col + GEMM, which was faster for it (7.5
-against 9.3 ms at batch 8). NCHW arrays come in and go out; each channels-last copy costs one
-pass, which also adds the bias and rectifies (forward) or applies the ReLU mask (backward).
+Strided forward (conv1, forward_split): the same phase-split copy serves the forward. A tile of
+8 consecutive output pixels of one image reads, for each weight column (c, i, j), 8 adjacent
+elements xq[c, oh*s + i, j % s, ow + j // s ...], so the micro-kernel runs unchanged on a
+table of column offsets, and its 8 x 32 tile, bias added and rectified, is transposed in
+registers into the NCHW output: no column matrix and no channels-last copies. conv1 forward
+at batch 8: 7.4 -> 6.3 ms (im2col + GEMM before; the NHWC direct kernel took 9.3).
+
+conv.py sends here float32 convolutions with groups 1 and output channels in multiples of 32:
+AlexNet's conv2-conv5 (stride 1, input channels in 32s for the backward) and conv1. NCHW
+arrays come in and go out; each channels-last copy costs one pass, which also adds the bias
+and rectifies (forward) or applies the ReLU mask (backward).
 """
 import functools
 
@@ -45,7 +51,7 @@ from numba import njit, prange
 from minialex.kernels.conv_blocked import _mask_copy_sum, _take
 from minialex.kernels.gemm import store_tile_8x32
 from minialex.kernels.linear import column_sums
-from minialex.kernels.simd import vbroadcast, vfma, vload, vtranspose_8x16, vzero
+from minialex.kernels.simd import vadd, vbroadcast, vfma, vload, vrelu, vstore, vtranspose_8x16, vzero
 
 PANEL = 32        # output channels per micro-tile (two 16-lane vectors)
 PIXELS = 8        # output pixels per micro-tile
@@ -146,6 +152,102 @@ def _direct_kernel(xp, hp, wpd, cin, run, wpk, toff, out, oh_n, ow_n, sh, sw, np
                         b[r] = ((n * hp + oh * sh) * wpd + ow * sw) * cin
                     _micro_8x32(xp, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], toff, run,
                                 wpk, pan * kk * PANEL, out, p * cout + pan * PANEL, cout)
+
+
+@njit(cache=True)
+def _micro_8x32_cols(xp, b0, b1, b2, b3, b4, b5, b6, b7, koff, wp, w_off, out, o_off, ldo):
+    # _micro_8x32 with runs of one: out[p_r, 32 channels] = sum over k of
+    # xp[b_r + koff[k]] * wp[w_off + k*32 + lane], one table entry per weight column
+    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
+    c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
+    c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+    c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
+    pw = w_off
+    for k in range(koff.size):
+        o = koff[k]
+        w0 = vload(wp, pw)
+        w1 = vload(wp, pw + 16)
+        a = vbroadcast(xp, b0 + o)
+        c00 = vfma(a, w0, c00); c01 = vfma(a, w1, c01)
+        a = vbroadcast(xp, b1 + o)
+        c10 = vfma(a, w0, c10); c11 = vfma(a, w1, c11)
+        a = vbroadcast(xp, b2 + o)
+        c20 = vfma(a, w0, c20); c21 = vfma(a, w1, c21)
+        a = vbroadcast(xp, b3 + o)
+        c30 = vfma(a, w0, c30); c31 = vfma(a, w1, c31)
+        a = vbroadcast(xp, b4 + o)
+        c40 = vfma(a, w0, c40); c41 = vfma(a, w1, c41)
+        a = vbroadcast(xp, b5 + o)
+        c50 = vfma(a, w0, c50); c51 = vfma(a, w1, c51)
+        a = vbroadcast(xp, b6 + o)
+        c60 = vfma(a, w0, c60); c61 = vfma(a, w1, c61)
+        a = vbroadcast(xp, b7 + o)
+        c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
+        pw += PANEL
+    store_tile_8x32(out, o_off, ldo, False, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51, c60, c61, c70, c71)
+
+
+@njit(cache=True)
+def _store_tile_nchw(tile, bias, relu, y, y_off, plane, valid):
+    # tile: (8 pixels x 32 channels) as _micro_8x32 left it (ldo 32) ; adds bias[32 lanes],
+    # rectifies, and writes it transposed: channel c's 8 pixels at y[y_off + c*plane ..+ 8]
+    # (the first `valid` of them when the tile runs past the end of its image's plane)
+    for h in range(2):
+        bv = vload(bias, h * 16)
+        for r in range(PIXELS):
+            v = vadd(vload(tile, r * PANEL + h * 16), bv)
+            if relu:
+                v = vrelu(v)
+            vstore(tile, r * PANEL + h * 16, v)
+    if valid == PIXELS:
+        vtranspose_8x16(tile, 0, PANEL, y, y_off, plane)
+        vtranspose_8x16(tile, 16, PANEL, y, y_off + 16 * plane, plane)
+    else:
+        for c in range(PANEL):
+            for r in range(valid):
+                y[y_off + c * plane + r] = tile[r * PANEL + c]
+
+
+@njit(parallel=True, cache=True)
+def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, n_img, oh_n, ow_n, nthreads, counter):
+    # xq: phase-split padded x (flat, see _pad_split) ; koff: (K,) offset of each weight column
+    # from an output pixel's base n*step_n + oh*step_oh + ow ; wpk: (Cout/32 * K * 32,) weights
+    # packed [panel][column][32] ; bias: (Cout,) ; y: (N*Cout*OH*OW,) NCHW output.
+    # Tiles of 8 consecutive pixels of one image are taken in chunks of CHUNK_TILES from
+    # counter, and each panel's weights serve the chunk's tiles back to back. (Slicing the
+    # reduction so that a slice's weights stay in L1 measured the same on conv1.)
+    plane = oh_n * ow_n
+    cout = bias.size
+    kk = koff.size
+    tpi = (plane + PIXELS - 1) // PIXELS
+    ntiles = n_img * tpi
+    nchunks = (ntiles + CHUNK_TILES - 1) // CHUNK_TILES
+    for _ in prange(nthreads):
+        b = np.empty(CHUNK_TILES * PIXELS, dtype=np.int64)
+        tile = np.empty(PIXELS * PANEL + 16, dtype=np.float32)
+        while True:
+            ch = _take(counter)
+            if ch >= nchunks:
+                break
+            t0 = ch * CHUNK_TILES
+            t1 = min(ntiles, t0 + CHUNK_TILES)
+            for t in range(t0, t1):
+                n = t // tpi
+                p = (t - n * tpi) * PIXELS
+                for r in range(PIXELS):
+                    pp = min(p + r, plane - 1)  # past the plane's end: repeat its last pixel
+                    oh = pp // ow_n
+                    b[(t - t0) * PIXELS + r] = n * step_n + oh * step_oh + pp - oh * ow_n
+            for pan in range(cout // PANEL):
+                for t in range(t0, t1):
+                    n = t // tpi
+                    p = (t - n * tpi) * PIXELS
+                    q = (t - t0) * PIXELS
+                    _micro_8x32_cols(xq, b[q], b[q + 1], b[q + 2], b[q + 3], b[q + 4], b[q + 5], b[q + 6],
+                                     b[q + 7], koff, wpk, pan * kk * PANEL, tile, 0, PANEL)
+                    _store_tile_nchw(tile, bias[pan * PANEL:], relu, y, (n * cout + pan * PANEL) * plane + p,
+                                     plane, min(PIXELS, plane - p))
 
 
 @njit(parallel=True, cache=True)
@@ -475,6 +577,48 @@ def forward(x, w, b, stride, padding, relu, nthreads):
     out = _run(xp, wpk, kh, kw, n * oh * ow, oh, ow, sh, sw, cout, nthreads)
     bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
     _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, oh * ow))
+    return y
+
+
+@functools.lru_cache(maxsize=32)
+def _column_offsets(cin, kh, kw, hp, s, wq):
+    """(K,) offset of weight column k = (c*kh + i)*kw + j (the weight's own order) in a
+    phase-split padded image, from an output pixel's base."""
+    c, i, j = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
+    c, i, j = c.ravel(), i.ravel(), j.ravel()
+    return (c * (hp * s * wq) + i * (s * wq) + (j % s) * wq + j // s).astype(np.int64)
+
+
+def supported_split(x, w, stride, groups, padding):
+    """Whether conv.py sends this forward to forward_split: float32, groups 1, Cout a multiple of
+    32, padding below the kernel size, any stride (conv1)."""
+    kh, kw = w.shape[2], w.shape[3]
+    return (x.dtype == np.float32 and w.dtype == np.float32 and groups == 1 and w.shape[0] % PANEL == 0
+            and padding[0] < kh and padding[1] < kw)
+
+
+def forward_split(x, w, b, stride, padding, relu, nthreads):
+    """conv2d_forward for float32, groups 1, Cout a multiple of 32, any stride, NCHW in and out:
+    the micro-kernel broadcasts 8 consecutive output pixels' inputs from a phase-split padded
+    copy of x (8 adjacent elements, whatever the stride) and its 8 x 32 tile, bias added and
+    rectified, is transposed into y in registers: no channels-last copies, no column matrix."""
+    n, cin, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    y = np.empty((n, cout, oh, ow), dtype=np.float32)
+    if n == 0 or oh <= 0 or ow <= 0:
+        return y
+    hp = max(h + 2 * ph, (oh - 1) * sh + kh)
+    wq = -(-max(wd + 2 * pw, (ow - 1) * sw + kw) // sw)
+    xq = np.empty((n, cin, hp, sw, wq), dtype=np.float32)
+    _pad_split(x, ph, pw, sw, xq)
+    k = cin * kh * kw
+    # [panel][column][32]: a copy, no arithmetic
+    wpk = np.ascontiguousarray(w.reshape(cout // PANEL, PANEL, k).transpose(0, 2, 1))
+    bias = np.zeros(cout, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    _split_kernel(xq.reshape(-1), cin * hp * sw * wq, sh * sw * wq, _column_offsets(cin, kh, kw, hp, sw, wq),
+                  wpk.reshape(-1), bias, relu, y.reshape(-1), n, oh, ow, nthreads, np.zeros(1, np.int64))
     return y
 
 

@@ -209,6 +209,20 @@ def vsub(typingctx, a, b):
 
 
 @intrinsic
+def vrelu(typingctx, v):
+    """Lane-wise 0 where v <= 0, else v: relu_forward's rule, so a NaN lane stays NaN."""
+    if v != f32x16:
+        return None
+    sig = f32x16(v)
+
+    def codegen(context, builder, signature, args):
+        zero = ir.Constant(_vec, [0.0] * LANES)
+        return builder.select(builder.fcmp_ordered("<=", args[0], zero), zero, args[0])
+
+    return sig, codegen
+
+
+@intrinsic
 def vmax(typingctx, a, b):
     """Lane-wise a if a > b else b (x86's max: a NaN in a gives b, a NaN in b gives NaN)."""
     if not (a == f32x16 and b == f32x16):

@@ -66,11 +66,36 @@ def test_forward_matches_twin(c, seed):
 @settings(max_examples=15, deadline=None)
 @given(case, st.tuples(st.integers(1, 3), st.integers(1, 3)), st.integers(0, 2**31))
 def test_strided_forward_matches_reference(c, stride, seed):
-    # conv.py sends only stride 1 here (for conv1's 3 input channels im2col + GEMM was faster),
-    # but the kernel computes any stride
+    # conv.py sends only stride 1 here (conv1 goes to forward_split), but the kernel computes
+    # any stride
     x, w, b, p, relu, threads, _ = _make(c, seed)
     y = _with_threads(threads, lambda: conv_direct.forward(x, w, b, stride, p, relu, threads))
     _close(y, conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), b, stride, p, 1, relu=relu))
+
+
+@settings(max_examples=30, deadline=None)
+@given(case, st.tuples(st.integers(1, 4), st.integers(1, 4)), st.integers(0, 2**31))
+def test_split_forward_matches_reference(c, stride, seed):
+    # conv1's forward: any stride and Cin, NCHW written straight from the tile (planes that
+    # are not a multiple of 8 pixels end in a partial tile), through the public entry point
+    # whenever the stride is not 1
+    x, w, b, p, relu, threads, _ = _make(c, seed)
+    assert conv_direct.supported_split(x, w, stride, 1, p)
+    y = _with_threads(threads, lambda: conv_direct.forward_split(x, w, b, stride, p, relu, threads))
+    ref = conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), b, stride, p, 1, relu=relu)
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    _close(y, ref)
+    if stride != (1, 1):
+        _close(_with_threads(threads, lambda: conv2d_forward(x, w, b, stride, p, 1, relu=relu)), ref)
+
+
+def test_split_forward_relu_keeps_nan():
+    x = np.ones((1, 3, 9, 9), np.float32)
+    x[0, 1, 4, 4] = np.nan
+    w = np.ones((32, 3, 3, 3), np.float32)
+    y = conv2d_forward(x, -w, None, 2, 0, 1, relu=True)  # every finite output is negative
+    assert np.isnan(y[0, :, 1, 1]).all() and np.isnan(y[0, :, 2, 2]).all()
+    assert (np.nan_to_num(y, nan=0.0) == 0).all()
 
 
 @settings(max_examples=30, deadline=None)
@@ -185,6 +210,10 @@ def test_not_used_where_it_does_not_apply():
         assert not ok(x, w[:48], (1, 1), 1, (1, 1))                        # Cout not in panels of 32
     assert conv_direct.supported(x[:, :16], w[:, :16], (1, 1), 1, (1, 1))  # any Cin forward,
     assert not conv_direct.supported_backward(x[:, :16], w[:, :16], (1, 1), 1, (1, 1))  # 32s backward
+    assert conv_direct.supported_split(x, w, (4, 4), 1, (2, 1))
+    assert not conv_direct.supported_split(x, w[:48], (4, 4), 1, (1, 1))
+    assert not conv_direct.supported_split(x, w[:, :16], (4, 4), 2, (1, 1))
+    assert not conv_direct.supported_split(x, w, (4, 4), 1, (3, 1))
     dw = np.zeros_like(w)
     assert conv_direct.supported_weight_grad(x[:, :3], w[:, :3], 1, dw[:, :3].copy(), None)  # any Cin
     assert not conv_direct.supported_weight_grad(x, w[:48], 1, dw[:48], None)
