@@ -112,10 +112,11 @@ def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
     if x.dtype == np.float32:
         if n == 0:  # an empty batch (the blocked path would split nothing between threads)
             return np.empty((0, cout, oh, ow), dtype=np.float32)
-        if conv_direct.supported(x, w, stride, groups, padding):
+        if (conv_direct.supported(x, w, stride, groups, padding)
+                and oh * ow < conv_direct.SPLIT_MIN_PLANE):
             return conv_direct.forward(x, w, b, stride, padding, relu, numba.get_num_threads())
         if conv_direct.supported_split(x, w, stride, groups, padding):
-            # strided, Cout in 32s (conv1): direct on a phase-split copy, NCHW out
+            # strided (conv1) or large planes (conv2): direct on a phase-split copy, NCHW out
             return conv_direct.forward_split(x, w, b, stride, padding, relu, numba.get_num_threads())
         return conv_blocked.forward(x, w, b, stride, padding, groups, relu, numba.get_num_threads())
     plane = oh * ow

@@ -36,7 +36,8 @@ Strided forward (conv1, forward_split): the same phase-split copy serves the for
 elements xq[c, oh*s + i, j % s, ow + j // s ...], so the micro-kernel runs unchanged on a
 table of column offsets, and its 8 x 32 tile, bias added and rectified, is transposed in
 registers into the NCHW output: no column matrix and no channels-last copies. conv1 forward
-at batch 8: 7.4 -> 6.3 ms (im2col + GEMM before; the NHWC direct kernel took 9.3).
+at batch 8: 7.4 -> 6.3 ms (im2col + GEMM before; the NHWC direct kernel took 9.3). conv2's
+forward takes it too (SPLIT_MIN_PLANE).
 
 conv.py sends here float32 convolutions with groups 1 and output channels in multiples of 32:
 AlexNet's conv2-conv5 (stride 1, input channels in 32s for the backward) and conv1. NCHW
@@ -58,6 +59,11 @@ PIXELS = 8        # output pixels per micro-tile
 DW_PIXEL_BLOCK = 512  # pixels per step of the weight gradient (their dy rows stay in L2)
 CHUNK_TILES = 8  # micro-tiles of pixels a thread takes at once (it loops over every panel)
 PACK_RUN = 128   # pixels per step of _pack_dy_nchw (a 16 KB scratch block of 32 channels)
+# Stride-1 forwards with at least this many output pixels per image take forward_split (NCHW
+# tiles) instead of forward (channels-last): conv2's 729 ran 1.03-1.07x faster that way at
+# batch 1, 8 and 64, conv3-conv5's 169 0.91-0.97x (their last tile of 8 is mostly empty, and
+# the NHWC path's tiles run across images).
+SPLIT_MIN_PLANE = 400
 
 
 def supported(x, w, stride, groups, padding):

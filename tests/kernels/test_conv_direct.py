@@ -89,6 +89,18 @@ def test_split_forward_matches_reference(c, stride, seed):
         _close(_with_threads(threads, lambda: conv2d_forward(x, w, b, stride, p, 1, relu=relu)), ref)
 
 
+def test_large_stride_one_planes_take_the_split_forward():
+    # conv2-sized planes (>= SPLIT_MIN_PLANE pixels) go through forward_split at stride 1
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 21, 21)).astype(np.float32)
+    w = rng.standard_normal((64, 8, 5, 5)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    assert 21 * 21 >= conv_direct.SPLIT_MIN_PLANE
+    y = conv2d_forward(x, w, b, 1, 2, 1, relu=True)
+    _close(y, conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), b, 1, 2, 1, relu=True))
+    np.testing.assert_array_equal(y, conv_direct.forward_split(x, w, b, (1, 1), (2, 2), True, numba.get_num_threads()))
+
+
 def test_split_forward_relu_keeps_nan():
     x = np.ones((1, 3, 9, 9), np.float32)
     x[0, 1, 4, 4] = np.nan
