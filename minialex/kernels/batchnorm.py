@@ -60,40 +60,52 @@ def _affine(x, a, b, y):
 @njit(parallel=True, fastmath=_SUMS, cache=True)
 def _grad_sums(dy, x, mean, invstd, sum_dy, sum_dyxhat):
     # dy, x: (N, C, HW) ; mean, invstd, sum_dy, sum_dyxhat: (C,) float64, overwritten
+    # One task per (image, channel) plane, read contiguously; the planes' partial sums are
+    # added per channel in image order afterwards (the same order whatever the thread count).
     n_img, n_ch, hw = x.shape
-    for c in prange(n_ch):
+    p1 = np.empty((n_img, n_ch))
+    p2 = np.empty((n_img, n_ch))
+    for task in prange(n_img * n_ch):
+        n = task // n_ch
+        c = task - n * n_ch
         mu = mean[c]
+        dr = dy[n, c]
+        xr = x[n, c]
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(hw):
+            g = dr[p]
+            s1 += g
+            s2 += g * (xr[p] - mu)
+        p1[n, c] = s1
+        p2[n, c] = s2
+    for c in range(n_ch):
         s1 = 0.0
         s2 = 0.0
         for n in range(n_img):
-            dr = dy[n, c]
-            xr = x[n, c]
-            for p in range(hw):
-                g = dr[p]
-                s1 += g
-                s2 += g * (xr[p] - mu)
+            s1 += p1[n, c]
+            s2 += p2[n, c]
         sum_dy[c] = s1
         sum_dyxhat[c] = s2 * invstd[c]
 
 
 @njit(parallel=True, cache=True)
-def _bwd_train(dy, x, mean, invstd, gamma, sum_dy, sum_dyxhat, dx):
-    # dy, x, dx: (N, C, HW) ; the rest: (C,) float64
+def _bwd_train(dy, x, k, mdy, q, mu, dx):
+    # dy, x, dx: (N, C, HW) ; k, mdy, q, mu: (C,) coefficients in dx's dtype (float32 for
+    # float32: twice the lanes of float64 arithmetic), dx = k * (dy - mdy - (x - mu) * q)
     n_img, n_ch, hw = x.shape
-    m = n_img * hw
     for task in prange(n_img * n_ch):
         n = task // n_ch
         c = task - n * n_ch
-        k = gamma[c] * invstd[c]
-        mdy = sum_dy[c] / m
-        # xhat * mean(dy*xhat) = (x - mean) * invstd^2 * sum_dyxhat / m
-        q = invstd[c] * sum_dyxhat[c] / m
-        mu = mean[c]
+        kc = k[c]
+        mc = mdy[c]
+        qc = q[c]
+        uc = mu[c]
         dr = dy[n, c]
         xr = x[n, c]
         out = dx[n, c]
         for p in range(hw):
-            out[p] = k * (dr[p] - mdy - (xr[p] - mu) * q)
+            out[p] = kc * (dr[p] - mc - (xr[p] - uc) * qc)
 
 
 def _as3(a):
@@ -153,7 +165,12 @@ def batchnorm2d_backward(dy, x, gamma, mean, invstd, dgamma, dbeta):
     sum_dyxhat = np.empty(c)
     _grad_sums(_as3(dyc), _as3(xc), mean64, inv64, sum_dy, sum_dyxhat)
     dx = np.empty_like(xc)
-    _bwd_train(_as3(dyc), _as3(xc), mean64, inv64, _vec(gamma, c, 1.0), sum_dy, sum_dyxhat, _as3(dx))
+    m = xc.size // c
+    # per channel, in float64, then rounded once: dx = gamma*invstd * (dy - mean(dy) - xhat *
+    # mean(dy*xhat)), with xhat * mean(dy*xhat) = (x - mean) * invstd * sum_dyxhat / m
+    dt = xc.dtype
+    _bwd_train(_as3(dyc), _as3(xc), (_vec(gamma, c, 1.0) * inv64).astype(dt), (sum_dy / m).astype(dt),
+               (inv64 * sum_dyxhat / m).astype(dt), mean64.astype(dt), _as3(dx))
     if dgamma is not None:
         dgamma += sum_dyxhat.astype(dgamma.dtype)
     if dbeta is not None:
