@@ -1,12 +1,12 @@
-"""2-D convolution (PyTorch Conv2d semantics, groups included) on im2col + our GEMM.
+"""2-D convolution (PyTorch Conv2d semantics, groups included): picks the path for each call.
 
 float32 with output channels in panels of 32 goes to conv_direct.py: stride 1 (conv2-conv5)
 forward and backward, other strides (conv1) forward, and the backward of a layer whose input
 gradient is not wanted (conv1: weight and bias gradients only). The rest of float32 goes
-through conv_blocked.py: per thread, blocks of ~1024
-columns are unfolded, multiplied and rectified while in cache, in one parallel region per call
-(backward too, when there is at least one image per thread). The batched path below serves
-float64 (gradient checks) and float32 backward with fewer images than threads.
+through conv_blocked.py: per thread, blocks of ~1024 columns are unfolded, multiplied and
+rectified while in cache, in one parallel region per call (backward too, when there is at
+least one image per thread). The batched im2col + GEMM path below serves float64 (gradient
+checks) and float32 backward with fewer images than threads.
 
 Batched path, per batch chunk of Nc images:
     cols (K, Nc*P) = im2col(x chunk)          K = Cin*kh*kw, P = OH*OW

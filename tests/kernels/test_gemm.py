@@ -80,7 +80,8 @@ BLOCK_SHAPES = [
     (37, 1500, 401),    # small M, in place, N split across threads
     (390, 45, 770),     # M above SMALL_M, split along M
     (8, 2100, 900),     # FC-like: one row panel
-    (5, 1001, 4103),    # dot kernel (trans_b): aliased rows, odd column count, k tail
+    (5, 1001, 4103),    # dot kernel (trans_b): aliased rows, columns in 3s but the last 2, k tail
+    (7, 1000, 40),      # dot kernel: the last column alone in its group of 3
     (8, 3, 17),         # dot kernel, serial
 ]
 
