@@ -59,7 +59,8 @@ PIXELS = 8        # output pixels per micro-tile
 DW_PIXEL_BLOCK = 1024  # pixels per step of the weight gradient (packed dy: 128 KB, in L2; 512 was
 # 1-7% slower on conv1-conv5 at batch 8 and 64, 192 (dy in L1) 2-6% slower still)
 CHUNK_TILES = 8  # micro-tiles of pixels a thread takes at once (it loops over every panel)
-PACK_RUN = 128   # pixels per step of _pack_dy_nchw (a 16 KB scratch block of 32 channels)
+PACK_RUN = 4096  # pixels per step of _pack_dy_nchw: a whole conv1 plane, 32 channels in a 512 KB
+# scratch (two read streams at a time; 128-pixel runs, 64 streams, took twice as long at batch 64)
 # Stride-1 forwards with at least this many output pixels per image take forward_split (NCHW
 # tiles) instead of forward (channels-last): conv2's 729 ran 1.03-1.07x faster that way at
 # batch 1, 8 and 64, conv3-conv5's 169 0.91-0.97x (their last tile of 8 is mostly empty, and
