@@ -127,7 +127,7 @@ def test_signal_saves_and_exits(data, tmp_path, sig, code):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == code, err
-    assert "Traceback" not in err and f"saved w.npz" in err
+    assert "Traceback" not in err and "saved w.npz" in err
     state = load_checkpoint(tmp_path / "w.npz").train_state
     assert state["epoch"] >= 1
 

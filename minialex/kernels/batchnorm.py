@@ -124,7 +124,7 @@ def batchnorm2d_forward_train(x, gamma, beta, eps=1e-5):
     Returns (y, mean, var, invstd): y x's shape; mean, var (biased), invstd: (C,) of x's dtype.
     """
     xc = np.ascontiguousarray(x)
-    n, c = xc.shape[0], xc.shape[1]
+    c = xc.shape[1]
     if xc.size // c <= 1:
         raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
     x3 = _as3(xc)

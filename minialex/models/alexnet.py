@@ -8,7 +8,6 @@
 - "cifar": the small AlexNet for 32×32 input (48-128-192-128, FC 512-2048-2048).
 `batch_norm=True` puts BatchNorm2d after every convolution (before its ReLU).
 """
-import numpy as np
 
 from .. import nn
 from ..nn import init

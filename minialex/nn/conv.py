@@ -1,5 +1,4 @@
-"""Conv2d on im2col + our GEMM (kernels/conv.py)."""
-import numpy as np
+"""Conv2d on our convolution kernels (kernels/conv.py picks the path for each call)."""
 
 from ..kernels.conv import conv2d_backward, conv2d_forward
 from ..kernels.im2col import conv_output_size

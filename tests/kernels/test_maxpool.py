@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from helpers import check_grads, distinct, to_torch
 from minialex.kernels.maxpool import (maxpool2d_backward, maxpool2d_backward_ref, maxpool2d_forward,

@@ -7,7 +7,7 @@ import sys
 import numba
 import pytest
 
-from helpers import assert_user_error as assert_one_line_error
+from helpers import assert_user_error as assert_one_line_error  # noqa: F401  (re-exported to the tests)
 from minialex.data import demo_dataset, read_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
