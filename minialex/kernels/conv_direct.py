@@ -163,18 +163,20 @@ def _direct_kernel(xp, hp, wpd, cin, run, wpk, toff, out, oh_n, ow_n, sh, sw, np
 
 
 @njit(cache=True)
-def _micro_8x32_cols(xp, b0, b1, b2, b3, b4, b5, b6, b7, koff, wp, w_off, out, o_off, ldo):
-    # _micro_8x32 with runs of one: out[p_r, 32 channels] = sum over k of
-    # xp[b_r + koff[k]] * wp[w_off + k*32 + lane], one table entry per weight column
+def _micro_8x32_table(xp, b0, b1, b2, b3, b4, b5, b6, b7, table, k0, k1, vp, v_off, out, o_off, ldo, add):
+    # out[r, 32 lanes] (+)= sum over k in k0..k1 of xp[b_r + table[k]] * vp[v_off + (k - k0)*32 + lane]
+    # (out rows at o_off + r*ldo). _micro_8x32 with one table entry per step instead of runs:
+    # forward_split's tiles (b_r: 8 pixels, table: weight columns, vp: packed weights) and the
+    # weight gradient's (b_r: 8 weight rows, table: pixels, vp: packed dy) are this loop.
     c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
     c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
     c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
     c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
-    pw = w_off
-    for k in range(koff.size):
-        o = koff[k]
-        w0 = vload(wp, pw)
-        w1 = vload(wp, pw + 16)
+    pv = v_off
+    for k in range(k0, k1):
+        o = table[k]
+        w0 = vload(vp, pv)
+        w1 = vload(vp, pv + 16)
         a = vbroadcast(xp, b0 + o)
         c00 = vfma(a, w0, c00); c01 = vfma(a, w1, c01)
         a = vbroadcast(xp, b1 + o)
@@ -191,8 +193,8 @@ def _micro_8x32_cols(xp, b0, b1, b2, b3, b4, b5, b6, b7, koff, wp, w_off, out, o
         c60 = vfma(a, w0, c60); c61 = vfma(a, w1, c61)
         a = vbroadcast(xp, b7 + o)
         c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
-        pw += PANEL
-    store_tile_8x32(out, o_off, ldo, False, c00, c01, c10, c11, c20, c21, c30, c31,
+        pv += PANEL
+    store_tile_8x32(out, o_off, ldo, add, c00, c01, c10, c11, c20, c21, c30, c31,
                     c40, c41, c50, c51, c60, c61, c70, c71)
 
 
@@ -252,8 +254,8 @@ def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, n_img, oh_n, ow
                     n = t // tpi
                     p = (t - n * tpi) * PIXELS
                     q = (t - t0) * PIXELS
-                    _micro_8x32_cols(xq, b[q], b[q + 1], b[q + 2], b[q + 3], b[q + 4], b[q + 5], b[q + 6],
-                                     b[q + 7], koff, wpk, pan * kk * PANEL, tile, 0, PANEL)
+                    _micro_8x32_table(xq, b[q], b[q + 1], b[q + 2], b[q + 3], b[q + 4], b[q + 5], b[q + 6],
+                                      b[q + 7], koff, 0, kk, wpk, pan * kk * PANEL, tile, 0, PANEL, False)
                     _store_tile_nchw(tile, bias[pan * PANEL:], relu, y, (n * cout + pan * PANEL) * plane + p,
                                      plane, min(PIXELS, plane - p))
 
@@ -328,53 +330,6 @@ def _from_nhwc(out, bias, has_bias, relu, y):
                 y[b, ch, p] = v
 
 
-@njit(cache=True)
-def _micro_dw_8x32(xq, dyk, xo, p_lo, p_hi, poff, p0, dk_off, c, c_off, ldc, add):
-    # C[8 x 32] (+)= over the output pixels p_lo..p_hi (flat (n, oh, ow) indices) of
-    # x[8 weight rows] * dy[n, co, oh, ow] for the 32 channels co of one panel
-    # xq: x zero-padded and split by column phase (see _pad_split): for weight row p0 + r,
-    # pixel p reads xq[xo[p] + poff[p0 + r]] ; xo: (N*OH*OW,) each pixel's base offset, so one
-    # flat loop runs over the pixels of many rows and images (a loop per output row cost
-    # 10-20% on 13-pixel rows) ; dyk: dy packed [panel][pixel][32] from dk_off: two sequential
-    # vector loads per pixel. The forward kernel's shape, so the same near-peak loop.
-    o0 = poff[p0]
-    o1 = poff[p0 + 1]
-    o2 = poff[p0 + 2]
-    o3 = poff[p0 + 3]
-    o4 = poff[p0 + 4]
-    o5 = poff[p0 + 5]
-    o6 = poff[p0 + 6]
-    o7 = poff[p0 + 7]
-    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
-    c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
-    c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
-    c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
-    pb = dk_off + p_lo * PANEL
-    for p in range(p_lo, p_hi):
-        o = xo[p]
-        w0 = vload(dyk, pb)
-        w1 = vload(dyk, pb + 16)
-        a = vbroadcast(xq, o0 + o)
-        c00 = vfma(a, w0, c00); c01 = vfma(a, w1, c01)
-        a = vbroadcast(xq, o1 + o)
-        c10 = vfma(a, w0, c10); c11 = vfma(a, w1, c11)
-        a = vbroadcast(xq, o2 + o)
-        c20 = vfma(a, w0, c20); c21 = vfma(a, w1, c21)
-        a = vbroadcast(xq, o3 + o)
-        c30 = vfma(a, w0, c30); c31 = vfma(a, w1, c31)
-        a = vbroadcast(xq, o4 + o)
-        c40 = vfma(a, w0, c40); c41 = vfma(a, w1, c41)
-        a = vbroadcast(xq, o5 + o)
-        c50 = vfma(a, w0, c50); c51 = vfma(a, w1, c51)
-        a = vbroadcast(xq, o6 + o)
-        c60 = vfma(a, w0, c60); c61 = vfma(a, w1, c61)
-        a = vbroadcast(xq, o7 + o)
-        c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
-        pb += PANEL
-    store_tile_8x32(c, c_off, ldc, add, c00, c01, c10, c11, c20, c21, c30, c31,
-                    c40, c41, c50, c51, c60, c61, c70, c71)
-
-
 @njit(parallel=True, cache=True)
 def _weight_grad_kernel(xq, dyk, xo, poff, dwt, nthreads, counter):
     # xq: padded, phase-split x (flat) ; dyk: (Cout/32, N*OH*OW, 32) packed dy
@@ -383,7 +338,10 @@ def _weight_grad_kernel(xq, dyk, xo, poff, dwt, nthreads, counter):
     # dwt: (R, Cout), row r the gradient of weight row r, overwritten
     # Work units are the 32-wide output-channel panels: each element of dwt has one writer and
     # one summation order whatever the thread count. A unit walks the pixels in blocks of
-    # DW_PIXEL_BLOCK, whose packed dy stays in cache while every weight row reuses it.
+    # DW_PIXEL_BLOCK, whose packed dy stays in cache while every weight row reuses it. The
+    # micro-kernel is the forward's with the pixels as the reduction: 8 weight rows broadcast
+    # from x (row r at xq[xo[p] + poff[r]]), the panel's dy loaded as the vectors; one flat
+    # loop over a block's pixels through xo (a loop per output row cost 10-20% on 13-pixel rows).
     npan, npix = dyk.shape[0], dyk.shape[1]
     cout = npan * PANEL
     dkf = dyk.reshape(-1)
@@ -396,8 +354,9 @@ def _weight_grad_kernel(xq, dyk, xo, poff, dwt, nthreads, counter):
             for p_lo in range(0, npix, DW_PIXEL_BLOCK):
                 p_hi = min(npix, p_lo + DW_PIXEL_BLOCK)
                 for p0 in range(0, poff.size, PIXELS):
-                    _micro_dw_8x32(xq, dkf, xo, p_lo, p_hi, poff, p0, pan * npix * PANEL,
-                                   cf, p0 * cout + pan * PANEL, cout, p_lo > 0)
+                    _micro_8x32_table(xq, poff[p0], poff[p0 + 1], poff[p0 + 2], poff[p0 + 3], poff[p0 + 4],
+                                      poff[p0 + 5], poff[p0 + 6], poff[p0 + 7], xo, p_lo, p_hi,
+                                      dkf, (pan * npix + p_lo) * PANEL, cf, p0 * cout + pan * PANEL, cout, p_lo > 0)
 
 
 @functools.lru_cache(maxsize=16)
