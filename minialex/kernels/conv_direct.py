@@ -376,17 +376,17 @@ def _weight_rows(cin, kh, kw, hp, s, wq):
     (Cout, K) weight. With Cin a multiple of 8 a block of 8 rows is 8 channels at one tap (8
     planes, as conv2-conv5 were first written), else 8 consecutive (c, i, j) (conv1's 3
     channels). Cached: one set per layer shape."""
-    c, i, j = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
-    c, i, j = c.ravel(), i.ravel(), j.ravel()          # in column order k
-    poff_k = c * (hp * s * wq) + i * (s * wq) + (j % s) * wq + j // s
+    poff_k = _column_offsets(cin, kh, kw, hp, s, wq)  # in column order k
+    k = poff_k.size
     if cin % PIXELS == 0:
-        rows = np.argsort((i * kw + j) * cin + c)        # tap-major: row r = tap * Cin + c
+        c, tap = np.divmod(np.arange(k), kh * kw)
+        rows = np.argsort(tap * cin + c)                # tap-major: row r = tap * Cin + c
     else:
-        rows = np.arange(c.size)
-    poff = np.zeros(-(-c.size // PIXELS) * PIXELS, dtype=np.int64)
-    poff[:c.size] = poff_k[rows]
-    rowof = np.empty(c.size, dtype=np.int64)
-    rowof[rows] = np.arange(c.size)
+        rows = np.arange(k)
+    poff = np.zeros(-(-k // PIXELS) * PIXELS, dtype=np.int64)
+    poff[:k] = poff_k[rows]
+    rowof = np.empty(k, dtype=np.int64)
+    rowof[rows] = np.arange(k)
     return poff, rowof
 
 
