@@ -235,6 +235,18 @@ def vmax(typingctx, a, b):
     return sig, codegen
 
 
+def _reduce_lanes(builder, x, combine):
+    """Lane 0 of a tree reduction: halves combined pairwise, 16 -> 8 -> 4 -> 2 -> 1 lanes."""
+    width = LANES
+    while width > 1:
+        half = width // 2
+        lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half))))
+        hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half, width))))
+        x = combine(lo, hi)
+        width = half
+    return builder.extract_element(x, ir.Constant(_i32, 0))
+
+
 @intrinsic
 def vhmax(typingctx, v):
     """Largest of the 16 lanes as a float32 (halves compared pairwise, as vmax)."""
@@ -243,15 +255,8 @@ def vhmax(typingctx, v):
     sig = types.float32(v)
 
     def codegen(context, builder, signature, args):
-        x = args[0]
-        width = LANES
-        while width > 1:
-            half = width // 2
-            lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half))))
-            hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half, width))))
-            x = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
-            width = half
-        return builder.extract_element(x, ir.Constant(_i32, 0))
+        return _reduce_lanes(builder, args[0],
+                             lambda a, b: builder.select(builder.fcmp_ordered(">", a, b), a, b))
 
     return sig, codegen
 
@@ -337,15 +342,7 @@ def vhsum(typingctx, v):
     sig = types.float32(v)
 
     def codegen(context, builder, signature, args):
-        x = args[0]
-        width = LANES
-        while width > 1:
-            half = width // 2
-            lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half))))
-            hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, half), list(range(half, width))))
-            x = builder.fadd(lo, hi)
-            width = half
-        return builder.extract_element(x, ir.Constant(_i32, 0))
+        return _reduce_lanes(builder, args[0], builder.fadd)
 
     return sig, codegen
 
