@@ -84,59 +84,16 @@ def supported_backward(x, w, stride, groups, padding):
             and w.shape[1] % PANEL == 0 and w.shape[0] % PANEL == 0 and padding[0] < kh and padding[1] < kw)
 
 
-@njit(cache=True)
-def _micro_8x32(xp, b0, b1, b2, b3, b4, b5, b6, b7, toff, cin, wp, w_off, out, o_off, ldo):
-    # out[p_r, 32 channels] = sum over taps t, ci of xp[b_r + toff[t] + ci] * wp[w_off + (t*cin + ci)*32 + lane]
-    # b_r: the 8 pixels' offsets in xp ; out rows at o_off + r*ldo
-    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
-    c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
-    c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
-    c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
-    pw = w_off
-    for t in range(toff.size):
-        o = toff[t]
-        q0 = b0 + o
-        q1 = b1 + o
-        q2 = b2 + o
-        q3 = b3 + o
-        q4 = b4 + o
-        q5 = b5 + o
-        q6 = b6 + o
-        q7 = b7 + o
-        for ci in range(cin):
-            w0 = vload(wp, pw)
-            w1 = vload(wp, pw + 16)
-            a = vbroadcast(xp, q0 + ci)
-            c00 = vfma(a, w0, c00); c01 = vfma(a, w1, c01)
-            a = vbroadcast(xp, q1 + ci)
-            c10 = vfma(a, w0, c10); c11 = vfma(a, w1, c11)
-            a = vbroadcast(xp, q2 + ci)
-            c20 = vfma(a, w0, c20); c21 = vfma(a, w1, c21)
-            a = vbroadcast(xp, q3 + ci)
-            c30 = vfma(a, w0, c30); c31 = vfma(a, w1, c31)
-            a = vbroadcast(xp, q4 + ci)
-            c40 = vfma(a, w0, c40); c41 = vfma(a, w1, c41)
-            a = vbroadcast(xp, q5 + ci)
-            c50 = vfma(a, w0, c50); c51 = vfma(a, w1, c51)
-            a = vbroadcast(xp, q6 + ci)
-            c60 = vfma(a, w0, c60); c61 = vfma(a, w1, c61)
-            a = vbroadcast(xp, q7 + ci)
-            c70 = vfma(a, w0, c70); c71 = vfma(a, w1, c71)
-            pw += PANEL
-    store_tile_8x32(out, o_off, ldo, False, c00, c01, c10, c11, c20, c21, c30, c31,
-                    c40, c41, c50, c51, c60, c61, c70, c71)
-
-
 @njit(parallel=True, cache=True)
-def _direct_kernel(xp, hp, wpd, cin, run, wpk, toff, out, oh_n, ow_n, sh, sw, npix, nthreads, counter):
+def _direct_kernel(xp, hp, wpd, cin, wpk, koff, out, oh_n, ow_n, sh, sw, npix, nthreads, counter):
     # xp: (N*Hp*Wp*Cin,) padded NHWC input ; wpk: (Cout/32 * taps*Cin * 32,) packed weights
-    # toff: (kh,) offset of each window row in xp, whose run of kw*Cin values is contiguous
+    # koff: (taps*Cin,) offset in xp of each weight column (tap, ci) from a pixel's window corner
     # out: (npix8 * Cout,) NHWC result, npix8 = npix
     # rounded up to 8 (the extra rows repeat the last pixel and are not used)
     # counter: (1,) zero ; threads take chunks of CHUNK_TILES micro-tiles from it, and for each
     # chunk sweep every channel panel while the chunk's input rows are in cache
     cout = out.size // ((npix + PIXELS - 1) // PIXELS * PIXELS)
-    kk = toff.size * run
+    kk = koff.size
     ntiles = (npix + PIXELS - 1) // PIXELS
     nchunks = (ntiles + CHUNK_TILES - 1) // CHUNK_TILES
     plane = oh_n * ow_n
@@ -158,16 +115,17 @@ def _direct_kernel(xp, hp, wpd, cin, run, wpk, toff, out, oh_n, ow_n, sh, sw, np
                         oh = rem // ow_n
                         ow = rem - oh * ow_n
                         b[r] = ((n * hp + oh * sh) * wpd + ow * sw) * cin
-                    _micro_8x32(xp, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], toff, run,
-                                wpk, pan * kk * PANEL, out, p * cout + pan * PANEL, cout)
+                    _micro_8x32_table(xp, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], koff, 0, kk,
+                                      wpk, pan * kk * PANEL, out, p * cout + pan * PANEL, cout, False)
 
 
 @njit(cache=True)
 def _micro_8x32_table(xp, b0, b1, b2, b3, b4, b5, b6, b7, table, k0, k1, vp, v_off, out, o_off, ldo, add):
     # out[r, 32 lanes] (+)= sum over k in k0..k1 of xp[b_r + table[k]] * vp[v_off + (k - k0)*32 + lane]
-    # (out rows at o_off + r*ldo). _micro_8x32 with one table entry per step instead of runs:
-    # forward_split's tiles (b_r: 8 pixels, table: weight columns, vp: packed weights) and the
-    # weight gradient's (b_r: 8 weight rows, table: pixels, vp: packed dy) are this loop.
+    # (out rows at o_off + r*ldo). The one micro-kernel of this file: the channels-last and
+    # the phase-split forwards (b_r: 8 pixels, table: weight columns, vp: packed weights) and
+    # the weight gradient (b_r: 8 weight rows, table: pixels, vp: packed dy). One table load
+    # per step costs nothing measurable against walking runs of Cin (0.99-1.03x, conv2-conv5).
     c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
     c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
     c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
@@ -200,7 +158,7 @@ def _micro_8x32_table(xp, b0, b1, b2, b3, b4, b5, b6, b7, table, k0, k1, vp, v_o
 
 @njit(cache=True)
 def _store_tile_nchw(tile, bias, relu, y, y_off, plane, valid):
-    # tile: (8 pixels x 32 channels) as _micro_8x32 left it (ldo 32) ; adds bias[32 lanes],
+    # tile: (8 pixels x 32 channels) as _micro_8x32_table left it (ldo 32) ; adds bias[32 lanes],
     # rectifies, and writes it transposed: channel c's 8 pixels at y[y_off + c*plane ..+ 8]
     # (the first `valid` of them when the tile runs past the end of its image's plane)
     for h in range(2):
@@ -510,14 +468,13 @@ def _weight_grad(x, dyk, dw, kh, kw, stride, padding, oh, ow, accumulate, nthrea
 
 def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     n, hp, wp, cin = xp.shape
-    # A window row's kw taps are kw adjacent pixels of xp, so their kw*Cin values are contiguous
-    # and match the packed weights' [tap][Cin] order: the kernel walks kh runs of kw*Cin values
-    # instead of kh*kw runs of Cin (same speed on conv2-5; conv1's 3 channels were still slower
-    # here than im2col + GEMM: 9.4 against 8.7 ms at batch 8)
-    toff = np.array([i * wp * cin for i in range(kh)], dtype=np.int64)
+    # weight column (tap i*kw + j, ci) of a pixel's window lies at (i*Wp + j)*Cin + ci in xp:
+    # the packed weights' [tap][Cin] order
+    i, j, ci = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(cin), indexing="ij")
+    koff = ((i * wp + j) * cin + ci).astype(np.int64).ravel()
     npix8 = (npix + PIXELS - 1) // PIXELS * PIXELS
     out = np.empty((npix8, cout), dtype=np.float32)
-    _direct_kernel(xp.reshape(-1), hp, wp, cin, kw * cin, wpk.reshape(-1), toff, out.reshape(-1), oh, ow, sh, sw,
+    _direct_kernel(xp.reshape(-1), hp, wp, cin, wpk.reshape(-1), koff, out.reshape(-1), oh, ow, sh, sw,
                    npix, nthreads, np.zeros(1, np.int64))
     return out
 
