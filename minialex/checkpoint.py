@@ -24,7 +24,6 @@ or inf are refused (they come from a run that diverged and would only poison the
 import json
 import math
 import os
-import tempfile
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CheckpointError
+from .files import write_atomically
 
 FORMAT_VERSION = 1
 # The largest real checkpoint (torchvision AlexNet with Adam's two moments) is ~0.75 GB; an archive
@@ -122,63 +122,7 @@ def save_checkpoint(path, model, *, arch, class_names, normalization, optimizer=
         arrays[f"model/{key}"] = np.asarray(value)
     text = json.dumps(header, ensure_ascii=False, allow_nan=True)
     arrays[HEADER_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    write_atomically(path, lambda f: _write_arrays(f, arrays))
-
-
-def remove_stale_temps(path):
-    """Delete temporary files a killed save of `path` left behind; returns how many."""
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix = f".{os.path.basename(path)}."
-    removed = 0
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(folder, name))
-                removed += 1
-            except OSError:
-                pass
-    return removed
-
-
-def write_atomically(path, write):
-    """Call write(fileobj) on a temp file next to `path`, fsync it, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write checkpoint: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); a checkpoint should get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: cannot write checkpoint: {e.strerror or e}") from None
-        raise
-    try:  # make the rename itself durable; not every file system lets us open a folder
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, lambda f: _write_arrays(f, arrays), what="checkpoint", error=CheckpointError)
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -3,9 +3,8 @@
 matplotlib is imported only when a plot is asked for, with the non-interactive Agg backend, so a
 headless server never needs a display and minialex never needs matplotlib to train.
 """
-import os
-
 from .errors import MinialexError
+from .files import write_atomically
 
 _MISSING = "-plot needs matplotlib, which is not installed (pip install 'minialex[plot]' or pip install matplotlib)"
 
@@ -22,14 +21,9 @@ def require_matplotlib():
 
 
 def _save(fig, plt, path):
-    tmp = f"{path}.tmp.png"
+    # Atomic: a viewer refreshing the file never sees half a PNG.
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)  # a viewer refreshing the file never sees half a PNG
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise MinialexError(f"{path}: cannot write the plot: {e.strerror or e}") from None
+        write_atomically(path, lambda f: fig.savefig(f, dpi=100, format="png"), what="plot")
     finally:
         plt.close(fig)
 

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import _random
-from .checkpoint import (build_model, load_checkpoint, load_into, load_weights, remove_stale_temps,
-                         save_checkpoint)
+from .checkpoint import build_model, load_checkpoint, load_into, load_weights, save_checkpoint
 from .errors import CheckpointError, DataError, MinialexError, at_line
+from .files import remove_stale_temps
 
 # Shorter side before the crop, per input size: torchvision's 256 -> 224 (the paper's 227 too),
 # and 36 -> 32 for the small variant, the usual "pad 4 and crop" of CIFAR-sized images.

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from minialex import nn
-from minialex.checkpoint import write_atomically
+from minialex.files import write_atomically
 from minialex.errors import MinialexError
 
 OPSET = 17
@@ -159,4 +159,4 @@ def export_onnx(model, path, input_size, *, class_names=None, normalization=None
     _require_onnx(path)
     data = onnx_model(model, input_size, class_names=class_names,
                       normalization=normalization).SerializeToString()
-    write_atomically(path, lambda f: f.write(data))
+    write_atomically(path, lambda f: f.write(data), what="ONNX model")

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from minialex.checkpoint import write_atomically
+from minialex.files import write_atomically
 from minialex.errors import CheckpointError
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
@@ -54,7 +54,7 @@ def write_wts(state_dict, path):
                 f.write(_hex_words(flat[start:start + _CHUNK]))
             f.write(b"\n")
 
-    write_atomically(path, write)
+    write_atomically(path, write, what=".wts file")
 
 
 def _parse_values(path, number, body: bytes, count: int):
