@@ -32,9 +32,6 @@ from .checkpoint import build_model, load_checkpoint, load_into, load_weights, s
 from .errors import CheckpointError, DataError, MinialexError, at_line
 from .files import remove_stale_temps
 
-# Shorter side before the crop, per input size: torchvision's 256 -> 224 (the paper's 227 too),
-# and 36 -> 32 for the small variant, the usual "pad 4 and crop" of CIFAR-sized images.
-RESIZE_FOR_INPUT = {224: 256, 227: 256, 32: 36}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 # Hyper-parameters a resumed run takes from its checkpoint (the optimiser state only fits them).
 RESUMED_FROM_CHECKPOINT = ("arch", "batch_norm", "optimizer", "lr", "momentum", "weight_decay",
@@ -175,10 +172,6 @@ def _raise_first_bad_image(samples, list_path):
             load_image(s.path)
         except DataError as e:
             raise DataError(at_line(list_path, s.line, str(e))) from None
-
-
-def resize_for(input_size):
-    return RESIZE_FOR_INPUT.get(int(input_size), int(round(input_size * 8 / 7)))
 
 
 def _read_data(cfg, num_classes, class_names):
@@ -499,6 +492,7 @@ def _append_log(path, record):
 def _normalization(cfg, ckpt, pretrained, train, list_path, size):
     """The checkpoint's, a same-size pretrained model's, or mean/std measured on the training list."""
     from .data import compute_mean_std
+    from .data.transforms import resize_for
     if ckpt:
         return ckpt.normalization
     if pretrained is not None and pretrained.normalization.get("crop") == size:
@@ -733,4 +727,4 @@ def predict(image_paths, weights, topk=5, threads=None, batch_size=16):
 
 
 __all__ = ["TrainConfig", "Interrupted", "Diverged", "run_training", "train_epoch", "evaluate",
-           "run_eval", "predict", "format_confusion", "grad_norm", "resize_for"]
+           "run_eval", "predict", "format_confusion", "grad_norm"]

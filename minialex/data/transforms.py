@@ -20,6 +20,16 @@ from PIL import Image
 from minialex.data.images import load_image
 from minialex.errors import DataError
 
+# Shorter side before the crop, per input size: torchvision's 256 -> 224 (the paper's 227 too),
+# and 36 -> 32 for the small variant, the usual "pad 4 and crop" of CIFAR-sized images.
+RESIZE_FOR_INPUT = {224: 256, 227: 256, 32: 36}
+
+
+def resize_for(input_size):
+    """The shorter side an image is resized to before the centre or random crop of `input_size`."""
+    return RESIZE_FOR_INPUT.get(int(input_size), int(round(input_size * 8 / 7)))
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from minialex import models
 from minialex.checkpoint import build_model, load_into, save_checkpoint
+from minialex.data.transforms import resize_for   # the same 256 -> 224 rule training uses
 from minialex.errors import CheckpointError
 from minialex.interop.torch_pickle import load_torch_file
 
@@ -34,7 +35,6 @@ def imagenet_class_names() -> list[str]:
 
 def imagenet_normalization(variant="torchvision") -> dict:
     """ImageNet's mean/std with the resize/crop of the variant's input size."""
-    from minialex.train import resize_for   # the same 256 -> 224 rule training uses
     crop = models.INPUT_SIZE[variant]
     return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": resize_for(crop),
             "crop": crop}
