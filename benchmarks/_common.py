@@ -145,9 +145,13 @@ def worker_env(lib, threads):
 
 
 def set_threads(lib, threads):
-    """Inside a child: give `lib` exactly `threads` compute threads."""
+    """Inside a child: give `lib` exactly `threads` compute threads (and minialex the malloc tuning
+    training applies, so a timed step allocates as a training step does)."""
     if lib == "minialex":
         import numba
+
+        from minialex._memory import keep_freed_memory
+        keep_freed_memory()
         numba.set_num_threads(threads)
     elif lib == "torch":
         import torch

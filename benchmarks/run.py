@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 from benchmarks import harness  # noqa: E402
 from benchmarks._common import RTOL, machine_info, torch_available  # noqa: E402
-from minialex.cli import _positive_int
+from minialex.config import positive_int as _positive_int
 
 # Imported only when used: a worker child loads its own section alone, so the memory section's
 # torch child never carries Numba, nor its minialex child torch.

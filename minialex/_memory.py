@@ -42,3 +42,17 @@ def aligned_zeros_like(a, alignment=64):
     raw = np.zeros(n + alignment, dtype=np.uint8)
     off = -raw.ctypes.data % alignment
     return raw[off:off + n].view(a.dtype).reshape(a.shape)
+
+
+def memory_use():
+    """{"rss_mb", "peak_rss_mb"} of this process from /proc (None where there is no /proc)."""
+    found = {"rss_mb": None, "peak_rss_mb": None}
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "rss_mb" if line.startswith("VmRSS:") else "peak_rss_mb"
+                    found[key] = round(int(line.split()[1]) / 1024, 1)  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return found

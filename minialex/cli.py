@@ -1,17 +1,19 @@
-"""The `minialex` command: argument parsing only; the work is in train.py, checkpoint.py and data.
+"""The `minialex` command: argument parsing only; the work is in train.py, evaluation.py, data and interop.
 
 Long options take one dash, as the C AlexNet's did (`-batchsize 8`); two dashes work too
 (`--batchsize 8`, `--load-pretrained W`). Every user error -- a bad list, image, checkpoint or
 argument -- is one line on stderr, `minialex: error: ...`, and exit status 2; Ctrl-C saves and exits
 130, SIGTERM 143 (128 + the signal number, what shells report for a killed process).
 
-Only the standard library is imported at the top: `minialex -h` should answer at once, and the
-Numba cache folder must be settled before anything imports Numba.
+Only the standard library (and config.py, which imports nothing else) is loaded at the top, so
+`minialex -h` answers at once, without importing NumPy or Numba; each command imports what it uses.
+The train command's options are generated from TrainConfig (config.py), their one description.
 """
 import argparse
 import os
 import sys
 
+from .config import TrainConfig, add_train_options, check, non_negative_int, options, positive_int
 from .errors import MinialexError
 
 EXIT_USER_ERROR = 2
@@ -26,90 +28,33 @@ class _Parser(argparse.ArgumentParser):
         # argparse's own error prints the usage block too; we promise one line.
         raise UsageError(f"{message} (see '{self.prog} -h')")
 
+    def _get_option_tuples(self, option_string):
+        # No prefix matching, also for single-dash options, where allow_abbrev=False does not reach
+        # on every Python: -batch must not be taken for -batchsize.
+        return []
+
 
 def _opt(parser, name, **kw):
     """Register -name, --name and (for names with underscores) --name-with-dashes."""
     spellings = [f"-{name}", f"--{name}"]
     if "_" in name:
         spellings.append(f"--{name.replace('_', '-')}")
-    parser.add_argument(*spellings, dest=name, **kw)
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def _milestones(text):
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give epochs as integers, e.g. 5,8") from None
+    kw.setdefault("dest", name)
+    parser.add_argument(*spellings, **kw)
 
 
 def _train_parser(sub):
     p = sub.add_parser("train", help="train AlexNet on a list of images",
                        description="Train AlexNet on a list file of 'class_id image_path' lines. Saves a "
                                    "checkpoint after every epoch and on Ctrl-C (exit 130) or SIGTERM (exit 143).")
-    _opt(p, "list", metavar="F", help="training list (default: ./images.list if it exists, else the "
-                                       "built-in Fashion-MNIST demo data, with its test list as -val)")
-    _opt(p, "val", metavar="F", help="validation list, evaluated after every epoch")
-    _opt(p, "labels", metavar="F", help="labels file of 'class_id name' lines (default: names class_<id>)")
-    _opt(p, "batchsize", type=_positive_int, metavar="N", help="images per batch (default 32)")
-    _opt(p, "epochs", type=_positive_int, metavar="N", help="total epochs, counting resumed ones (default 10)")
-    _opt(p, "arch", choices=["torchvision", "paper", "cifar"],
-         help="AlexNet variant (default: cifar on the demo data, torchvision otherwise)")
-    _opt(p, "bn", action="store_true", default=None, help="batch normalisation after each convolution")
-    _opt(p, "dropout", type=float, metavar="P", help="dropout probability of the classifier (default 0.5)")
-    _opt(p, "optimizer", choices=["sgd", "adam"], help="default sgd")
-    _opt(p, "lr", type=float, metavar="LR", help="learning rate (default 0.01 for sgd, 0.001 for adam)")
-    _opt(p, "momentum", type=float, metavar="M", help="SGD momentum (default 0.9)")
-    _opt(p, "wd", type=float, metavar="WD", help="weight decay (default 5e-4)")
-    _opt(p, "schedule", choices=["none", "step", "multistep", "plateau"],
-         help="learning-rate schedule: step divides by 10 every -step_size epochs (default a third of "
-              "the epochs), multistep at each of -milestones, plateau when validation loss stalls 2 "
-              "epochs (default none)")
-    _opt(p, "step_size", type=_positive_int, metavar="N", help="epochs between steps of -schedule step")
-    _opt(p, "milestones", type=_milestones, metavar="E,E", help="epochs where -schedule multistep divides")
-    _opt(p, "gamma", type=float, metavar="G", help="factor of each learning-rate step (default 0.1)")
-    _opt(p, "label_smoothing", type=float, metavar="S", help="label smoothing (default 0)")
-    _opt(p, "pca", action="store_true", default=None, help="the paper's PCA colour augmentation")
-    _opt(p, "load_pretrained", metavar="W", help="start from these weights (a checkpoint or an .npz "
-                                                  "state_dict); another class count re-initialises the last layer")
-    _opt(p, "resume", metavar="CKPT", help="continue a run from its checkpoint: model, optimiser, schedule, "
-                                           "epoch and random state (hyper-parameters come from it)")
-    _opt(p, "save", metavar="W", help="checkpoint file, rewritten atomically every epoch "
-                                      "(default: alexnet.npz in the current folder; the -resume file when resuming)")
-    _opt(p, "seed", type=int, metavar="S", help="random seed (default 0)")
-    _opt(p, "threads", type=_positive_int, metavar="T", help="compute threads (numba.set_num_threads)")
-    _opt(p, "workers", type=int, default=2, metavar="N", help="image decoding threads (default 2; 0 decodes inline)")
-    _opt(p, "skip_bad", action="store_true", help="skip unreadable images with a warning instead of stopping")
-    _opt(p, "log", metavar="F.jsonl", help="append one JSON object per epoch to this file")
-    _opt(p, "plot", metavar="F.png", help="draw loss/accuracy curves after every epoch (needs matplotlib)")
+    add_train_options(p, _opt)
     p.set_defaults(run=_run_train)
 
 
 def _run_train(a):
-    from .train import Interrupted, TrainConfig, run_training
-    cfg = TrainConfig(
-        list_path=a.list, val_path=a.val, labels_path=a.labels, epochs=a.epochs, batch_size=a.batchsize,
-        arch=a.arch, batch_norm=a.bn, dropout=a.dropout, optimizer=a.optimizer, lr=a.lr,
-        momentum=a.momentum, weight_decay=a.wd, schedule=a.schedule, step_size=a.step_size,
-        milestones=a.milestones or [], gamma=a.gamma, label_smoothing=a.label_smoothing, pca=a.pca,
-        load_pretrained=a.load_pretrained, resume=a.resume, save=a.save, seed=a.seed, threads=a.threads,
-        workers=a.workers, skip_bad_images=a.skip_bad, log=a.log, plot=a.plot)
-    if cfg.schedule == "multistep" and not cfg.milestones and not cfg.resume:
-        raise UsageError("minialex train: -schedule multistep needs -milestones, e.g. -milestones 5,8")
-    if cfg.resume and cfg.load_pretrained:
-        raise UsageError("minialex train: give -resume (continue a run) or -load_pretrained (start a new "
-                         "one from weights), not both")
-    if cfg.workers < 0:
-        raise UsageError("minialex train: -workers must be 0 or more")
+    from .train import Interrupted, run_training
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f, meta in options() if meta["cli"]})
+    check(cfg)  # a bad combination of options fails before anything is loaded
     try:
         run_training(cfg)
     except Interrupted as e:
@@ -124,17 +69,14 @@ def _inference_parser(sub):
                                    "checkpoint's class names, resize, crop and normalisation.")
     _opt(p, "input", nargs="+", required=True, metavar="IMG", help="one or more images, any size or mode")
     _opt(p, "load", required=True, metavar="W", help="checkpoint written by minialex train")
-    _opt(p, "topk", type=_positive_int, default=5, metavar="K", help="classes to show (default 5)")
-    _opt(p, "threads", type=_positive_int, metavar="T", help="compute threads")
+    _opt(p, "topk", type=positive_int, default=5, metavar="K", help="classes to show (default 5)")
+    _opt(p, "threads", type=positive_int, metavar="T", help="compute threads")
     p.set_defaults(run=_run_inference)
 
 
 def _run_inference(a):
-    from .train import predict
-    for path, top in predict(a.input, a.load, topk=a.topk, threads=a.threads):
-        print(path)
-        for class_id, name, prob in top:
-            print(f"  {prob:8.2%}  {name} ({class_id})")
+    from .evaluation import format_predictions, predict
+    print(format_predictions(predict(a.input, a.load, topk=a.topk, threads=a.threads)))
     return 0
 
 
@@ -143,20 +85,21 @@ def _eval_parser(sub):
                        description="Top-1/top-5 accuracy of a checkpoint on a list file, and a confusion matrix.")
     _opt(p, "list", required=True, metavar="F", help="list of 'class_id image_path' lines")
     _opt(p, "load", required=True, metavar="W", help="checkpoint written by minialex train")
-    _opt(p, "batchsize", type=_positive_int, default=32, metavar="N", help="default 32")
-    _opt(p, "workers", type=int, default=2, metavar="N", help="image decoding threads (default 2)")
-    _opt(p, "threads", type=_positive_int, metavar="T", help="compute threads")
+    _opt(p, "batchsize", type=positive_int, default=32, metavar="N", help="default 32")
+    _opt(p, "workers", type=non_negative_int, default=2, metavar="N", help="image decoding threads (default 2)")
+    _opt(p, "threads", type=positive_int, metavar="T", help="compute threads")
     _opt(p, "plot", metavar="F.png", help="also draw the confusion matrix (needs matplotlib)")
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(a):
-    from .train import format_confusion, run_eval
+    from .errors import printable
+    from .evaluation import format_confusion, run_eval
     if a.plot:
         from .plot import require_matplotlib
         require_matplotlib()
-    ckpt, r = run_eval(a.list, a.load, batch_size=a.batchsize, workers=max(0, a.workers), threads=a.threads)
-    print(f"{a.list}: {r['n']} images  top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  loss {r['loss']:.4f}")
+    ckpt, r = run_eval(a.list, a.load, batch_size=a.batchsize, workers=a.workers, threads=a.threads)
+    print(f"{printable(a.list, 300)}: {r['n']} images  top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  loss {r['loss']:.4f}")
     print(format_confusion(r["confusion"], ckpt.class_names))
     if a.plot:
         from .plot import plot_confusion
@@ -169,7 +112,7 @@ def _summary_parser(sub):
                        description="Print each layer's output shape, parameters and multiply-adds.")
     _opt(p, "arch", choices=["torchvision", "paper", "cifar"], default="torchvision", help="default torchvision")
     _opt(p, "bn", action="store_true", help="with batch normalisation")
-    _opt(p, "classes", type=_positive_int, default=1000, metavar="N", help="number of classes (default 1000)")
+    _opt(p, "classes", type=positive_int, default=1000, metavar="N", help="number of classes (default 1000)")
     p.set_defaults(run=_run_summary)
 
 

@@ -8,8 +8,8 @@ from PIL import Image
 import minialex
 from minialex import models, nn, optim
 from minialex.checkpoint import save_checkpoint
-from minialex.train import (Diverged, TrainConfig, _check_first_loss, evaluate, format_confusion,
-                            grad_norm, predict, train_epoch)
+from minialex.evaluation import evaluate, format_confusion, predict
+from minialex.train import Diverged, TrainConfig, _check_first_loss, grad_norm, train_epoch
 
 
 class _NoStop:
@@ -159,14 +159,14 @@ def test_predict_any_size_and_mode(tmp_path):
 
 
 def test_pretrained_with_other_class_count_reinitialises_only_the_last_layer(tmp_path, capsys):
-    from minialex.train import _load_pretrained
+    from minialex.run import copy_pretrained
     minialex.manual_seed(1)
     source = models.alexnet(num_classes=10, variant="cifar")
     np.savez(tmp_path / "sd.npz", **source.state_dict())
     minialex.manual_seed(2)
     model = models.alexnet(num_classes=3, variant="cifar")
     fresh_head = model.state_dict()["classifier.6.weight"]
-    _load_pretrained(model, tmp_path / "sd.npz", 3)
+    copy_pretrained(model, dict(np.load(tmp_path / "sd.npz")), tmp_path / "sd.npz", 3)
     assert "re-initialising the last layer (classifier.6)" in capsys.readouterr().err
     loaded = model.state_dict()
     for k, v in source.state_dict().items():
@@ -179,14 +179,15 @@ def test_pretrained_with_other_class_count_reinitialises_only_the_last_layer(tmp
 
 def test_without_list_uses_images_list_else_demo(tmp_path, monkeypatch):
     from minialex.data import demo_dataset
-    from minialex.train import _read_data
+    from minialex.run import read_data
     monkeypatch.chdir(tmp_path)
-    train, val, names, lists, arch = _read_data(TrainConfig(), None, None)
+    d = read_data(TrainConfig())
     demo = demo_dataset()
-    assert lists == (demo.train_list, demo.test_list) and arch == "cifar" and len(names) == 10
-    (tmp_path / "images.list").write_text(f"0 {train[0].path}\n1 {train[1].path}\n")
-    train, val, names, lists, arch = _read_data(TrainConfig(), None, None)
-    assert lists == ("images.list", None) and arch == "torchvision" and len(train) == 2 and val is None
+    assert d.lists == (demo.train_list, demo.test_list) and d.default_arch == "cifar" and len(d.class_names) == 10
+    (tmp_path / "images.list").write_text(f"0 {d.train[0].path}\n1 {d.train[1].path}\n")
+    d = read_data(TrainConfig())
+    assert (d.lists == ("images.list", None) and d.default_arch == "torchvision" and len(d.train) == 2
+            and d.val is None)
 
 
 def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch):
@@ -202,10 +203,11 @@ def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch):
 def test_resize_option_sets_the_crop_source_and_is_checked():
     from minialex.data import demo_dataset, read_list
     from minialex.errors import MinialexError
-    from minialex.train import _normalization
+    from minialex.config import resolve
+    from minialex.run import measure_normalization
     train = read_list(demo_dataset().train_list)[:20]
-    norm = _normalization(TrainConfig(resize=40), None, None, train, "images.list", 32)
+    norm = measure_normalization(resolve(TrainConfig(resize=40)), train, "images.list", 32)
     assert norm["resize"] == 40 and norm["crop"] == 32
-    assert _normalization(TrainConfig(), None, None, train, "images.list", 32)["resize"] == 36
+    assert measure_normalization(resolve(TrainConfig()), train, "images.list", 32)["resize"] == 36
     with pytest.raises(MinialexError, match="-resize 20"):
-        _normalization(TrainConfig(resize=20), None, None, train, "images.list", 32)
+        measure_normalization(resolve(TrainConfig(resize=20)), train, "images.list", 32)

@@ -6,7 +6,8 @@ import pytest
 
 from minialex.data import read_list
 from minialex.errors import DataError
-from minialex.train import TrainConfig, _read_data
+from minialex.run import read_data
+from minialex.train import TrainConfig
 
 from .conftest import FAST, assert_one_line_error, run_cli
 
@@ -15,7 +16,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 
 def _read_for_training(path):
     """What `minialex train -list PATH` does with a list before the first batch."""
-    return _read_data(TrainConfig(list_path=str(path)), None, None)
+    d = read_data(TrainConfig(list_path=str(path)))
+    return d.train, d.val, d.class_names, d.lists, d.default_arch
 
 
 def _error(fn, *args):

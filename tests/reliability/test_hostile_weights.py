@@ -17,7 +17,7 @@ import minialex
 from minialex import checkpoint, models, nn, optim
 from minialex.checkpoint import (FORMAT_VERSION, HEADER_KEY, CheckpointError, load_checkpoint, load_weights,
                                  model_from_checkpoint, save_checkpoint)
-from minialex.train import _eval_transform
+from minialex.evaluation import eval_transform as _eval_transform
 
 from .conftest import REPO, assert_one_line_error, run_cli
 

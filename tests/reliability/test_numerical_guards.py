@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 
 import minialex.nn
+import minialex.run as run_module
 import minialex.train as train_module
 from minialex.checkpoint import load_checkpoint
 from minialex.cli import main
@@ -30,13 +31,13 @@ def _first_batch(demo16, save, std_factor, monkeypatch):
     torchvision, because it has no LRN: LRN divides by a power of its inputs' energy, which makes
     the cifar and paper variants almost blind to the scale of their inputs at initialisation.
     """
-    real = train_module._normalization
+    real = run_module.measure_normalization
 
     def scaled(*args):
         norm = real(*args)
         return dict(norm, std=[s / std_factor for s in norm["std"]])
 
-    monkeypatch.setattr(train_module, "_normalization", scaled)
+    monkeypatch.setattr(run_module, "measure_normalization", scaled)
     train_module.run_training(train_module.TrainConfig(
         list_path=str(demo16[0]), epochs=1, batch_size=4, arch="torchvision", threads=1, workers=0,
         max_batches=1, save=str(save), seed=5))

@@ -9,7 +9,7 @@ import numpy as np
 from minialex.data import DataLoader
 from minialex.data.listfile import Sample
 from minialex.kernels import conv
-from minialex.train import memory_use
+from minialex._memory import memory_use
 
 from .conftest import FAST, run_cli
 
