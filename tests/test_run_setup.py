@@ -210,3 +210,27 @@ def test_plateau_says_what_it_watches_and_honours_patience(demo16, tmp_path):
     # At a rate of 1e-6 the validation loss cannot improve by plateau's 1e-4 relative threshold,
     # so with patience 0 every epoch after the first steps the rate down by -gamma 0.1.
     assert lrs == pytest.approx([1e-6, 1e-6, 1e-7]), lrs
+
+
+# -- what is printed from a checkpoint is escaped ------------------------------------------------------
+
+def test_class_names_from_a_checkpoint_cannot_drive_the_terminal(demo16, tmp_path, capsys, same_threads):
+    import minialex
+    from minialex import models
+    from minialex.checkpoint import save_checkpoint
+    minialex.manual_seed(0)
+    model = models.alexnet(num_classes=3, variant="cifar")
+    names = ["\x1b[2J\x1b[Hwrote out.npz", "b\u202eevil", "c" * 5000]
+    arch = {"variant": "cifar", "num_classes": 3, "batch_norm": False, "input_size": 32, "dropout": 0.5}
+    norm = {"mean": [0.5] * 3, "std": [0.25] * 3, "resize": 36, "crop": 32}
+    save_checkpoint(tmp_path / "w.npz", model, arch=arch, class_names=names, normalization=norm)
+    image = demo16[1][0].path
+    assert main(["inference", "-input", image, "-load", str(tmp_path / "w.npz"), "-threads", "1"]) == 0
+    listed = tmp_path / "three.list"
+    listed.write_text("".join(f"{i} {s.path}\n" for i, s in enumerate(demo16[1][:3])))
+    assert main(["eval", "-list", str(listed), "-load", str(tmp_path / "w.npz"), "-threads", "1",
+                 "-workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[2J" in out and "\\u202e" in out
+    assert max(len(line) for line in out.splitlines()) < 400
