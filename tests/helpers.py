@@ -36,15 +36,18 @@ def directional_derivative(f, arrays, directions, eps=1e-6):
 def check_grads(f, arrays, grads, eps=1e-6, rtol=1e-5, atol=1e-8, max_full=400, n_dirs=3, seed=0):
     """Assert that grads[i] is the gradient of scalar f(*arrays) w.r.t. arrays[i].
 
-    arrays: float64 arrays (f must not modify them). grads: same length, None where an input is
+    arrays: float64 arrays (checked; f works on copies). grads: same length, None where an input is
     not checked. Inputs of at most max_full elements get a full central-difference gradient,
     larger ones n_dirs random-direction derivatives (each direction checks all grads at once).
     """
-    arrays = [np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in arrays]
-    for a, g in zip(arrays, grads):
+    for i, (a, g) in enumerate(zip(arrays, grads)):
         if g is not None:
-            assert a.dtype == np.float64, "gradient checks run in float64"
+            # Checked on the caller's arrays: a float32 input would make central differences
+            # of step 1e-6 mostly rounding noise, whatever copy is made here.
+            assert isinstance(a, np.ndarray) and a.dtype == np.float64, \
+                f"gradient checks run in float64, input {i} is {getattr(a, 'dtype', type(a).__name__)}"
             assert g.shape == a.shape, f"gradient shape {g.shape} != input shape {a.shape}"
+    arrays = [a.copy() if isinstance(a, np.ndarray) else a for a in arrays]  # f may not modify ours
     total = sum(a.size for a, g in zip(arrays, grads) if g is not None)
     if total <= max_full:
         for i, g in enumerate(grads):
@@ -107,3 +110,25 @@ def assert_user_error(result, *fragments):
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def record_im2col_chunks(monkeypatch, module):
+    """Wrap `module.im2col` (as the batched convolution calls it) to record, per call, the batch
+    rows it was given as (first image index, image count) and the size in bytes of the whole
+    buffer its output lives in. Returns the list the records are appended to."""
+    calls = []
+    inner = module.im2col
+
+    def im2col(x, *args, out=None, **kw):
+        base = x
+        while base.base is not None and isinstance(base.base, np.ndarray):
+            base = base.base
+        start = (x.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // max(1, x[0].nbytes)
+        buffer = out
+        while buffer is not None and isinstance(buffer.base, np.ndarray):
+            buffer = buffer.base
+        calls.append((int(start), x.shape[0], None if buffer is None else buffer.nbytes))
+        return inner(x, *args, out=out, **kw)
+
+    monkeypatch.setattr(module, "im2col", im2col)
+    return calls

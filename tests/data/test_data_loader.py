@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -133,12 +135,22 @@ def test_error_mode_stops_on_the_first_bad_image(tmp_path, workers):
 
 def test_wait_time_is_measured_and_breaking_early_is_clean(tmp_path):
     samples = make_samples(tmp_path, n=20)
-    loader = DataLoader(samples, identity_eval(), batch_size=2, num_workers=2, prefetch=3)
+    transform = identity_eval()
+
+    def slow(img, rng):  # 20 ms a sample, 40 ms a batch, one worker: the caller must wait
+        time.sleep(0.02)
+        return transform(img, rng)
+
+    loader = DataLoader(samples, slow, batch_size=2, num_workers=1, prefetch=3)
     batches = iter(loader)
     next(batches)
-    assert loader.wait_time >= 0.0
+    assert loader.wait_time >= 0.035, loader.wait_time  # the whole first batch was waited for
     batches.close()  # cancels what is queued, joins the workers
-    assert len(list(loader)) == 10 and loader.wait_time > 0.0
+    start = time.perf_counter()
+    assert len(list(loader)) == 10
+    elapsed = time.perf_counter() - start
+    # A consumer that never pauses waits for nearly every batch: 10 x 40 ms, reset each epoch.
+    assert 0.3 <= loader.wait_time <= elapsed, (loader.wait_time, elapsed)
 
 
 @pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(batch_size=2, on_bad_image="ignore"),

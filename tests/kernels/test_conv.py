@@ -3,7 +3,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 import minialex.kernels.conv as conv_mod
-from helpers import assert_close, check_grads, to_torch
+from helpers import assert_close, check_grads, record_im2col_chunks, to_torch
 from minialex.kernels.conv import (conv2d_backward, conv2d_backward_ref, conv2d_forward,
                                    conv2d_forward_ref)
 
@@ -110,10 +110,11 @@ def test_batch_chunking_gives_the_same_result(monkeypatch):
     y_full = conv2d_forward(x, w, b, 2, 1, 1)
     dw_full, db_full = np.zeros_like(w), np.zeros_like(b)
     dx_full = conv2d_backward(dy, x, w, dw_full, db_full, 2, 1, 1)
-    # room for two images per chunk: chunks of 2, 2, 1
+    # room for two images' columns per chunk, so the batch of 5 really is split
     monkeypatch.setattr(conv_mod, "_COLS_BYTES", 27 * 16 * 8 * 2)
-    assert conv_mod._chunk_size(5, 27, 16, 8) == 2
+    calls = record_im2col_chunks(monkeypatch, conv_mod)
     np.testing.assert_allclose(conv2d_forward(x, w, b, 2, 1, 1), y_full, rtol=1e-6, atol=1e-6)
+    assert [count for _, count, _ in calls] == [2, 2, 1]
     dw, db = np.zeros_like(w), np.zeros_like(b)
     dx = conv2d_backward(dy, x, w, dw, db, 2, 1, 1)
     np.testing.assert_allclose(dx, dx_full, rtol=1e-6, atol=1e-6)

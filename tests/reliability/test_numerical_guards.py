@@ -14,6 +14,8 @@ import minialex.run as run_module
 import minialex.train as train_module
 from minialex.checkpoint import load_checkpoint
 from minialex.cli import main
+from minialex.kernels.batchnorm import batchnorm2d_backward, batchnorm2d_forward_train
+from minialex.kernels.conv import conv2d_backward
 from minialex.kernels.lrn import lrn_forward
 
 from .conftest import REPO
@@ -121,6 +123,45 @@ def test_no_fastmath_on_the_guard_path():
     fastmath lets LLVM assume no NaN/inf exists, so it must stay out of them."""
     files = {f for f, _ in _fastmath_functions()}
     assert not files & {"cross_entropy.py", "optim.py", "train.py", "gemm.py", "linear.py"}, files
+
+
+def test_fastmath_is_used_exactly_where_the_docs_say():
+    """docs/reliability.md lists every fastmath kernel by name; a new one must be listed (and
+    checked for NaN propagation) or this fails."""
+    found = sorted(_fastmath_functions())
+    assert found == [("batchnorm.py", "_grad_sums"), ("batchnorm.py", "_stats"),
+                     ("conv_blocked.py", "_mask_copy_sum"), ("lrn.py", "_lrn_bwd"),
+                     ("lrn.py", "_lrn_fwd"), ("lrn.py", "_neg_pow")], found
+    doc = open(os.path.join(REPO, "docs", "reliability.md"), encoding="utf-8").read()
+    section = doc[doc.index("**fastmath**"):]
+    section = section[:section.index("\n- **")] if "\n- **" in section else section
+    for file, function in found:
+        assert f"`{file}`" in section and f"`{function}`" in section, (file, function)
+
+
+def test_fastmath_batchnorm_and_blocked_conv_propagate_nan():
+    """Batch norm's sums and the blocked convolution's bias-gradient sum are reassociated, never
+    told "no NaN": a NaN going in must come out."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    x[2, 1, 3, 3] = np.nan
+    y, mean, var, _ = batchnorm2d_forward_train(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+    assert np.isnan(mean[1]) and np.isnan(var[1]) and np.isnan(y[:, 1]).all()
+    assert np.isfinite(y[:, [0, 2]]).all()
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dy[0, 0, 1, 1] = np.nan
+    x[2, 1, 3, 3] = 0.0
+    _, mean, _, invstd = batchnorm2d_forward_train(x, None, None)
+    dgamma, dbeta = np.zeros(3, np.float32), np.zeros(3, np.float32)
+    batchnorm2d_backward(dy, x, None, mean, invstd, dgamma, dbeta)
+    assert np.isnan(dgamma[0]) and np.isnan(dbeta[0]) and np.isfinite(dbeta[1:]).all()
+    # The blocked path (float32, odd channel count, at least one image per thread).
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    dyc = rng.standard_normal((4, 5, 5, 5)).astype(np.float32)
+    dyc[1, 2, 0, 0] = np.nan
+    dw, db = np.zeros_like(w), np.zeros(5, np.float32)
+    conv2d_backward(dyc, x, w, dw, db, 1, 1, 1)
+    assert np.isnan(db[2]) and np.isfinite(db[[0, 1, 3, 4]]).all()
 
 
 def test_fastmath_lrn_still_propagates_nan_and_inf():

@@ -5,11 +5,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from minialex.data import DataLoader
 from minialex.data.listfile import Sample
 from minialex.kernels import conv
 from minialex._memory import memory_use
+from helpers import record_im2col_chunks
 
 from .conftest import FAST, run_cli
 
@@ -63,9 +65,29 @@ def test_prefetch_queue_is_bounded():
     assert most_ahead[0] <= 3 + 1, most_ahead  # the queue, plus the batch handed over and not yet counted
 
 
-def test_im2col_buffer_stays_under_its_cap():
-    for n, c, k, hw in [(64, 3, 11, 55 * 55), (256, 64, 5, 27 * 27), (1, 384, 3, 13 * 13), (512, 256, 3, 13 * 13)]:
-        rows = c * k * k
-        chunk = conv._chunk_size(n, rows, hw, 4)
-        assert 1 <= chunk <= n
-        assert chunk * rows * hw * 4 <= max(conv._COLS_BYTES, rows * hw * 4)  # one image may exceed it alone
+@pytest.mark.parametrize("n, cap_images", [(7, 3), (5, 1), (4, 4), (3, 10), (6, 0.5)])
+def test_im2col_buffer_stays_under_its_cap(monkeypatch, n, cap_images):
+    """The batched convolution unfolds its batch in chunks that cover every image exactly once,
+    each chunk's column buffer within the cap (or one image's columns when a single image is
+    bigger than the cap), and the result is the unchunked one."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 3, 9, 9))  # float64: the batched im2col + GEMM path
+    w = rng.standard_normal((4, 3, 3, 3))
+    dy = rng.standard_normal((n, 4, 9, 9))
+    y_ref = conv.conv2d_forward_ref(x, w, None, 1, 1, 1)
+    one_image = 3 * 3 * 3 * 9 * 9 * x.itemsize  # one image's columns in bytes
+    cap = int(cap_images * one_image)
+    monkeypatch.setattr(conv, "_COLS_BYTES", cap)
+    for run in ("forward", "backward"):
+        calls = record_im2col_chunks(monkeypatch, conv)
+        if run == "forward":
+            y = conv.conv2d_forward(x, w, None, 1, 1, 1)
+            np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        else:
+            dw = np.zeros_like(w)
+            conv.conv2d_backward(dy, x, w, dw, None, 1, 1, 1)
+        covered = sorted(i for start, count, _ in calls for i in range(start, start + count))
+        assert covered == list(range(n)), (run, calls)
+        assert all(size <= max(cap, one_image) for _, _, size in calls), (run, cap, calls)
+        if cap_images >= 2:
+            assert len(calls) < n, (run, calls)  # chunks of several images when they fit
