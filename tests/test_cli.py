@@ -146,19 +146,6 @@ def _log(folder, name):
     return [json.loads(line) for line in (folder / name).read_text().splitlines()]
 
 
-def test_plateau_schedule_cuts_the_rate_when_validation_loss_stalls(data, tmp_path):
-    # A learning rate too small to move the validation loss by the scheduler's relative threshold
-    # (1e-4), yet large enough that halving it is more than the scheduler's eps (1e-8): after
-    # `patience` (2) stalled epochs the rate is cut by -gamma. The log's lr is the rate each
-    # epoch ran with.
-    r = minialex(["train", "-list", data["train"], "-val", data["val"], "-labels", data["labels"],
-                  "-epochs", 5, "-lr", "1e-5", "-schedule", "plateau", "-gamma", "0.5",
-                  "-save", "w.npz", "-log", "log.jsonl", *COMMON], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    lrs = [rec["lr"] for rec in _log(tmp_path, "log.jsonl")]
-    assert lrs[:4] == [1e-5] * 4 and lrs[4] == pytest.approx(5e-6, rel=1e-12), lrs
-
-
 @pytest.mark.parametrize("option", [["-label_smoothing", "0.3"], ["-pca"]])
 def test_label_smoothing_and_pca_change_training(data, tmp_path, option):
     """Same seed, one epoch with and without the option: the training loss (label smoothing
