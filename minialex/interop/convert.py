@@ -121,7 +121,8 @@ def check_shapes(state, arch, path):
     shapes = expected_shapes(arch)
     for key, value in state.items():
         if key in shapes and tuple(value.shape) != tuple(shapes[key]):
-            raise CheckpointError(f"{path}: {key!r} has shape {tuple(value.shape)}, AlexNet "
+            raise CheckpointError(f"{path}: weights are for another architecture: {key!r} has "
+                                  f"shape {tuple(value.shape)}, AlexNet "
                                   f"{arch['variant']} with {arch['num_classes']} classes needs "
                                   f"{tuple(shapes[key])}")
 
