@@ -38,7 +38,7 @@ def export_checkpoint(src, dst):
         write_wts(ckpt.state_dict, dst)
         return
     from minialex import models
-    size = ckpt.arch.get("input_size") or models.INPUT_SIZE.get(ckpt.arch.get("variant"))
+    size = ckpt.arch["input_size"] if "input_size" in ckpt.arch else models.INPUT_SIZE.get(ckpt.arch.get("variant"))
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_SIZE:
         raise CheckpointError(f"{src}: input size {size!r} is not a whole number from 1 to "
                               f"{MAX_INPUT_SIZE}; cannot export a graph for it")
