@@ -450,10 +450,10 @@ def _load_legacy(f, path, reader):
         if key in reader.data:
             raise ValueError(f"storage {key!r} is listed twice")
         dtype, declared = reader.storages[key]
-        head = f.read(8)
-        if len(head) != 8:
+        count = f.read(8)
+        if len(count) != 8:
             raise ValueError("file ends before all storages")
-        (numel,) = struct.unpack(count_format, head)
+        (numel,) = struct.unpack(count_format, count)
         if numel != declared:
             raise ValueError(f"storage {key!r} holds {numel:,} elements, its tensors declare {declared:,}")
         nbytes = numel * _ITEMSIZE[dtype]
