@@ -14,14 +14,21 @@ commands without loading NumPy, Numba, onnx or torch; each command imports what 
 import os
 
 EXPORT_FORMATS = {".onnx": "ONNX", ".wts": "TensorRT .wts"}
+# Largest input side an exported graph may declare (AlexNet's is 224 or 227).
+MAX_INPUT_SIZE = 4096
 ARCHS = ("torchvision", "paper", "cifar")
 
 
 def export_checkpoint(src, dst):
-    """Export checkpoint `src` to `dst`, in the format named by dst's extension (.onnx or .wts)."""
+    """Export checkpoint `src` to `dst`, in the format named by dst's extension (.onnx or .wts).
+
+    A target that cannot be written (a folder, a FIFO, a device) is refused before `src` is read.
+    """
     from minialex.checkpoint import load_checkpoint, model_from_checkpoint
-    from minialex.errors import MinialexError
+    from minialex.errors import CheckpointError, MinialexError
+    from minialex.files import check_output_target
     ext = os.path.splitext(os.fspath(dst))[1].lower()
+    check_output_target(dst, f"{EXPORT_FORMATS.get(ext, 'export')} file")
     if ext not in EXPORT_FORMATS:
         raise MinialexError(f"{dst}: unknown export format {ext or '(no extension)'!r}; "
                             f"name the output *.onnx or *.wts")
@@ -31,9 +38,14 @@ def export_checkpoint(src, dst):
         write_wts(ckpt.state_dict, dst)
         return
     from minialex import models
+    size = ckpt.arch["input_size"] if "input_size" in ckpt.arch else models.INPUT_SIZE.get(ckpt.arch.get("variant"))
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_SIZE:
+        raise CheckpointError(f"{src}: input size {size!r} is not a whole number from 1 to "
+                              f"{MAX_INPUT_SIZE}; cannot export a graph for it")
     model = model_from_checkpoint(ckpt)
+    from minialex.interop.input_size import check_input_size
+    check_input_size(model, size, src)
     from minialex.interop.onnx_export import export_onnx
-    size = int(ckpt.arch.get("input_size") or models.INPUT_SIZE[ckpt.arch["variant"]])
     export_onnx(model, dst, size, class_names=ckpt.class_names, normalization=ckpt.normalization)
 
 
@@ -60,12 +72,15 @@ def convert_parser(sub):
 
 
 def _run_convert(a):
+    from minialex.errors import printable
     from minialex.interop.convert import convert_torch_file
     arch = convert_torch_file(a.src, a.dst, arch=a.arch, labels=a.labels)
     names = "names from " + a.labels if a.labels else (
         "ImageNet names" if arch["num_classes"] == 1000 else "names class_<id>")
     bn = ", batch norm" if arch["batch_norm"] else ""
-    print(f"wrote {a.dst}: AlexNet {arch['variant']}{bn}, {arch['num_classes']} classes ({names})")
+    # Paths are the user's, but may hold terminal escapes all the same.
+    print(printable(f"wrote {a.dst}: AlexNet {arch['variant']}{bn}, {arch['num_classes']} classes "
+                    f"({names})", None))
     return 0
 
 
@@ -80,9 +95,10 @@ def export_parser(sub):
 
 
 def _run_export(a):
+    from minialex.errors import printable
     export_checkpoint(a.src, a.dst)
     ext = os.path.splitext(a.dst)[1].lower()
-    print(f"wrote {a.dst} ({EXPORT_FORMATS[ext]})")
+    print(printable(f"wrote {a.dst} ({EXPORT_FORMATS[ext]})", None))
     return 0
 
 

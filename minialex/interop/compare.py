@@ -14,8 +14,10 @@ import numpy as np
 
 from minialex import nn
 from minialex.checkpoint import load_checkpoint, model_from_checkpoint
-from minialex.errors import CheckpointError, MinialexError
+from minialex.errors import CheckpointError, MinialexError, printable
+from minialex.files import check_input_file
 from minialex.interop.convert import STATE_DICT_KEYS, strip_wrappers
+from minialex.interop.input_size import check_input_size
 
 # A layer "disagrees" when its largest difference exceeds this fraction of its largest activation.
 RELATIVE_TOLERANCE = 1e-4
@@ -164,13 +166,19 @@ def compare_files(load, torch_path, input_path, out=None):
     from minialex.data import EvalTransform, load_image
     out = out if out is not None else sys.stdout
     require_torch()
+    check_input_file(torch_path, "PyTorch file", CheckpointError)   # torch.load would wait on a FIFO
     ckpt = load_checkpoint(load)
     model = model_from_checkpoint(ckpt)
-    torch_model = load_torch_weights(torch_model_like(model), torch_path)
     norm = ckpt.normalization
-    transform = EvalTransform(int(norm["crop"]), int(norm["resize"]), norm["mean"], norm["std"])
+    crop, resize = norm.get("crop"), norm.get("resize")
+    for name, value in (("crop", crop), ("resize", resize)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{load}: normalization {name} {value!r} is not a positive whole number")
+    check_input_size(model, crop, load)
+    torch_model = load_torch_weights(torch_model_like(model), torch_path)
+    transform = EvalTransform(crop, resize, norm["mean"], norm["std"])
     x = transform(load_image(input_path))[None]
     rows = compare_models(model, torch_model, x)
-    print(f"minialex {load} vs torch {torch_path} on {input_path}", file=out)
+    print(printable(f"minialex {load} vs torch {torch_path} on {input_path}", None), file=out)
     print(format_report(rows), file=out)
     return rows

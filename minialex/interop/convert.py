@@ -4,6 +4,10 @@ Reads the .pth with our restricted reader (torch need not be installed and the f
 never runs), finds the state_dict in it, and writes a checkpoint that `inference` can use:
 arch from the weights, ImageNet normalisation, and ImageNet's class names when the last layer
 has 1,000 outputs (or the names of a labels file).
+
+Everything is checked before the model is built: the output target, the labels file, finite
+values, the class count (at most MAX_CLASSES) and every tensor's shape against the architecture,
+so a file of a few bytes cannot make the converter build a model of gigabytes.
 """
 import os
 from collections import OrderedDict
@@ -12,9 +16,11 @@ from importlib import resources
 import numpy as np
 
 from minialex import models
-from minialex.checkpoint import build_model, load_into, save_checkpoint
+from minialex.checkpoint import build_model, first_non_finite, load_into, save_checkpoint
+from minialex.data.listfile import MAX_CLASSES
 from minialex.data.transforms import resize_for   # the same 256 -> 224 rule training uses
-from minialex.errors import CheckpointError
+from minialex.errors import CheckpointError, DataError
+from minialex.files import check_input_file, check_output_target
 from minialex.interop.torch_pickle import load_torch_file
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -60,8 +66,8 @@ def state_dict_from(obj, path) -> OrderedDict:
     state = OrderedDict()
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise CheckpointError(f"{path}: entry {str(key)[:60]!r} is not a tensor; "
-                                  f"not a state_dict")
+            shown = key[:60] if isinstance(key, str) else type(key).__name__
+            raise CheckpointError(f"{path}: entry {shown!r} is not a tensor; not a state_dict")
         name = strip_wrappers(key)
         if name in state:
             raise CheckpointError(f"{path}: two tensors named {name!r}")
@@ -87,9 +93,38 @@ def arch_from_state_dict(state, variant, path) -> dict:
             linears.append((int(parts[1]), value.shape[0]))
     if not linears:
         raise CheckpointError(f"{path}: no classifier.<i>.weight matrix; not an AlexNet state_dict")
+    num_classes = int(max(linears)[1])
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise CheckpointError(f"{path}: last layer has {num_classes:,} classes; expected 1 to "
+                              f"{MAX_CLASSES:,}")
     batch_norm = any(k.endswith(".running_mean") for k in state)
-    return {"variant": variant, "num_classes": int(max(linears)[1]), "batch_norm": batch_norm,
+    return {"variant": variant, "num_classes": num_classes, "batch_norm": batch_norm,
             "input_size": models.INPUT_SIZE[variant]}
+
+
+def expected_shapes(arch) -> dict:
+    """name -> shape of every tensor in the state_dict of the model `arch` describes.
+
+    Builds the model with one class (the rest of AlexNet does not depend on the class count) and
+    widens its last layer's shapes to arch's num_classes, so a bad class count costs nothing.
+    """
+    one = build_model({**arch, "num_classes": 1}).state_dict()
+    last = max((k for k in one if k.startswith("classifier.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[1]))
+    prefix = last[: -len("weight")]
+    return {k: (int(arch["num_classes"]), *v.shape[1:]) if k.startswith(prefix) else v.shape
+            for k, v in one.items()}
+
+
+def check_shapes(state, arch, path):
+    """CheckpointError naming the first tensor whose shape the architecture does not have."""
+    shapes = expected_shapes(arch)
+    for key, value in state.items():
+        if key in shapes and tuple(value.shape) != tuple(shapes[key]):
+            raise CheckpointError(f"{path}: weights are for another architecture: {key!r} has "
+                                  f"shape {tuple(value.shape)}, AlexNet "
+                                  f"{arch['variant']} with {arch['num_classes']} classes needs "
+                                  f"{tuple(shapes[key])}")
 
 
 def convert_torch_file(src, dst, *, arch="torchvision", labels=None) -> dict:
@@ -100,8 +135,15 @@ def convert_torch_file(src, dst, *, arch="torchvision", labels=None) -> dict:
     file) for anything that cannot be converted; `dst` is then left as it was.
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    check_output_target(dst, "checkpoint", CheckpointError)
+    if labels is not None:
+        check_input_file(labels, "labels file", DataError)
     state = read_torch_state_dict(src)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{src}: {bad!r} holds NaN or inf values; refusing to convert it")
     arch_dict = arch_from_state_dict(state, arch, src)
+    check_shapes(state, arch_dict, src)
     model = build_model(arch_dict)
     load_into(model, state, src)
     num_classes = arch_dict["num_classes"]

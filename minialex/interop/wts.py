@@ -5,8 +5,11 @@
 
 Each value is a float32 written as the 8 hex digits of its big-endian bytes, as tensorrtx's
 gen_wts.py does with struct.pack('>f', v).hex(); the C++ loader reads them back with `std::hex`
-into a uint32 and reinterprets the bits, so values round-trip exactly. Non-float tensors (batch
-norm's num_batches_tracked) are converted to float32, as gen_wts.py's float(v) does.
+into a uint32 and reinterprets the bits, so values round-trip exactly. Integer tensors (batch
+norm's num_batches_tracked) are converted to float32, as gen_wts.py's float(v) does; anything
+that float32 cannot hold (complex numbers, text, values beyond float32's range, NaN or inf) is
+refused rather than written wrong. Names must be printable and free of whitespace: the format is
+split on whitespace and lines.
 
 AlexNet has 61 million weights, so both directions work on whole tensors in NumPy, in chunks,
 rather than one Python string per value.
@@ -38,12 +41,33 @@ def _hex_words(values):
     return text.tobytes()
 
 
+def _check_entry(path, name, value):
+    """CheckpointError unless `name` and `value` can be written to a .wts file as they are."""
+    if not isinstance(name, str) or not name or not name.isprintable() or any(c.isspace() for c in name):
+        raise CheckpointError(f"{path}: tensor name {name!r} cannot be written to a .wts file "
+                              f"(it must be printable, without spaces or line breaks)")
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise CheckpointError(f"{path}: {name!r} is {value.dtype}; a .wts file holds float32 only")
+    if value.dtype.kind == "f":
+        for start in range(0, value.size, _CHUNK):
+            chunk = value.reshape(-1)[start:start + _CHUNK]
+            if not np.isfinite(chunk).all():
+                raise CheckpointError(f"{path}: {name!r} holds NaN or inf values")
+            with np.errstate(over="ignore"):
+                if not np.isfinite(chunk.astype(np.float32)).all():
+                    raise CheckpointError(f"{path}: {name!r} holds values beyond float32's range")
+
+
 def write_wts(state_dict, path):
-    """Write name -> array (every entry, in order) as a .wts file at `path`, atomically."""
+    """Write name -> array (every entry, in order) as a .wts file at `path`, atomically.
+
+    CheckpointError (naming `path`) for a name or a dtype the format cannot carry, before the
+    file is touched.
+    """
     path = os.fspath(path)
-    for name in state_dict:
-        if not name or any(c.isspace() for c in name):
-            raise ValueError(f"tensor name {name!r} cannot be written to a .wts file")
+    for name, value in state_dict.items():
+        _check_entry(path, name, value)
 
     def write(f):
         f.write(f"{len(state_dict)}\n".encode("ascii"))

@@ -1,4 +1,7 @@
-"""ONNX export: onnxruntime running the exported graph gives minialex's eval-mode logits."""
+"""ONNX export: onnxruntime running the exported graph gives minialex's eval-mode logits.
+
+Each test asks for the optional packages it uses through the `onnx` and `ort` fixtures, so a
+machine without onnxruntime (or onnx) still runs every test that does not need it."""
 import json
 import sys
 
@@ -10,8 +13,16 @@ from minialex import models, nn
 from minialex.errors import MinialexError
 from minialex.interop.onnx_export import adaptive_pool_matrix, export_onnx
 
-onnx = pytest.importorskip("onnx", reason="onnx is an optional extra (pip install onnx)")
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional test extra")
+
+
+@pytest.fixture
+def onnx():
+    return pytest.importorskip("onnx", reason="onnx is an optional extra (pip install onnx)")
+
+
+@pytest.fixture
+def ort(onnx):
+    return pytest.importorskip("onnxruntime", reason="onnxruntime is an optional test extra")
 
 
 def _randomise(model, rng):
@@ -30,7 +41,7 @@ def _randomise(model, rng):
             m.bias.data[...] = rng.normal(0, 0.1, m.bias.data.shape)
 
 
-def _run(path, x):
+def _run(ort, path, x):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["logits"], {"input": x})[0]
 
@@ -40,7 +51,7 @@ def _run(path, x):
     ("paper", True, 227), ("cifar", False, 32), ("cifar", True, 32),
     # torchvision's adaptive pool at other sizes: 3x3 -> 6x6 (repeated rows), 12x12 -> 6x6 (2x2 means)
     ("torchvision", False, 128), ("torchvision", False, 415)])
-def test_onnxruntime_matches_minialex(tmp_path, variant, batch_norm, size):
+def test_onnxruntime_matches_minialex(ort, tmp_path, variant, batch_norm, size):
     minialex.manual_seed(0)
     rng = np.random.default_rng(0)
     model = models.alexnet(num_classes=10, variant=variant, batch_norm=batch_norm).eval()
@@ -49,13 +60,13 @@ def test_onnxruntime_matches_minialex(tmp_path, variant, batch_norm, size):
     export_onnx(model, path, size)
     x = rng.standard_normal((2, 3, size, size), dtype=np.float32)
     ours = model(x)
-    theirs = _run(path, x)
+    theirs = _run(ort, path, x)
     assert theirs.shape == ours.shape == (2, 10)
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
     assert np.abs(ours[0] - ours[1]).max() > 1e-3 * np.abs(ours).max()  # inputs really differ
 
 
-def test_graph_has_the_expected_operators_and_metadata(tmp_path):
+def test_graph_has_the_expected_operators_and_metadata(onnx, tmp_path):
     model = models.alexnet(num_classes=10, variant="paper", batch_norm=True)
     path = tmp_path / "paper.onnx"
     norm = {"mean": [0.5] * 3, "std": [0.25] * 3, "resize": 256, "crop": 227}
@@ -82,7 +93,7 @@ def test_adaptive_pool_matrix_follows_pytorch_windows():
     np.testing.assert_array_equal(adaptive_pool_matrix(1, 3), np.ones((3, 1)))
 
 
-def test_even_lrn_size_is_refused(tmp_path):
+def test_even_lrn_size_is_refused(onnx, tmp_path):
     model = models.alexnet(num_classes=10, variant="cifar")
     setattr(model.features, "1", nn.LocalResponseNorm(4))
     with pytest.raises(ValueError, match="even size 4"):

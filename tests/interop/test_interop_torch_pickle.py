@@ -198,3 +198,35 @@ def test_storage_shorter_than_declared_is_rejected(tmp_path):
     _zip_with_tensor(path, 8, (8,), (1,), 3)
     with pytest.raises(CheckpointError, match="truncated"):
         load_torch_file(path)
+
+
+def test_storage_longer_than_declared_is_rejected(tmp_path):
+    path = tmp_path / "long.pth"
+    _zip_with_tensor(path, 4, (4,), (1,), 5)   # 5 floats stored for a storage of 4
+    with pytest.raises(CheckpointError, match="storage '0' holds 20 bytes, 16 expected"):
+        load_torch_file(path)
+
+
+def test_legacy_storage_count_must_match_its_declaration(torch, tmp_path):
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert data[-24:-16] == (4).to_bytes(8, "little")   # the element count before the 16 data bytes
+    path.write_bytes(data[:-24] + (5).to_bytes(8, "little") + data[-16:] + bytes(4))
+    with pytest.raises(CheckpointError, match="holds 5 elements, its tensors declare 4"):
+        load_torch_file(path)
+
+
+def test_legacy_file_is_told_by_its_magic_number_whatever_the_pickle_protocol(torch, tmp_path):
+    path = tmp_path / "legacy.pth"
+    for protocol in (2, 4):
+        torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+        np.testing.assert_array_equal(load_torch_file(path)["w"], np.ones(3, np.float32))
+
+
+def test_unknown_bytes_and_gzip_are_not_a_pytorch_file(tmp_path):
+    import gzip
+    path = tmp_path / "x.pth"
+    path.write_bytes(gzip.compress(b"not a tar"))
+    with pytest.raises(CheckpointError, match="not a PyTorch file \\(neither a torch.save zip"):
+        load_torch_file(path)

@@ -60,7 +60,27 @@ def test_bad_files_name_the_line(tmp_path, content, message):
         read_wts(path)
 
 
-def test_names_with_spaces_cannot_be_written(tmp_path):
-    with pytest.raises(ValueError, match="cannot be written"):
-        write_wts({"a b": np.zeros(1)}, tmp_path / "x.wts")
+@pytest.mark.parametrize("name", ["a b", "a\nb", "a\tb", "a\x1b[2Jb", "a\x00b", "", "a\u2028b"])
+def test_names_that_break_the_line_format_cannot_be_written(tmp_path, name):
+    with pytest.raises(CheckpointError, match="cannot be written to a .wts file") as err:
+        write_wts({"ok": np.zeros(1), name: np.zeros(1)}, tmp_path / "x.wts")
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
     assert not (tmp_path / "x.wts").exists()
+
+
+@pytest.mark.parametrize("value,message", [
+    (np.array([1 + 2j], np.complex64), "complex64; a .wts file holds float32 only"),
+    (np.array(["a"]), "<U1; a .wts file holds float32 only"),
+    (np.array([1e300]), "beyond float32's range"),
+    (np.array([np.nan], np.float32), "NaN or inf"),
+])
+def test_values_float32_cannot_hold_are_refused(tmp_path, value, message):
+    with pytest.raises(CheckpointError, match=message):
+        write_wts({"w": np.zeros(2), "v": value}, tmp_path / "x.wts")
+    assert not (tmp_path / "x.wts").exists()
+
+
+def test_integers_and_booleans_are_written_as_float32(tmp_path):
+    write_wts({"n": np.array([7], np.int64), "b": np.array([True, False])}, tmp_path / "x.wts")
+    back = read_wts(tmp_path / "x.wts")
+    assert back["n"].tolist() == [7.0] and back["b"].tolist() == [1.0, 0.0]
