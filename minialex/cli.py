@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .config import TrainConfig, add_train_options, check, non_negative_int, options, positive_int
+from .config import ARCHS, TrainConfig, add_option, add_train_options, check, non_negative_int, options, positive_int
 from .errors import MinialexError
 
 EXIT_USER_ERROR = 2
@@ -34,20 +34,11 @@ class _Parser(argparse.ArgumentParser):
         return []
 
 
-def _opt(parser, name, **kw):
-    """Register -name, --name and (for names with underscores) --name-with-dashes."""
-    spellings = [f"-{name}", f"--{name}"]
-    if "_" in name:
-        spellings.append(f"--{name.replace('_', '-')}")
-    kw.setdefault("dest", name)
-    parser.add_argument(*spellings, **kw)
-
-
 def _train_parser(sub):
     p = sub.add_parser("train", help="train AlexNet on a list of images",
                        description="Train AlexNet on a list file of 'class_id image_path' lines. Saves a "
                                    "checkpoint after every epoch and on Ctrl-C (exit 130) or SIGTERM (exit 143).")
-    add_train_options(p, _opt)
+    add_train_options(p)
     p.set_defaults(run=_run_train)
 
 
@@ -67,10 +58,10 @@ def _inference_parser(sub):
     p = sub.add_parser("inference", help="top-k classes of images",
                        description="Print the top-k classes (softmax probabilities) of each image, using the "
                                    "checkpoint's class names, resize, crop and normalisation.")
-    _opt(p, "input", nargs="+", required=True, metavar="IMG", help="one or more images, any size or mode")
-    _opt(p, "load", required=True, metavar="W", help="checkpoint written by minialex train")
-    _opt(p, "topk", type=positive_int, default=5, metavar="K", help="classes to show (default 5)")
-    _opt(p, "threads", type=positive_int, metavar="T", help="compute threads")
+    add_option(p, "input", nargs="+", required=True, metavar="IMG", help="one or more images, any size or mode")
+    add_option(p, "load", required=True, metavar="W", help="checkpoint written by minialex train")
+    add_option(p, "topk", type=positive_int, default=5, metavar="K", help="classes to show (default 5)")
+    add_option(p, "threads", type=positive_int, metavar="T", help="compute threads")
     p.set_defaults(run=_run_inference)
 
 
@@ -83,12 +74,12 @@ def _run_inference(a):
 def _eval_parser(sub):
     p = sub.add_parser("eval", help="accuracy and confusion matrix on a list",
                        description="Top-1/top-5 accuracy of a checkpoint on a list file, and a confusion matrix.")
-    _opt(p, "list", required=True, metavar="F", help="list of 'class_id image_path' lines")
-    _opt(p, "load", required=True, metavar="W", help="checkpoint written by minialex train")
-    _opt(p, "batchsize", type=positive_int, default=32, metavar="N", help="default 32")
-    _opt(p, "workers", type=non_negative_int, default=2, metavar="N", help="image decoding threads (default 2)")
-    _opt(p, "threads", type=positive_int, metavar="T", help="compute threads")
-    _opt(p, "plot", metavar="F.png", help="also draw the confusion matrix (needs matplotlib)")
+    add_option(p, "list", required=True, metavar="F", help="list of 'class_id image_path' lines")
+    add_option(p, "load", required=True, metavar="W", help="checkpoint written by minialex train")
+    add_option(p, "batchsize", type=positive_int, default=32, metavar="N", help="default 32")
+    add_option(p, "workers", type=non_negative_int, default=2, metavar="N", help="image decoding threads (default 2)")
+    add_option(p, "threads", type=positive_int, metavar="T", help="compute threads")
+    add_option(p, "plot", metavar="F.png", help="also draw the confusion matrix (needs matplotlib)")
     p.set_defaults(run=_run_eval)
 
 
@@ -110,9 +101,9 @@ def _run_eval(a):
 def _summary_parser(sub):
     p = sub.add_parser("summary", help="layer table of a model",
                        description="Print each layer's output shape, parameters and multiply-adds.")
-    _opt(p, "arch", choices=["torchvision", "paper", "cifar"], default="torchvision", help="default torchvision")
-    _opt(p, "bn", action="store_true", help="with batch normalisation")
-    _opt(p, "classes", type=positive_int, default=1000, metavar="N", help="number of classes (default 1000)")
+    add_option(p, "arch", choices=ARCHS, default="torchvision", help="default torchvision")
+    add_option(p, "bn", action="store_true", help="with batch normalisation")
+    add_option(p, "classes", type=positive_int, default=1000, metavar="N", help="number of classes (default 1000)")
     p.set_defaults(run=_run_summary)
 
 
@@ -132,7 +123,7 @@ def _prepare_parser(sub):
     f = kinds.add_parser("fashion-mnist", help="Fashion-MNIST from its IDX .gz files",
                          description="Write Fashion-MNIST (60000 train / 10000 test) as PNGs with list files.")
     f.add_argument("out_dir", metavar="OUT_DIR")
-    _opt(f, "source", metavar="DIR", help="folder of the IDX .gz files (default: Debian's "
+    add_option(f, "source", metavar="DIR", help="folder of the IDX .gz files (default: Debian's "
                                           "/usr/share/datasets/fashion-mnist)")
     f.set_defaults(run=_run_prepare_fashion)
     d = kinds.add_parser("folder", help="a folder with one sub-folder of images per class",

@@ -163,8 +163,18 @@ def flag_of(name):
 RESUMABLE = tuple(f.name for f, meta in options() if meta["resumable"])
 
 
-def add_train_options(parser, add):
-    """Register every TrainConfig option on `parser` with `add(parser, flag, dest=..., **kw)`."""
+def add_option(parser, name, **kw):
+    """Register -name, --name and (for names with underscores) --name-with-dashes on an argparse
+    parser: one dash, as the C AlexNet's options had; two work too."""
+    spellings = [f"-{name}", f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    kw.setdefault("dest", name)
+    parser.add_argument(*spellings, **kw)
+
+
+def add_train_options(parser):
+    """Register every TrainConfig option on `parser`."""
     for f, meta in options():
         if not meta["cli"]:
             continue
@@ -178,7 +188,7 @@ def add_train_options(parser, add):
             for key in ("type", "choices", "metavar"):
                 if meta[key] is not None:
                     kw[key] = meta[key]
-        add(parser, meta["flag"] or f.name, dest=f.name, **kw)
+        add_option(parser, meta["flag"] or f.name, dest=f.name, **kw)
 
 
 def resolve(cfg: TrainConfig, resumed: dict | None = None, say=None) -> TrainConfig:
@@ -251,6 +261,6 @@ def resumable_values(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k in RESUMABLE}
 
 
-__all__ = ["TrainConfig", "option", "options", "flag_of", "RESUMABLE", "add_train_options", "resolve",
+__all__ = ["TrainConfig", "option", "options", "flag_of", "RESUMABLE", "add_option", "add_train_options", "resolve",
            "check", "resumable_values", "positive_int", "non_negative_int", "finite_float", "epoch_list",
            "DEFAULT_LR", "ARCHS"]

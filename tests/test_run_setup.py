@@ -53,7 +53,7 @@ def test_a_new_option_needs_only_its_field(monkeypatch):
     monkeypatch.setattr(config, "RESUMABLE", config.RESUMABLE + ("warmup",))
     import argparse
     p = argparse.ArgumentParser()
-    config.add_train_options(p, lambda parser, name, **kw: parser.add_argument(f"-{name}", **kw))
+    config.add_train_options(p)
     assert p.parse_args(["-warmup", "5"]).warmup == 5
     assert config.resolve(extra()).warmup == 3
     with pytest.raises(MinialexError, match="-warmup"):

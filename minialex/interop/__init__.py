@@ -13,10 +13,11 @@ commands without loading NumPy, Numba, onnx or torch; each command imports what 
 """
 import os
 
+from minialex.config import ARCHS, add_option
+
 EXPORT_FORMATS = {".onnx": "ONNX", ".wts": "TensorRT .wts"}
 # Largest input side an exported graph may declare (AlexNet's is 224 or 227).
 MAX_INPUT_SIZE = 4096
-ARCHS = ("torchvision", "paper", "cifar")
 
 
 def export_checkpoint(src, dst):
@@ -51,11 +52,6 @@ def export_checkpoint(src, dst):
 
 # -- command line: each function adds one sub-command to the `minialex` parser ------------------
 
-def _opt(parser, name, **kw):
-    # One dash like every other minialex option (as the C AlexNet had), two dashes work too.
-    parser.add_argument(f"-{name}", f"--{name}", dest=name, **kw)
-
-
 def convert_parser(sub):
     p = sub.add_parser("convert", help="PyTorch AlexNet weights (.pth) -> minialex checkpoint",
                        description="Convert a torch.save'd AlexNet state_dict (zip or legacy format, or a "
@@ -64,9 +60,9 @@ def convert_parser(sub):
                                    "torch need not be installed.")
     p.add_argument("src", metavar="SRC.pth")
     p.add_argument("dst", metavar="DST.npz")
-    _opt(p, "arch", choices=ARCHS, default="torchvision", help="AlexNet variant of the weights "
+    add_option(p, "arch", choices=ARCHS, default="torchvision", help="AlexNet variant of the weights "
                                                                "(default torchvision)")
-    _opt(p, "labels", metavar="F", help="labels file of 'class_id name' lines (default: the 1,000 "
+    add_option(p, "labels", metavar="F", help="labels file of 'class_id name' lines (default: the 1,000 "
                                         "ImageNet names when the model has 1,000 classes, else class_<id>)")
     p.set_defaults(run=_run_convert)
 
@@ -108,9 +104,9 @@ def compare_parser(sub):
                                    "holding the .pth weights; print the sum and max |difference| after every "
                                    "layer. Exit status 1 when some layer differs by more than 1e-4 of its "
                                    "largest activation.")
-    _opt(p, "load", required=True, metavar="W", help="minialex checkpoint")
-    _opt(p, "torch", required=True, metavar="F.pth", help="PyTorch state_dict of the same architecture")
-    _opt(p, "input", required=True, metavar="IMG", help="image, prepared with the checkpoint's "
+    add_option(p, "load", required=True, metavar="W", help="minialex checkpoint")
+    add_option(p, "torch", required=True, metavar="F.pth", help="PyTorch state_dict of the same architecture")
+    add_option(p, "input", required=True, metavar="IMG", help="image, prepared with the checkpoint's "
                                                         "resize, crop and normalisation")
     p.set_defaults(run=_run_compare)
 
