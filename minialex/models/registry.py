@@ -10,7 +10,8 @@ without allocating one, so a reader can check a file's weights before building a
 import math
 from dataclasses import asdict, dataclass
 
-from . import alexnet as _alexnet
+from .alexnet import alexnet
+from .alexnet import state_shapes as alexnet_state_shapes
 
 # Image side each variant is built for (its classifier's input size depends on it).
 INPUT_SIZE = {"torchvision": 224, "paper": 227, "cifar": 32}
@@ -91,17 +92,16 @@ def build(arch):
     """A freshly initialised model for `arch` (an Arch), in training mode."""
     if not isinstance(arch, Arch):
         raise TypeError(f"build expects an Arch, got {type(arch).__name__} (use Arch.from_dict)")
-    return _alexnet.alexnet(num_classes=arch.num_classes, variant=arch.variant,
-                            batch_norm=arch.batch_norm, dropout=arch.dropout)
+    return alexnet(num_classes=arch.num_classes, variant=arch.variant,
+                   batch_norm=arch.batch_norm, dropout=arch.dropout)
 
 
 def state_shapes(arch):
     """{state_dict key: shape} for every entry (parameters and buffers) of build(arch), in
     state_dict order, computed without allocating the model."""
-    return _alexnet.state_shapes(arch.variant, arch.num_classes, arch.batch_norm)
+    return alexnet_state_shapes(arch.variant, arch.num_classes, arch.batch_norm)
 
 
 def parameter_shapes(arch):
     """{key: shape} for the trainable parameters only (state_shapes without the buffers)."""
-    return _alexnet.state_shapes(arch.variant, arch.num_classes, arch.batch_norm,
-                                 parameters_only=True)
+    return alexnet_state_shapes(arch.variant, arch.num_classes, arch.batch_norm, parameters_only=True)
