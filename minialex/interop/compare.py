@@ -71,29 +71,31 @@ def torch_model_like(model):
             return torch.nn.Dropout(m.p)
         if isinstance(m, nn.Identity):
             return torch.nn.Identity()
+        if isinstance(m, nn.Flatten):
+            return torch.nn.Flatten()
         raise TypeError(f"no torch.nn equivalent for {type(m).__name__}")
 
     class TorchAlexNet(torch.nn.Module):
+        # A Flatten child owns no state: the state_dict keys stay torchvision's.
         def __init__(self):
             super().__init__()
-            self.features = twin(model.features)
-            self.avgpool = twin(model.avgpool)
-            self.classifier = twin(model.classifier)
+            for name, child in model._modules.items():
+                self.add_module(name, twin(child))
 
         def forward(self, x):
-            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+            for child in self.children():
+                x = child(x)
+            return x
 
     return TorchAlexNet()
 
 
 def _layers(model):
-    """(name, layer) in execution order; None stands for the flatten between pool and classifier."""
-    for i, m in enumerate(model.features):
-        yield f"features.{i}", m
-    yield "avgpool", model.avgpool
-    yield "flatten", None
-    for i, m in enumerate(model.classifier):
-        yield f"classifier.{i}", m
+    """(name, layer) of every leaf layer, in execution order (the order children are declared),
+    for minialex and torch models alike."""
+    for name, m in model.named_modules():
+        if name and not any(True for _ in m.children()):
+            yield name, m
 
 
 def compare_models(model, torch_model, x):
@@ -107,10 +109,7 @@ def compare_models(model, torch_model, x):
         torch_layers = dict(_layers(torch_model))
         rows = []
         for name, layer in _layers(model):
-            if layer is None:
-                ours, theirs, kind = ours.reshape(ours.shape[0], -1), torch.flatten(theirs, 1), "Flatten"
-            else:
-                ours, theirs, kind = layer(ours), torch_layers[name](theirs), type(layer).__name__
+            ours, theirs, kind = layer(ours), torch_layers[name](theirs), type(layer).__name__
             ref = theirs.numpy()
             if ours.shape != ref.shape:
                 raise ValueError(f"{name}: minialex gives shape {ours.shape}, torch {ref.shape}")

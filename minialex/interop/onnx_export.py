@@ -62,11 +62,11 @@ class _GraphBuilder:
 
     def layer(self, m, name, x, shape):
         """Emit `m` applied to tensor `x` of `shape`; returns (output name, output shape)."""
-        out_shape = tuple(m.output_shape(shape))
-        if isinstance(m, nn.Sequential):
+        if m._modules:   # a container (Sequential, the model): its children run in declared order
             for child_name, child in m._modules.items():
-                x, shape = self.layer(child, f"{name}.{child_name}", x, shape)
+                x, shape = self.layer(child, f"{name}.{child_name}" if name else child_name, x, shape)
             return x, shape
+        out_shape = tuple(m.output_shape(shape))
         if isinstance(m, (nn.Identity, nn.Dropout)):
             return x, out_shape
         if isinstance(m, nn.Conv2d):
@@ -133,10 +133,7 @@ def onnx_model(model, input_size, *, class_names=None, normalization=None):
     try:
         g = _GraphBuilder(onnx)
         shape = (1, 3, int(input_size), int(input_size))
-        x, shape = g.layer(model.features, "features", "input", shape)
-        x, shape = g.layer(model.avgpool, "avgpool", x, shape)
-        x = g.node("Flatten", [x], "flatten", axis=1)
-        x, shape = g.layer(model.classifier, "classifier", x, (shape[0], int(np.prod(shape[1:]))))
+        x, shape = g.layer(model, "", "input", shape)
     finally:
         model.train(was_training)
     g.nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))

@@ -2,11 +2,7 @@
 import numpy as np
 from numba import njit, prange
 
-
-def _pair(v):
-    if isinstance(v, (tuple, list)):
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+from minialex.shapes import pair
 
 
 @njit(cache=True, inline="always")
@@ -63,7 +59,7 @@ def _avg_bwd(dy, dx):
 
 def adaptive_avgpool2d_forward(x, output_size):
     """x: (N, C, H, W) ; output_size: int or (oh, ow). Returns y: (N, C, OH, OW)."""
-    oh, ow = _pair(output_size)
+    oh, ow = pair(output_size)
     n, c, h, w = x.shape
     xc = np.ascontiguousarray(x)
     y = np.empty((n, c, oh, ow), dtype=x.dtype)
@@ -87,7 +83,7 @@ def _windows(size, osize):
 
 def adaptive_avgpool2d_forward_ref(x, output_size):
     """NumPy reference twin. x: (N, C, H, W)."""
-    oh, ow = _pair(output_size)
+    oh, ow = pair(output_size)
     n, c, h, w = x.shape
     y = np.empty((n, c, oh, ow), dtype=x.dtype)
     for i, (h0, h1) in enumerate(_windows(h, oh)):

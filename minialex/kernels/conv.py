@@ -22,16 +22,11 @@ from numba import njit, prange
 
 from minialex.kernels import conv_blocked, conv_direct
 from minialex.kernels.gemm import gemm
-from minialex.kernels.im2col import col2im, conv_output_size, im2col
+from minialex.kernels.im2col import col2im, im2col
+from minialex.shapes import conv_output_size, pair
 
 # Upper bound for one column buffer; AlexNet conv1 at batch 8 needs ~35 MB in float32.
 _COLS_BYTES = 64 * 1024 * 1024
-
-
-def _pair(v):
-    if isinstance(v, (tuple, list)):
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
 
 
 def _chunk_size(n, k_rows, plane, itemsize):
@@ -103,7 +98,7 @@ def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
     x: (N, Cin, H, W) ; w: (Cout, Cin/groups, kh, kw) ; b: (Cout,) or None
     stride, padding: int or (h, w). Returns y: (N, Cout, OH, OW) of x's dtype.
     """
-    stride, padding = _pair(stride), _pair(padding)
+    stride, padding = pair(stride), pair(padding)
     _check(x, w, groups)
     x = np.ascontiguousarray(x)
     n, cin, h, wd = x.shape
@@ -151,7 +146,7 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
 
     dy: (N, Cout, OH, OW) ; x: (N, Cin, H, W) ; w, dw: (Cout, Cin/groups, kh, kw) ; db: (Cout,) or None
     """
-    stride, padding = _pair(stride), _pair(padding)
+    stride, padding = pair(stride), pair(padding)
     _check(x, w, groups)
     x = np.ascontiguousarray(x)
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
@@ -224,8 +219,8 @@ def _store_grads(dw, dw2, db, db_sum, direct, accumulate):
 
 def conv2d_forward_ref(x, w, b, stride, padding, groups, relu=False):
     """NumPy reference twin of conv2d_forward, written as a direct sum over kernel taps."""
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
     n, cin, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
     oh, ow = conv_output_size(h, wd, kh, kw, (sh, sw), (ph, pw))
@@ -253,8 +248,8 @@ def conv2d_backward_ref(dy, x, w, dw, db, stride, padding, groups, need_dx=True,
         dw[...] = 0
         if db is not None:
             db[...] = 0
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
     n, cin, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
     oh, ow = dy.shape[2], dy.shape[3]

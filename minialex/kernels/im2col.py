@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from minialex.kernels.simd import LANES, f32x16, vadd, vload, vstore, vzero
+from minialex.shapes import conv_output_size  # noqa: F401 (also re-exported for callers)
 
 _lane_ty = ir.VectorType(ir.IntType(32), LANES)
 _vec_ty = ir.VectorType(ir.FloatType(), LANES)
@@ -55,18 +56,6 @@ def _vload_head(typingctx, arr, idx, n):
         return builder.call(fn, [vptr, ir.Constant(i32, 4), mask, ir.Constant(_vec_ty, [0.0] * LANES)])
 
     return sig, codegen
-
-
-def conv_output_size(h, w, kh, kw, stride, padding):
-    """Output (oh, ow) of a convolution / im2col with (h, w) stride and padding tuples."""
-    sh, sw = stride
-    ph, pw = padding
-    oh = (h + 2 * ph - kh) // sh + 1
-    ow = (w + 2 * pw - kw) // sw + 1
-    if oh <= 0 or ow <= 0:
-        raise ValueError(
-            f"kernel ({kh}, {kw}) larger than padded input ({h + 2 * ph}, {w + 2 * pw})")
-    return oh, ow
 
 
 @njit(parallel=True, cache=True)

@@ -7,21 +7,7 @@ window is taken), otherwise the first maximum in row-major window order.
 import numpy as np
 from numba import njit, prange
 
-
-def _pair(v):
-    if isinstance(v, (tuple, list)):
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def pool_output_size(size, k, s, p, ceil_mode):
-    """torch's pooling_output_shape (dilation 1) for one dimension."""
-    num = size + 2 * p - k + ((s - 1) if ceil_mode else 0)
-    out = num // s + 1
-    # the last window must start inside the input or the left padding
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1
-    return out
+from minialex.shapes import pair, pool2d_output_size, pool_output_size  # noqa: F401 (re-exported)
 
 
 @njit(cache=True)
@@ -123,14 +109,13 @@ def maxpool2d_forward(x, kernel, stride, padding, ceil_mode):
 
     Returns (y, argmax): y (N, C, OH, OW) of x's dtype, argmax (N, C, OH, OW) int64.
     """
-    kh, kw = _pair(kernel)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
+    kh, kw = pair(kernel)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
     if ph * 2 > kh or pw * 2 > kw:
         raise ValueError(f"padding {padding} must be at most half of kernel {kernel}")
     n, c, h, w = x.shape
-    oh = pool_output_size(h, kh, sh, ph, ceil_mode)
-    ow = pool_output_size(w, kw, sw, pw, ceil_mode)
+    oh, ow = pool2d_output_size(h, w, (kh, kw), (sh, sw), (ph, pw), ceil_mode)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {x.shape} too small for max pool kernel {kernel}")
     xc = np.ascontiguousarray(x)
@@ -154,12 +139,11 @@ def maxpool2d_backward(dy, argmax, x_shape):
 
 def maxpool2d_forward_ref(x, kernel, stride, padding, ceil_mode):
     """NumPy reference twin: pad with -inf, then take each window's first maximum (NaN wins)."""
-    kh, kw = _pair(kernel)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
+    kh, kw = pair(kernel)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
     n, c, h, w = x.shape
-    oh = pool_output_size(h, kh, sh, ph, ceil_mode)
-    ow = pool_output_size(w, kw, sw, pw, ceil_mode)
+    oh, ow = pool2d_output_size(h, w, (kh, kw), (sh, sw), (ph, pw), ceil_mode)
     y = np.empty((n, c, oh, ow), dtype=x.dtype)
     arg = np.empty((n, c, oh, ow), dtype=np.int64)
     for i in range(oh):

@@ -1,4 +1,5 @@
-"""A 16-lane float32 vector type for Numba, for the GEMM micro-kernel.
+"""A 16-lane float32 vector type for Numba, for the kernels LLVM will not vectorise well on
+its own: the GEMM and direct-convolution micro-kernels, im2col, Linear and cross-entropy.
 
 LLVM's auto-vectoriser does not keep a register-blocked GEMM micro-kernel in
 vector registers: fixed-size local accumulator arrays get unrolled and then

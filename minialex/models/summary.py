@@ -1,8 +1,13 @@
 """The model table: each layer's output shape, parameters and multiply-accumulates."""
+from ..errors import printable
+
 
 def summary(model, input_shape, file=None, print_table=True):
     """Print (to `file`, default stdout) and return one row per leaf layer:
-    {"name", "layer", "output_shape", "params", "macs"}; the totals follow the rows."""
+    {"name", "layer", "output_shape", "params", "macs"}; the totals follow the rows.
+
+    Walks the children in the order they are declared, which for Sequential and AlexNet is
+    the order forward runs them."""
     rows = []
     shape = tuple(input_shape)
 
@@ -18,15 +23,7 @@ def summary(model, input_shape, file=None, print_table=True):
                      "params": int(params), "macs": int(module.macs(shape))})
         shape = out
 
-    if hasattr(model, "features") and hasattr(model, "classifier"):
-        # AlexNet flattens between avgpool and classifier without a layer of its own.
-        walk(model.features, "features")
-        walk(model.avgpool, "avgpool")
-        shape = model._flatten.output_shape(shape)
-        rows.append({"name": "flatten", "layer": "Flatten", "output_shape": shape, "params": 0, "macs": 0})
-        walk(model.classifier, "classifier")
-    else:
-        walk(model, "")
+    walk(model, "")
     total_params = sum(r["params"] for r in rows)
     total_macs = sum(r["macs"] for r in rows)
     if print_table:
@@ -36,7 +33,7 @@ def summary(model, input_shape, file=None, print_table=True):
         print(header, file=out)
         print("-" * len(header), file=out)
         for r in rows:
-            print(f"{r['name']:<16}{r['layer']:<20}{str(r['output_shape']):<22}{r['params']:>14,}{r['macs']:>18,}", file=out)
+            print(f"{printable(r['name'], 15):<16}{printable(r['layer'], 19):<20}{str(r['output_shape']):<22}{r['params']:>14,}{r['macs']:>18,}", file=out)
         print("-" * len(header), file=out)
         print(f"{'total':<58}{total_params:>14,}{total_macs:>18,}", file=out)
     return rows

@@ -14,23 +14,24 @@ class ReLU(Module):
 
     def __init__(self, inplace=False):
         super().__init__()
-        self.y = None
 
     def forward(self, x):
-        self.y = relu_forward(x)
-        return self.y
+        # the kernels work on flat contiguous arrays; the reshape gives a 0-d input its shape back
+        y = relu_forward(x).reshape(np.shape(x))
+        self.save(y=y)
+        return y
 
-    def backward(self, grad_out):
-        dx = relu_backward(grad_out, self.y)
-        self.y = None
-        return dx
+    def backward(self, grad_out, need_input_grad=True):
+        (y,) = self.take()
+        return relu_backward(grad_out, y).reshape(y.shape)
 
 
 class Dropout(Module):
     """Inverted dropout: in training, zero each element with probability p and scale the rest by
-    1/(1-p); identity in eval mode. Masks come from minialex's seeded generator.
+    1/(1-p) (p = 1 zeroes everything, as torch); identity in eval mode or with p = 0. Masks come
+    from minialex's seeded generator.
 
-    Keeps for backward: the mask (None in eval mode).
+    Keeps for backward: the mask (None when forward was the identity).
     """
 
     saved = ("mask",)
@@ -40,23 +41,23 @@ class Dropout(Module):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         self.p = float(p)
-        self.mask = None
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
-            self.mask = None
+            self.save(mask=None)
             return x
         # Drawn here, outside the kernel, so one generator decides every mask and a seed
         # reproduces a run whatever the thread count.
-        self.mask = (get_generator().random(x.shape, dtype=np.float32) >= self.p).view(np.uint8)
-        return dropout_forward(x, self.mask, self.p)
+        keep = np.asarray(get_generator().random(np.shape(x), dtype=np.float32) >= self.p)
+        mask = keep.view(np.uint8)
+        self.save(mask=mask)
+        return dropout_forward(x, mask, self.p).reshape(mask.shape)
 
-    def backward(self, grad_out):
-        if self.mask is None:
+    def backward(self, grad_out, need_input_grad=True):
+        (mask,) = self.take()
+        if mask is None:
             return grad_out
-        dx = dropout_backward(grad_out, self.mask, self.p)
-        self.mask = None
-        return dx
+        return dropout_backward(grad_out, mask, self.p).reshape(mask.shape)
 
     def extra_repr(self):
         return f"p={self.p}"

@@ -1,19 +1,15 @@
 """Conv2d on our convolution kernels (kernels/conv.py picks the path for each call)."""
 
 from ..kernels.conv import conv2d_backward, conv2d_forward
-from ..kernels.im2col import conv_output_size
+from ..shapes import conv_output_size, pair
 from . import init
 from .module import Module, Parameter, grads_for_backward
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 class Conv2d(Module):
     """y = conv(x, weight) + bias. weight: (out, in/groups, kh, kw), as in PyTorch.
 
-    Keeps for backward: the input x.
+    Keeps for backward: the input x, and the output when forward_relu rectified it.
     """
 
     saved = ("x", "relu_out")
@@ -23,12 +19,11 @@ class Conv2d(Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
         kh, kw = self.kernel_size
         fan_in = in_channels // groups * kh * kw
         self.weight = Parameter(init.pytorch_default((out_channels, in_channels // groups, kh, kw), fan_in))
         self.bias = Parameter(init.pytorch_default((out_channels,), fan_in)) if bias else None
-        self.x = self.relu_out = None
 
     def forward(self, x):
         # x: (N, Cin, H, W) -> (N, Cout, OH, OW)
@@ -39,22 +34,20 @@ class Conv2d(Module):
         return self._forward(x, relu=True)
 
     def _forward(self, x, relu):
-        self.x = x
         b = self.bias.data if self.bias is not None else None
         y = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.groups, relu=relu)
-        self.relu_out = y if relu else None
+        self.save(x=x, relu_out=y if relu else None)
         return y
 
     def backward(self, grad_out, need_input_grad=True):
         """Accumulates the weight and bias gradients; returns the input gradient, or None when
         need_input_grad is False (the first layer of a network: nobody needs the image's gradient,
         and skipping it saves a GEMM and a col2im)."""
+        x, relu_out = self.take()
         (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
-        dx = conv2d_backward(grad_out, self.x, self.weight.data, dw, db,
-                             self.stride, self.padding, self.groups, need_dx=need_input_grad, accumulate=accumulate,
-                             relu_out=self.relu_out)
-        self.x = self.relu_out = None
-        return dx
+        return conv2d_backward(grad_out, x, self.weight.data, dw, db, self.stride, self.padding,
+                               self.groups, need_dx=need_input_grad, accumulate=accumulate,
+                               relu_out=relu_out)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape

@@ -1,4 +1,6 @@
 """Linear and Flatten."""
+import math
+
 import numpy as np
 
 from ..kernels.linear import linear_backward, linear_forward
@@ -19,20 +21,19 @@ class Linear(Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(init.pytorch_default((out_features, in_features), in_features))
         self.bias = Parameter(init.pytorch_default((out_features,), in_features)) if bias else None
-        self.x = None
 
     def forward(self, x):
         # x: (N, in_features) -> (N, out_features)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear expects input of shape (N, {self.in_features}), got {tuple(x.shape)}")
-        self.x = x
+        self.save(x=x)
         return linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
 
     def backward(self, grad_out, need_input_grad=True):
+        (x,) = self.take()
         (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
-        dx = linear_backward(grad_out, self.x, self.weight.data, dw, db, need_dx=need_input_grad, accumulate=accumulate)
-        self.x = None
-        return dx
+        return linear_backward(grad_out, x, self.weight.data, dw, db, need_dx=need_input_grad,
+                               accumulate=accumulate)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_features)
@@ -45,20 +46,19 @@ class Linear(Module):
 
 
 class Flatten(Module):
-    """(N, C, H, W) -> (N, C*H*W). Keeps for backward: the input shape."""
+    """(N, C, H, W) -> (N, C*H*W), torch.flatten(x, 1). It owns no parameters or buffers, so
+    as a model's child it adds no state_dict key. Keeps for backward: the input shape."""
 
     saved = ("in_shape",)
 
-    def __init__(self):
-        super().__init__()
-        self.in_shape = None
-
     def forward(self, x):
-        self.in_shape = x.shape
-        return np.ascontiguousarray(x).reshape(x.shape[0], -1)
+        self.save(in_shape=x.shape)
+        # the flat size is spelled out: reshape(n, -1) cannot infer it when n is 0
+        return np.ascontiguousarray(x).reshape(self.output_shape(x.shape))
 
-    def backward(self, grad_out):
-        return grad_out.reshape(self.in_shape)
+    def backward(self, grad_out, need_input_grad=True):
+        (in_shape,) = self.take()
+        return grad_out.reshape(in_shape)
 
     def output_shape(self, input_shape):
-        return (input_shape[0], int(np.prod(input_shape[1:])))
+        return (input_shape[0], math.prod(input_shape[1:]))

@@ -19,17 +19,17 @@ class CrossEntropyLoss(Module):
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
-        self.log_probs = self.targets = None
 
     def forward(self, logits, targets):
         # logits: (N, K), targets: (N,) integer class ids
         targets = np.ascontiguousarray(targets, dtype=np.int64)
-        loss, self.log_probs = cross_entropy_forward(logits, targets, self.label_smoothing)
-        self.targets = targets
+        loss, log_probs = cross_entropy_forward(logits, targets, self.label_smoothing)
+        self.save(log_probs=log_probs, targets=targets)
         return loss
 
-    def backward(self, grad_out=1.0):
-        return cross_entropy_backward(self.log_probs, self.targets, self.label_smoothing, float(grad_out))
+    def backward(self, grad_out=1.0, need_input_grad=True):
+        log_probs, targets = self.take()
+        return cross_entropy_backward(log_probs, targets, self.label_smoothing, float(grad_out))
 
     def extra_repr(self):
         return f"label_smoothing={self.label_smoothing}" if self.label_smoothing else ""

@@ -1,7 +1,8 @@
-"""Parameter, Module and Sequential: the bookkeeping every layer shares.
+"""Parameter and Module: the bookkeeping every layer shares (Sequential is in container.py).
 
-A Module's `forward(x)` keeps what its `backward` needs (each layer lists it in `saved`);
-`backward(grad_out)` accumulates into its parameters' `.grad` and returns the gradient of its
+A Module's `forward(x)` keeps what its `backward` needs with `self.save(...)`, under exactly the
+names its class lists in `saved`; `backward(grad_out, need_input_grad=True)` takes them back
+once with `self.take()`, accumulates into its parameters' `.grad` and returns the gradient of its
 input. Names and semantics follow PyTorch so that state_dict keys and habits carry over.
 """
 from collections import OrderedDict
@@ -63,15 +64,21 @@ def grads_for_backward(*params):
 
 
 class Module:
-    """Base class of every layer and model."""
+    """Base class of every layer and model.
 
-    saved = ()  # names of the attributes forward keeps for backward
+    Between forward and backward a layer holds exactly the values its class names in `saved`
+    (forward stores them with `save`, backward takes them with `take`, which frees them), so a
+    reader sees in one line what each layer costs in memory between the two passes.
+    """
+
+    saved = ()  # names of the values forward keeps for backward
 
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_saved", None)
 
     def __setattr__(self, name, value):
         if isinstance(value, Parameter):
@@ -90,8 +97,28 @@ class Module:
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} has no forward")
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, need_input_grad=True):
+        """Accumulate the parameters' gradients and return the input gradient. A layer may
+        return None instead when need_input_grad is False (nothing upstream needs it: the
+        network's first layer), and skip computing it."""
         raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def save(self, **values):
+        """Keep `values` for backward; their names must be exactly the class's `saved`."""
+        if set(values) != set(self.saved):
+            raise TypeError(f"{type(self).__name__}.forward saves {sorted(values)}, but the class "
+                            f"declares saved = {tuple(self.saved)}")
+        object.__setattr__(self, "_saved", values)
+
+    def take(self):
+        """The values forward saved, in the order of `saved`, released from the layer.
+        RuntimeError when there are none: backward without a forward, or twice for one."""
+        values = self._saved
+        if values is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called without a forward "
+                               f"(or a second time for one forward)")
+        object.__setattr__(self, "_saved", None)
+        return tuple(values[name] for name in self.saved)
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -233,5 +260,5 @@ class Identity(Module):
     def forward(self, x):
         return x
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, need_input_grad=True):
         return grad_out

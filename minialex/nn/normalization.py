@@ -20,17 +20,20 @@ class LocalResponseNorm(Module):
     def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0):
         super().__init__()
         self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
-        self.x = self.y = self.scale = None
 
     def forward(self, x):
+        if x.size == 0:    # an empty batch: nothing to normalise, as torch returns
+            self.save(x=x, y=None, scale=None)
+            return np.empty_like(x)
         y, scale = lrn_forward(x, self.size, self.alpha, self.beta, self.k)
-        self.x, self.y, self.scale = x, y, scale
+        self.save(x=x, y=y, scale=scale)
         return y
 
-    def backward(self, grad_out):
-        dx = lrn_backward(grad_out, self.x, self.y, self.scale, self.size, self.alpha, self.beta, self.k)
-        self.x = self.y = self.scale = None
-        return dx
+    def backward(self, grad_out, need_input_grad=True):
+        x, y, scale = self.take()
+        if x.size == 0:
+            return np.empty_like(x)
+        return lrn_backward(grad_out, x, y, scale, self.size, self.alpha, self.beta, self.k)
 
     def extra_repr(self):
         return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
@@ -40,7 +43,9 @@ class BatchNorm2d(Module):
     """Per-channel normalisation over (N, H, W). Training mode uses batch statistics and updates
     running_mean/running_var (unbiased) with `momentum`; eval mode uses the running statistics.
 
-    Keeps for backward: x, the batch mean and 1/std (training) or nothing extra (eval).
+    An empty batch gives an empty output and leaves the running statistics alone, as torch does
+    (which still counts it in num_batches_tracked).
+    Keeps for backward: x, and in training the batch mean and 1/std (None after eval mode).
     """
 
     saved = ("x", "mean", "invstd")
@@ -53,34 +58,35 @@ class BatchNorm2d(Module):
         self.register_buffer("running_mean", np.zeros(num_features, np.float32))
         self.register_buffer("running_var", np.ones(num_features, np.float32))
         self.register_buffer("num_batches_tracked", np.array(0, np.int64))
-        self.x = self.mean = self.invstd = None
-        self._eval_forward = False
 
     def forward(self, x):
-        self.x = x
         if self.training:
-            y, mean, var, invstd = batchnorm2d_forward_train(x, self.weight.data, self.bias.data, self.eps)
-            n = x.size // x.shape[1]
-            unbiased = var * (n / max(n - 1, 1))
-            m = self.momentum
-            self.running_mean[...] = (1 - m) * self.running_mean + m * mean
-            self.running_var[...] = (1 - m) * self.running_var + m * unbiased
             self.num_batches_tracked[...] = self.num_batches_tracked + 1
-            self.mean, self.invstd, self._eval_forward = mean, invstd, False
-            return y
-        self._eval_forward = True
-        return batchnorm2d_forward_eval(x, self.weight.data, self.bias.data,
-                                        self.running_mean, self.running_var, self.eps)
+        if x.size == 0:
+            self.save(x=x, mean=None, invstd=None)
+            return np.empty_like(x)
+        if not self.training:
+            self.save(x=x, mean=None, invstd=None)
+            return batchnorm2d_forward_eval(x, self.weight.data, self.bias.data,
+                                            self.running_mean, self.running_var, self.eps)
+        y, mean, var, invstd = batchnorm2d_forward_train(x, self.weight.data, self.bias.data, self.eps)
+        n = x.size // x.shape[1]
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        self.running_mean[...] = (1 - m) * self.running_mean + m * mean
+        self.running_var[...] = (1 - m) * self.running_var + m * unbiased
+        self.save(x=x, mean=mean, invstd=invstd)
+        return y
 
-    def backward(self, grad_out):
-        if self._eval_forward:
-            dx = batchnorm2d_backward_eval(grad_out, self.weight.data, self.running_var, self.eps,
-                                           self.weight.grad, self.bias.grad, self.x, self.running_mean)
-        else:
-            dx = batchnorm2d_backward(grad_out, self.x, self.weight.data, self.mean, self.invstd,
-                                      self.weight.grad, self.bias.grad)
-        self.x = self.mean = self.invstd = None
-        return dx
+    def backward(self, grad_out, need_input_grad=True):
+        x, mean, invstd = self.take()
+        dgamma, dbeta = self.weight.grad, self.bias.grad
+        if x.size == 0:    # nothing to add to the parameters' gradients
+            return np.empty_like(x)
+        if mean is None:
+            return batchnorm2d_backward_eval(grad_out, self.weight.data, self.running_var, self.eps,
+                                             dgamma, dbeta, x, self.running_mean)
+        return batchnorm2d_backward(grad_out, x, self.weight.data, mean, invstd, dgamma, dbeta)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

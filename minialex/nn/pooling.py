@@ -1,23 +1,8 @@
 """MaxPool2d and AdaptiveAvgPool2d."""
-import math
-
 from ..kernels.avgpool import adaptive_avgpool2d_backward, adaptive_avgpool2d_forward
 from ..kernels.maxpool import maxpool2d_backward, maxpool2d_forward
+from ..shapes import pair, pool2d_output_size
 from .module import Module
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def pool_output_size(size, k, s, p, ceil_mode):
-    """PyTorch's rule, including that with ceil_mode the last window must start inside the
-    input or its left padding."""
-    num = size + 2 * p - k
-    out = (math.ceil(num / s) if ceil_mode else num // s) + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1
-    return out
 
 
 class MaxPool2d(Module):
@@ -31,30 +16,26 @@ class MaxPool2d(Module):
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
         super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride) if stride is not None else self.kernel_size
-        self.padding = _pair(padding)
+        self.kernel_size = pair(kernel_size)
+        self.stride = pair(stride) if stride is not None else self.kernel_size
+        self.padding = pair(padding)
         self.ceil_mode = bool(ceil_mode)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError("pad should be at most half of effective kernel size")
-        self.argmax = self.in_shape = None
 
     def forward(self, x):
         # x: (N, C, H, W) -> (N, C, OH, OW)
-        self.in_shape = x.shape
-        y, self.argmax = maxpool2d_forward(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        y, argmax = maxpool2d_forward(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        self.save(argmax=argmax, in_shape=x.shape)
         return y
 
-    def backward(self, grad_out):
-        dx = maxpool2d_backward(grad_out, self.argmax, self.in_shape)
-        self.argmax = None
-        return dx
+    def backward(self, grad_out, need_input_grad=True):
+        argmax, in_shape = self.take()
+        return maxpool2d_backward(grad_out, argmax, in_shape)
 
     def output_shape(self, input_shape):
         n, c, h, w = input_shape
-        oh = pool_output_size(h, self.kernel_size[0], self.stride[0], self.padding[0], self.ceil_mode)
-        ow = pool_output_size(w, self.kernel_size[1], self.stride[1], self.padding[1], self.ceil_mode)
-        return (n, c, oh, ow)
+        return (n, c, *pool2d_output_size(h, w, self.kernel_size, self.stride, self.padding, self.ceil_mode))
 
     def extra_repr(self):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -71,15 +52,15 @@ class AdaptiveAvgPool2d(Module):
 
     def __init__(self, output_size):
         super().__init__()
-        self.output_size = _pair(output_size)
-        self.in_shape = None
+        self.output_size = pair(output_size)
 
     def forward(self, x):
-        self.in_shape = x.shape
+        self.save(in_shape=x.shape)
         return adaptive_avgpool2d_forward(x, self.output_size)
 
-    def backward(self, grad_out):
-        return adaptive_avgpool2d_backward(grad_out, self.in_shape)
+    def backward(self, grad_out, need_input_grad=True):
+        (in_shape,) = self.take()
+        return adaptive_avgpool2d_backward(grad_out, in_shape)
 
     def output_shape(self, input_shape):
         return (input_shape[0], input_shape[1], *self.output_size)

@@ -51,6 +51,35 @@ def test_output_shapes_and_parameter_counts(variant, size, params):
         assert _count(model) == conv + fc
 
 
+@pytest.mark.parametrize("variant", ["torchvision", "paper", "cifar"])
+def test_flatten_is_a_plain_child_that_adds_no_state(variant):
+    model = models.alexnet(num_classes=10, variant=variant, batch_norm=True)
+    assert list(model._modules) == ["features", "avgpool", "flatten", "classifier"]
+    assert isinstance(dict(model.named_modules())["flatten"], nn.Flatten)
+    assert not any(k.startswith("flatten") for k in model.state_dict())
+    rows = models.summary(model, (1, 3, models.INPUT_SIZE[variant], models.INPUT_SIZE[variant]),
+                          print_table=False)
+    flat = next(r for r in rows if r["name"] == "flatten")
+    assert flat["layer"] == "Flatten" and flat["output_shape"] == (1, model.classifier[1].in_features)
+
+
+@pytest.mark.parametrize("variant,bn", [("torchvision", False), ("paper", True), ("cifar", False)])
+def test_every_conv_followed_by_relu_is_declared_fused_and_the_image_gradient_skipped(variant, bn):
+    model = models.alexnet(num_classes=3, variant=variant, batch_norm=bn)
+    calls = []
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    for i, conv in enumerate(convs):
+        conv.forward_relu = (lambda f, i: lambda x: calls.append(("fused", i)) or f(x))(conv.forward_relu, i)
+        conv.backward = (lambda f, i: lambda g, need_input_grad=True:
+                         calls.append(("backward", i, need_input_grad)) or f(g, need_input_grad))(conv.backward, i)
+    size = models.INPUT_SIZE[variant]
+    model(np.zeros((1, 3, size, size), np.float32))
+    # with batch norm between them the conv and its ReLU are not adjacent, so nothing fuses
+    assert [c for c in calls if c[0] == "fused"] == ([] if bn else [("fused", i) for i in range(len(convs))])
+    assert model.backward(np.ones((1, 3), np.float32)) is None
+    assert ("backward", 0, False) in calls and ("backward", 1, True) in calls
+
+
 def test_summary_prints_totals(capsys):
     rows = models.summary(models.alexnet(), (1, 3, 224, 224))
     out = capsys.readouterr().out

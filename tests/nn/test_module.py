@@ -133,19 +133,139 @@ def test_invalid_layer_arguments():
         nn.MaxPool2d(2, padding=2)
 
 
-def test_sequential_fuses_conv_relu_with_identical_results():
+def test_declared_conv_relu_fusion_gives_identical_results():
     rng = np.random.default_rng(3)
-    fused = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-    plain = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Identity(), nn.ReLU(), nn.MaxPool2d(2))
-    plain.load_state_dict({k.replace("0.", "0."): v for k, v in fused.state_dict().items()})
+    fused = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).fuse_relu(0)
+    plain = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    plain.load_state_dict(fused.state_dict())
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     g = rng.standard_normal((2, 5, 4, 4)).astype(np.float32)
     np.testing.assert_array_equal(fused(x), plain(x))
     np.testing.assert_array_equal(fused.backward(g), plain.backward(g))
     np.testing.assert_array_equal(fused[0].weight.grad, plain[0].weight.grad)
     np.testing.assert_array_equal(fused[0].bias.grad, plain[0].bias.grad)
-    with pytest.raises(RuntimeError):
-        fused.backward(g)  # the forward's plan is used once
+    with pytest.raises(RuntimeError, match="without a forward"):
+        fused.backward(g)  # the forward's steps are used once
+
+
+class _SpyConv(nn.Conv2d):
+    """A Conv2d that records whether the fused path ran and what its backward was asked."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_calls, self.need_input_grad = 0, []
+
+    def forward_relu(self, x):
+        self.fused_calls += 1
+        return super().forward_relu(x)
+
+    def backward(self, grad_out, need_input_grad=True):
+        self.need_input_grad.append(need_input_grad)
+        return super().backward(grad_out, need_input_grad)
+
+
+def test_sequential_fuses_only_what_is_declared_not_by_type():
+    x = np.random.default_rng(0).standard_normal((1, 2, 6, 6)).astype(np.float32)
+    undeclared = nn.Sequential(_SpyConv(2, 3, 3), nn.ReLU())
+    undeclared(x)
+    assert undeclared[0].fused_calls == 0
+    declared = nn.Sequential(_SpyConv(2, 3, 3), nn.ReLU()).fuse_relu(0)   # a subclass fuses too
+    declared(x)
+    assert declared[0].fused_calls == 1
+    with pytest.raises(ValueError, match="cannot fuse"):
+        nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2)).fuse_relu(0)
+    with pytest.raises(ValueError, match="cannot fuse"):
+        nn.Sequential(nn.Linear(2, 3), nn.ReLU()).fuse_relu(0)
+
+
+class _Scale(nn.Module):
+    """A user-defined layer: y = 2x, recording the need_input_grad it is given."""
+
+    saved = ()
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def forward(self, x):
+        return 2 * x
+
+    def backward(self, grad_out, need_input_grad=True):
+        self.asked.append(need_input_grad)
+        return 2 * grad_out if need_input_grad else None
+
+
+def test_sequential_passes_need_input_grad_to_any_first_layer():
+    first = _Scale()
+    seq = nn.Sequential(first, nn.ReLU(), nn.Flatten())
+    x = np.ones((2, 3, 1, 1), np.float32)
+    seq(x)
+    assert seq.backward(np.ones((2, 3), np.float32), need_input_grad=False) is None
+    assert first.asked == [False]
+    seq(x)
+    np.testing.assert_array_equal(seq.backward(np.ones((2, 3), np.float32)), 2 * x)
+    assert first.asked == [False, True]
+
+
+def _every_layer():
+    """(layer, input) for every layer type of minialex.nn."""
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    return [(nn.Conv2d(4, 4, 3), img), (nn.ReLU(), img), (nn.Dropout(0.5), img),
+            (nn.MaxPool2d(2), img), (nn.AdaptiveAvgPool2d(2), img), (nn.LocalResponseNorm(3), img),
+            (nn.BatchNorm2d(4), img), (nn.Flatten(), img), (nn.Identity(), img),
+            (nn.Linear(4 * 6 * 6, 3), img.reshape(2, -1)),
+            (nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()).fuse_relu(0), img)]
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_every_layer_backward_accepts_need_input_grad(index):
+    layer, x = _every_layer()[index]
+    y = layer(x)
+    dx = layer.backward(np.ones_like(y), need_input_grad=False)
+    assert dx is None or dx.shape == x.shape
+    y = layer(x)
+    assert layer.backward(np.ones_like(y), need_input_grad=True).shape == x.shape
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_forward_keeps_exactly_what_saved_names_and_backward_releases_it(index):
+    layer, x = _every_layer()[index]
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        before = {k: id(v) for k, v in vars(layer).items()}
+        y = layer(x)
+        kept = layer._saved or {}
+        assert set(kept) == set(type(layer).saved), type(layer).__name__
+        # nothing else of the forward's is left on the layer: no other attribute was rebound
+        assert {k for k, v in vars(layer).items() if before.get(k) != id(v)} <= {"_saved"}
+        layer.backward(np.ones_like(y))
+        assert layer._saved is None
+        if type(layer).saved:
+            with pytest.raises(RuntimeError, match=f"{type(layer).__name__}.backward called without a forward"):
+                layer.backward(np.ones_like(y))
+
+
+@pytest.mark.parametrize("make", [nn.ReLU, lambda: nn.Conv2d(2, 2, 1), lambda: nn.Linear(2, 2),
+                                  nn.Flatten, lambda: nn.MaxPool2d(2), lambda: nn.BatchNorm2d(2),
+                                  lambda: nn.LocalResponseNorm(3), lambda: nn.AdaptiveAvgPool2d(1),
+                                  lambda: nn.Dropout(0.5), nn.Sequential, nn.CrossEntropyLoss])
+def test_backward_without_forward_is_a_clear_error(make):
+    layer = make()
+    with pytest.raises(RuntimeError, match="backward called without a forward"):
+        layer.backward(np.ones((2, 2, 2, 2), np.float32))
+
+
+def test_save_refuses_names_the_class_does_not_declare():
+    class Leaky(nn.Module):
+        saved = ("x",)
+
+        def forward(self, x):
+            self.save(x=x, extra=x * 2)
+            return x
+
+    with pytest.raises(TypeError, match=r"saves \['extra', 'x'\], but the class declares saved = \('x',\)"):
+        Leaky()(np.ones(3))
 
 
 def test_input_gradient_only_when_asked():
