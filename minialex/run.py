@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import _random
-from .checkpoint import build_model, load_checkpoint, load_into, load_weights
+from .checkpoint import load_checkpoint, load_into, load_weights
 from .config import TrainConfig, flag_of, resolve, resumable_values
 from .errors import CheckpointError, DataError, MinialexError, at_line
 from .files import check_output_target, remove_stale_temps
@@ -141,16 +141,18 @@ def set_threads(threads):
 
 
 def _arch(cfg, variant, batch_norm, num_classes):
-    from .models import INPUT_SIZE
-    if variant not in INPUT_SIZE:
-        raise MinialexError(f"-arch {variant}: choose one of {', '.join(INPUT_SIZE)}")
-    return {"variant": variant, "num_classes": num_classes, "batch_norm": bool(batch_norm),
-            "input_size": INPUT_SIZE[variant], "dropout": cfg.dropout}
+    """The arch dict a new run's checkpoints carry (models.Arch, checked)."""
+    from .models import Arch
+    try:
+        return Arch(variant, num_classes, bool(batch_norm), cfg.dropout).to_dict()
+    except ValueError as e:
+        raise MinialexError(f"cannot build the model: {e}") from None
 
 
 def _new_model(cfg, arch):
+    from .models import Arch, build
     _random.manual_seed(cfg.seed)  # initialisation, then dropout masks, come from the seed
-    return build_model(arch)
+    return build(Arch.from_dict(arch))
 
 
 def _assemble(cfg, data, arch, model, norm, fresh):

@@ -16,7 +16,7 @@ from importlib import resources
 import numpy as np
 
 from minialex import models
-from minialex.checkpoint import build_model, first_non_finite, load_into, save_checkpoint
+from minialex.checkpoint import first_non_finite, load_into, save_checkpoint
 from minialex.data.listfile import MAX_CLASSES
 from minialex.data.transforms import resize_for   # the same 256 -> 224 rule training uses
 from minialex.errors import CheckpointError, DataError
@@ -102,23 +102,9 @@ def arch_from_state_dict(state, variant, path) -> dict:
             "input_size": models.INPUT_SIZE[variant]}
 
 
-def expected_shapes(arch) -> dict:
-    """name -> shape of every tensor in the state_dict of the model `arch` describes.
-
-    Builds the model with one class (the rest of AlexNet does not depend on the class count) and
-    widens its last layer's shapes to arch's num_classes, so a bad class count costs nothing.
-    """
-    one = build_model({**arch, "num_classes": 1}).state_dict()
-    last = max((k for k in one if k.startswith("classifier.") and k.endswith(".weight")),
-               key=lambda k: int(k.split(".")[1]))
-    prefix = last[: -len("weight")]
-    return {k: (int(arch["num_classes"]), *v.shape[1:]) if k.startswith(prefix) else v.shape
-            for k, v in one.items()}
-
-
 def check_shapes(state, arch, path):
     """CheckpointError naming the first tensor whose shape the architecture does not have."""
-    shapes = expected_shapes(arch)
+    shapes = models.state_shapes(models.Arch.from_dict(arch))
     for key, value in state.items():
         if key in shapes and tuple(value.shape) != tuple(shapes[key]):
             raise CheckpointError(f"{path}: weights are for another architecture: {key!r} has "
@@ -144,7 +130,7 @@ def convert_torch_file(src, dst, *, arch="torchvision", labels=None) -> dict:
         raise CheckpointError(f"{src}: {bad!r} holds NaN or inf values; refusing to convert it")
     arch_dict = arch_from_state_dict(state, arch, src)
     check_shapes(state, arch_dict, src)
-    model = build_model(arch_dict)
+    model = models.build(models.Arch.from_dict(arch_dict))
     load_into(model, state, src)
     num_classes = arch_dict["num_classes"]
     if labels is not None:

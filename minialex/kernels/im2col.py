@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from minialex.kernels.simd import LANES, f32x16, vadd, vload, vstore, vzero
-from minialex.shapes import conv_output_size  # noqa: F401 (also re-exported for callers)
+from minialex.shapes import conv_output_size
 
 _lane_ty = ir.VectorType(ir.IntType(32), LANES)
 _vec_ty = ir.VectorType(ir.FloatType(), LANES)

@@ -7,7 +7,7 @@ window is taken), otherwise the first maximum in row-major window order.
 import numpy as np
 from numba import njit, prange
 
-from minialex.shapes import pair, pool2d_output_size, pool_output_size  # noqa: F401 (re-exported)
+from minialex.shapes import pair, pool2d_output_size
 
 
 @njit(cache=True)

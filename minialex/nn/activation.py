@@ -1,7 +1,7 @@
 """ReLU and Dropout."""
 import numpy as np
 
-from .._random import get_generator
+from .._random import uniform
 from ..kernels.dropout import dropout_backward, dropout_forward
 from ..kernels.relu import relu_backward, relu_forward
 from .module import Module
@@ -29,7 +29,7 @@ class ReLU(Module):
 class Dropout(Module):
     """Inverted dropout: in training, zero each element with probability p and scale the rest by
     1/(1-p) (p = 1 zeroes everything, as torch); identity in eval mode or with p = 0. Masks come
-    from minialex's seeded generator.
+    from minialex's seeded generator, keyed per sample during training (`_random.uniform`).
 
     Keeps for backward: the mask (None when forward was the identity).
     """
@@ -46,9 +46,9 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self.save(mask=None)
             return x
-        # Drawn here, outside the kernel, so one generator decides every mask and a seed
-        # reproduces a run whatever the thread count.
-        keep = np.asarray(get_generator().random(np.shape(x), dtype=np.float32) >= self.p)
+        # Drawn here, outside the kernel, so a seed reproduces a run whatever the thread count;
+        # in training each sample's row is keyed by its index (_random.per_sample).
+        keep = np.asarray(uniform(np.shape(x)) >= self.p)
         mask = keep.view(np.uint8)
         self.save(mask=mask)
         return dropout_forward(x, mask, self.p).reshape(mask.shape)

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import check_grads, distinct, to_torch
-from minialex.kernels.maxpool import (maxpool2d_backward, maxpool2d_backward_ref, maxpool2d_forward,
-                                      maxpool2d_forward_ref, pool_output_size)
+from minialex.kernels.maxpool import maxpool2d_backward, maxpool2d_backward_ref, maxpool2d_forward, maxpool2d_forward_ref
+from minialex.shapes import pool_output_size
 
 
 @st.composite
