@@ -96,7 +96,7 @@ def test_empty_list(tmp_path, content):
 
 def test_missing_list_and_folder_instead_of_list(tmp_path):
     missing = str(tmp_path / "nope.list")
-    assert error_of(read_list, missing) == f"{missing}: no such list file"
+    assert error_of(read_list, missing) == f"{missing}: list file not found"
     assert "is a folder" in error_of(read_list, str(tmp_path))
 
 

@@ -165,6 +165,6 @@ def test_cli_skip_bad_counts_and_warns_once_per_file(corpus, demo16, tmp_path):
     assert len(warnings) == len(bad)  # once per file, not once per epoch
     for n in bad:
         assert sum(n in w for w in warnings) == 1
-    assert "(list line 13)" in r.stderr and "skipped 4" in r.stdout
+    assert "skipping bad image: train.list:13: " in r.stderr and "skipped 4" in r.stdout
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [rec["skipped"] for rec in records] == [4, 4]
