@@ -181,6 +181,12 @@ def state_dict_shapes(arch):
     return shapes
 
 
+# What zipfile and numpy raise for a damaged member: a bad CRC or deflate stream, an unsupported
+# compression method or encryption flag (NotImplementedError, RuntimeError), a mangled .npy header.
+_DAMAGED_MEMBER = (ValueError, SyntaxError, EOFError, OSError, zipfile.BadZipFile, zlib.error,
+                   NotImplementedError, RuntimeError, TypeError, KeyError)
+
+
 class _Archive:
     """The .npy members of an opened .npz, each read only on request, after its header is checked."""
 
@@ -208,8 +214,18 @@ class _Archive:
     def describe(self, name):
         """(shape, dtype) from the member's .npy header, without reading its data."""
         info = self.members[name]
-        with self.zip.open(info) as member:
-            shape, dtype = self._npy_header(name, member)
+        try:
+            with self.zip.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f".npy format version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+        except _DAMAGED_MEMBER as e:
+            raise CheckpointError(f"{self.path}: damaged checkpoint: member {name!r} is not a readable "
+                                  f".npy array ({e})") from None
+        shape = tuple(shape)
         if dtype.hasobject:
             raise CheckpointError(f"{self.path}: holds pickled objects, which are never loaded "
                                   f"(they could run code); not a minialex checkpoint")
@@ -218,27 +234,13 @@ class _Archive:
                                   f"but holds only {info.file_size:,} bytes")
         return shape, dtype
 
-    def _npy_header(self, name, member):
-        try:
-            version = np.lib.format.read_magic(member)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-            else:
-                raise ValueError(f".npy format version {version}")
-        except (ValueError, SyntaxError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
-            raise CheckpointError(f"{self.path}: damaged checkpoint: member {name!r} is not a readable "
-                                  f".npy array ({e})") from None
-        return tuple(shape), dtype
-
     def read(self, name):
         """The member's array (after `describe`, so its size is known to be honest)."""
         self.describe(name)
         try:
             with self.zip.open(self.members[name]) as member:
                 return np.lib.format.read_array(member, allow_pickle=False)
-        except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+        except _DAMAGED_MEMBER as e:
             raise CheckpointError(f"{self.path}: truncated or corrupt checkpoint ({name}: {e})") from None
 
 
@@ -260,7 +262,7 @@ def _open_archive(path):
     except CheckpointError:
         f.close()
         raise
-    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError) as e:
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, NotImplementedError, RuntimeError) as e:
         f.close()
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e})") from None
     except OSError as e:
@@ -418,13 +420,14 @@ def _is_number(v):
 # What `train -resume` reads from train_state["config"]: key -> (check, what the message says).
 # Every value a resumed run takes from its checkpoint passes the same rule the command line has.
 _CONFIG_RULES = {
-    "arch": (lambda v: v in _CLASSIFIER_SIZES, f"one of {', '.join(_CLASSIFIER_SIZES)}"),
+    "arch": (lambda v: isinstance(v, str) and v in _CLASSIFIER_SIZES, f"one of {', '.join(_CLASSIFIER_SIZES)}"),
     "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
-    "optimizer": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
+    "optimizer": (lambda v: isinstance(v, str) and v in ("sgd", "adam"), "sgd or adam"),
     "lr": (lambda v: _is_number(v) and v > 0, "a number above 0"),
     "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "schedule": (lambda v: v in ("none", "step", "multistep", "plateau"), "none, step, multistep or plateau"),
+    "schedule": (lambda v: isinstance(v, str) and v in ("none", "step", "multistep", "plateau"),
+                 "none, step, multistep or plateau"),
     "step_size": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "milestones": (lambda v: isinstance(v, list) and len(v) <= 10_000
                    and all(_is_int(m) and m >= 1 for m in v), "a list of integers >= 1"),
@@ -446,12 +449,12 @@ _SCHEDULER_RULES = {
     "last_epoch": _NONNEG_INT,
     "base_lrs": (lambda v: isinstance(v, list) and all(_is_number(x) and x >= 0 for x in v), "a list of numbers >= 0"),
     "min_lrs": (lambda v: isinstance(v, list) and all(_is_number(x) and x >= 0 for x in v), "a list of numbers >= 0"),
-    "mode": (lambda v: v in ("min", "max"), "min or max"),
+    "mode": (lambda v: isinstance(v, str) and v in ("min", "max"), "min or max"),
     "factor": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     "patience": _NONNEG_INT, "cooldown": _NONNEG_INT, "num_bad_epochs": _NONNEG_INT,
     "cooldown_counter": _NONNEG_INT,
     "threshold": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "threshold_mode": (lambda v: v in ("rel", "abs"), "rel or abs"),
+    "threshold_mode": (lambda v: isinstance(v, str) and v in ("rel", "abs"), "rel or abs"),
     "eps": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "best": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v),
              "a number (or +-Infinity)"),
@@ -692,7 +695,7 @@ class _Fields:
         if state is None:
             return None
         state = self.dict("scheduler", state)
-        schedule = config.get("schedule")
+        schedule = config.get("schedule")  # validated: one of the names, or absent
         keys = _SCHEDULER_KEYS.get(schedule)
         if keys is None:  # no schedule recorded: the keys must be one schedule's, whichever
             keys = next((k for k in _SCHEDULER_KEYS.values() if set(state) == k), None)
