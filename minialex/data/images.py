@@ -179,10 +179,12 @@ def _ico_frame_sizes(f):
 
 
 def _upright(im: Image.Image) -> Image.Image:
+    """`im` turned upright by its EXIF orientation, in place: an upright image is not copied."""
     try:
-        return ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)
     except Exception:  # noqa: BLE001 - a mangled EXIF block should not cost us a good image
-        return im
+        pass
+    return im
 
 
 def _size_or_none(path):
