@@ -202,11 +202,11 @@ def test_statistics_pass_makes_no_float64_copy_of_whole_images(tmp_path):
             "s = compute_stats([Sample(0, 'big0.png', 1), Sample(0, 'big1.png', 2)], num_workers=2)\n"
             "print([round(v * 255, 3) for v in s.mean])\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
-    r = run_python_limited(code, cwd=tmp_path, megabytes=2500)
+    r = run_python_limited(code, cwd=tmp_path, megabytes=3000)
     assert r.returncode == 0, r.stderr
     mean, peak_mb = r.stdout.split("\n")[:2]
     assert mean == "[5.0, 100.0, 200.0]"
-    assert int(peak_mb) < 1100, peak_mb
+    assert int(peak_mb) < 1500, peak_mb  # measured ~800 MB; two float64 copies alone are 1.7 GB
 
 
 def test_ico_frame_larger_than_its_directory_entry_is_refused_before_decoding(tmp_path):
