@@ -17,9 +17,15 @@ over the target: a crash or a full disk mid-write leaves the previous checkpoint
 killed outright (SIGKILL, power loss) may leave its temporary `.NAME.*.tmp` behind; the next run
 that saves to NAME removes it.
 
-Reading trusts nothing in the file: pickles are never loaded, the archive's total size is capped
-before anything is decompressed, the header is validated field by field, and weights holding NaN
-or inf are refused (they come from a run that diverged and would only poison the next one).
+Reading trusts nothing in the file, and reads nothing before it knows the cost: only regular files
+are opened (a FIFO or a device is refused, never waited on); pickles are never loaded; the archive's
+total size is capped before anything is decompressed, the header's size before it is decoded; every
+header field is validated (arch, class names, normalisation, the training state, the optimiser and
+schedule state) and each array's shape is compared with what the declared architecture needs before
+its data is read, so a hostile header cannot make us allocate a model or a buffer. Weights holding
+NaN or inf are refused (they come from a run that diverged and would only poison the next one).
+Every problem is a CheckpointError naming the file and, for the header, the field. Header keys this
+version does not know are ignored.
 """
 import json
 import math
@@ -27,18 +33,26 @@ import os
 import zipfile
 import zlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .data.listfile import MAX_CLASSES, MAX_CLASS_NAME_CHARS
 from .errors import CheckpointError
-from .files import write_atomically
+from .files import open_input, write_atomically
 
 FORMAT_VERSION = 1
 # The largest real checkpoint (torchvision AlexNet with Adam's two moments) is ~0.75 GB; an archive
 # whose members claim more is damaged or hostile (a zip bomb), and is refused before any of it is
 # decompressed rather than exhausting memory.
 MAX_ARCHIVE_BYTES = 4 * 1024 ** 3
+# The header is JSON: class names (at most MAX_CLASSES of MAX_CLASS_NAME_CHARS), the epoch history and
+# the optimiser's settings; decoded, JSON takes several times its size, so a bigger one is refused
+# unread.
+MAX_HEADER_BYTES = 64 * 1024 ** 2
+# A resumed run allocates batches of this many images; more is a damaged header, not a setting.
+MAX_BATCH_SIZE = 65536
 HEADER_KEY = "__minialex__"
 _ARRAY_REF = "__array__"   # a JSON leaf standing for an array stored beside the header
 _INT_KEYS = "__int_keys__"  # a dict whose keys were ints (optimiser state is indexed by parameter)
@@ -78,25 +92,6 @@ def _to_json(value, prefix, arrays):
     raise TypeError(f"cannot store {type(value).__name__} at {prefix} in a checkpoint")
 
 
-def _from_json(value, arrays, path):
-    if isinstance(value, dict):
-        if set(value) == {_ARRAY_REF}:
-            key = value[_ARRAY_REF]
-            if not isinstance(key, str) or key not in arrays:
-                raise CheckpointError(f"{path}: damaged checkpoint: header refers to missing array {key!r}")
-            return arrays[key]
-        if set(value) == {_INT_KEYS}:
-            inner = value[_INT_KEYS]
-            if not isinstance(inner, dict) or not all(isinstance(k, str) and k.lstrip("-").isdigit()
-                                                      for k in inner):
-                raise CheckpointError(f"{path}: damaged checkpoint header (bad integer-keyed table)")
-            return {int(k): _from_json(v, arrays, path) for k, v in inner.items()}
-        return {k: _from_json(v, arrays, path) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_json(v, arrays, path) for v in value]
-    return value
-
-
 # -- writing ---------------------------------------------------------------------------------------
 
 def _write_arrays(fileobj, arrays):
@@ -126,51 +121,166 @@ def save_checkpoint(path, model, *, arch, class_names, normalization, optimizer=
 
 
 # -- reading ---------------------------------------------------------------------------------------
+#
+# Nothing is read before it is known to be small or to have the size the architecture dictates:
+# the archive's total, then the header member's size, then the header's fields, then each array's
+# .npy header (shape and dtype) against the shapes the declared architecture has, and only then
+# the array's data.
 
-def _read_npz(path):
-    """Every array of an .npz as a dict; CheckpointError naming the file for anything unreadable."""
+def _parameter_shapes(arch):
+    """(parameters, buffers): OrderedDicts of state_dict key -> shape for `arch`, without building it.
+
+    Parameters come in the order model.parameters() yields them (the optimiser state's numbering);
+    buffers are BatchNorm's running statistics. A models registry will own this; for now the layer
+    table is read from models.alexnet.SPECS, and tests compare the result with a built model.
+    """
+    from .models.alexnet import SPECS
+    params, buffers = OrderedDict(), OrderedDict()
+    i = 0
+    for item in SPECS[arch["variant"]]:
+        if item[0] == "conv":
+            _, cin, cout, k, _, _, groups = item
+            params[f"features.{i}.weight"] = (cout, cin // groups, k, k)
+            params[f"features.{i}.bias"] = (cout,)
+            i += 1
+            if arch.get("batch_norm", False):
+                params[f"features.{i}.weight"] = (cout,)
+                params[f"features.{i}.bias"] = (cout,)
+                buffers[f"features.{i}.running_mean"] = (cout,)
+                buffers[f"features.{i}.running_var"] = (cout,)
+                buffers[f"features.{i}.num_batches_tracked"] = ()
+                i += 1
+            i += 1  # the ReLU
+        else:
+            i += 1  # LRN or max-pool: no state
+    flat, hidden = _CLASSIFIER_SIZES[arch["variant"]]
+    for index, (fan_out, fan_in) in ((1, (hidden, flat)), (4, (hidden, hidden)),
+                                     (6, (arch["num_classes"], hidden))):
+        params[f"classifier.{index}.weight"] = (fan_out, fan_in)
+        params[f"classifier.{index}.bias"] = (fan_out,)
+    return params, buffers
+
+
+# (flattened features, hidden units) of each variant's classifier, as models.alexnet builds it.
+_CLASSIFIER_SIZES = {"torchvision": (256 * 6 * 6, 4096), "paper": (256 * 6 * 6, 4096),
+                     "cifar": (128 * 2 * 2, 2048)}
+
+
+def state_dict_shapes(arch):
+    """state_dict key -> shape of the model `arch` describes, in state_dict order (no model built)."""
+    params, buffers = _parameter_shapes(arch)
+    order = {}
+    for key in list(params) + list(buffers):
+        layer = key.rsplit(".", 1)[0]
+        order.setdefault(layer, []).append(key)
+    # state_dict lists a layer's parameters, then its buffers, layer by layer.
+    shapes = OrderedDict()
+    for layer in sorted(order, key=lambda name: (name.split(".")[0] != "features", int(name.split(".")[1]))):
+        for key in order[layer]:
+            shapes[key] = params.get(key, buffers.get(key))
+    return shapes
+
+
+# What zipfile and numpy raise for a damaged member: a bad CRC or deflate stream, an unsupported
+# compression method or encryption flag (NotImplementedError, RuntimeError), a mangled .npy header.
+_DAMAGED_MEMBER = (ValueError, SyntaxError, EOFError, OSError, zipfile.BadZipFile, zlib.error,
+                   NotImplementedError, RuntimeError, TypeError, KeyError)
+
+
+class _Archive:
+    """The .npy members of an opened .npz, each read only on request, after its header is checked."""
+
+    def __init__(self, path, fileobj):
+        self.path = path
+        self.zip = zipfile.ZipFile(fileobj)
+        infos = self.zip.infolist()
+        claimed = sum(info.file_size for info in infos)
+        if claimed > MAX_ARCHIVE_BYTES:
+            raise CheckpointError(f"{path}: archive members claim {claimed:,} bytes, over the limit of "
+                                  f"{MAX_ARCHIVE_BYTES:,}; damaged, or not a minialex checkpoint")
+        self.members = {}
+        for info in infos:
+            name = info.filename
+            if not name.endswith(".npy"):
+                raise CheckpointError(f"{path}: not a minialex checkpoint: archive member {name!r} "
+                                      f"is not a .npy array")
+            if name[:-4] in self.members:
+                raise CheckpointError(f"{path}: damaged checkpoint: archive member {name!r} appears twice")
+            self.members[name[:-4]] = info
+
+    def close(self):
+        self.zip.close()
+
+    def describe(self, name):
+        """(shape, dtype) from the member's .npy header, without reading its data."""
+        info = self.members[name]
+        try:
+            with self.zip.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f".npy format version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+        except _DAMAGED_MEMBER as e:
+            raise CheckpointError(f"{self.path}: damaged checkpoint: member {name!r} is not a readable "
+                                  f".npy array ({e})") from None
+        shape = tuple(shape)
+        if dtype.hasobject:
+            raise CheckpointError(f"{self.path}: holds pickled objects, which are never loaded "
+                                  f"(they could run code); not a minialex checkpoint")
+        if math.prod(shape) * dtype.itemsize > info.file_size:
+            raise CheckpointError(f"{self.path}: damaged checkpoint: {name!r} claims shape {shape} "
+                                  f"but holds only {info.file_size:,} bytes")
+        return shape, dtype
+
+    def read(self, name):
+        """The member's array (after `describe`, so its size is known to be honest)."""
+        self.describe(name)
+        try:
+            with self.zip.open(self.members[name]) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+        except _DAMAGED_MEMBER as e:
+            raise CheckpointError(f"{self.path}: truncated or corrupt checkpoint ({name}: {e})") from None
+
+
+@contextmanager
+def _open_archive(path):
+    """The checkpoint file as an _Archive; CheckpointError naming the file for anything unreadable."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    # Regular files only: a FIFO would block forever and a device would be read without end.
+    f = open_input(path, "rb", what="checkpoint", error=CheckpointError)
     try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
+        magic = f.read(6)
         if magic == b"\x93NUMPY":
             raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an .npz archive)")
         if not magic.startswith(b"PK"):
             what = "an empty file" if not magic else "not a zip archive"
             raise CheckpointError(f"{path}: not a readable .npz checkpoint ({what})")
-        _check_archive_size(path)
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an .npz archive)")
-        with archive:
-            return {name: archive[name] for name in archive.files}
+        f.seek(0)
+        archive = _Archive(path, f)
+    except CheckpointError:
+        f.close()
+        raise
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, NotImplementedError, RuntimeError) as e:
+        f.close()
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e})") from None
+    except OSError as e:
+        f.close()
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e.strerror or e}") from None
+    try:
+        yield archive
     except CheckpointError:
         raise
-    except PermissionError:
-        raise CheckpointError(f"{path}: cannot read checkpoint: permission denied") from None
-    except ValueError as e:
-        if "pickle" in str(e) or "Object arrays" in str(e):
-            raise CheckpointError(f"{path}: holds pickled objects, which are never loaded "
-                                  f"(they could run code); not a minialex checkpoint") from None
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read checkpoint: {e.strerror or e}") from None
-    except Exception as e:  # numpy reports some damaged archives with other exception types
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({type(e).__name__}: {e})") from None
-
-
-def _check_archive_size(path):
-    with zipfile.ZipFile(path) as z:
-        claimed = sum(info.file_size for info in z.infolist())
-    if claimed > MAX_ARCHIVE_BYTES:
-        raise CheckpointError(f"{path}: archive members claim {claimed:,} bytes, over the limit of "
-                              f"{MAX_ARCHIVE_BYTES:,}; damaged, or not a minialex checkpoint")
+    except RecursionError:  # JSON nested deeper than the interpreter's stack: hostile, not ours
+        raise CheckpointError(f"{path}: damaged checkpoint header (nested too deeply)") from None
+    finally:
+        archive.close()
+        f.close()
 
 
 def first_non_finite(arrays, chunk=1 << 20):
@@ -195,68 +305,108 @@ def _refuse_non_finite(path, arrays):
                               f"diverged?); refusing to load it")
 
 
-def _header(path, arrays):
-    raw = arrays.get(HEADER_KEY)
-    if raw is None:
-        return None
+def _read_header(archive):
+    """The header's JSON object; its size is checked before a byte of it is decoded."""
+    path = archive.path
+    info = archive.members[HEADER_KEY]
+    if info.file_size > MAX_HEADER_BYTES + 4096:
+        raise CheckpointError(f"{path}: damaged checkpoint header ({info.file_size:,} bytes, over the "
+                              f"limit of {MAX_HEADER_BYTES:,})")
+    shape, dtype = archive.describe(HEADER_KEY)
+    if not (dtype == np.uint8 and len(shape) == 1) and not (dtype.kind == "U" and shape == ()):
+        raise CheckpointError(f"{path}: damaged checkpoint header (stored as {dtype} {shape})")
+    raw = archive.read(HEADER_KEY)
     try:
-        if raw.dtype == np.uint8:
-            text = raw.tobytes().decode("utf-8")
-        elif raw.dtype.kind == "U" and raw.ndim == 0:
-            text = str(raw)
-        else:
-            raise ValueError(f"header stored as {raw.dtype}")
+        text = raw.tobytes().decode("utf-8") if raw.dtype == np.uint8 else str(raw)
         header = json.loads(text)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint header ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: damaged checkpoint header (nested too deeply)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint header (not a JSON object)")
     return header
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """Read and validate a checkpoint written by save_checkpoint."""
+    """Read and validate a checkpoint written by save_checkpoint; CheckpointError for anything else."""
     path = os.fspath(path)
-    try:
-        return _load_checkpoint(path)
-    except RecursionError:  # JSON nested deeper than the interpreter's stack: hostile, not ours
-        raise CheckpointError(f"{path}: damaged checkpoint header (nested too deeply)") from None
+    with _open_archive(path) as archive:
+        if HEADER_KEY not in archive.members:
+            raise CheckpointError(f"{path}: not a minialex checkpoint (no {HEADER_KEY} header)")
+        return _load_checkpoint(archive)
 
 
-def _load_checkpoint(path):
-    arrays = _read_npz(path)
-    header = _header(path, arrays)
-    if header is None:
-        raise CheckpointError(f"{path}: not a minialex checkpoint (no {HEADER_KEY} header)")
+def _load_checkpoint(archive):
+    path = archive.path
+    header = _read_header(archive)
+    fields = _Fields(path, archive)
     version = header.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not _is_int(version) or version < 1:
         raise CheckpointError(f"{path}: damaged checkpoint header (format_version {version!r})")
-    if version < 1:
-        raise CheckpointError(f"{path}: damaged checkpoint header (format_version {version})")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written in checkpoint format {version} by a newer minialex; "
                               f"this one reads up to format {FORMAT_VERSION}, please upgrade")
-    for key in ("arch", "normalization"):
-        header[key] = _from_json(header.get(key), arrays, path)
-    arch, names, norm = _valid_header(path, header)
-    state = OrderedDict((k[len("model/"):], v) for k, v in arrays.items() if k.startswith("model/"))
-    if not state:
+    arch = fields.arch(header.get("arch"))
+    names = fields.class_names(header.get("class_names"), arch["num_classes"])
+    norm = fields.normalization(header.get("normalization"), arch)
+    train_state = fields.train_state(header.get("train_state"))
+    config = (train_state or {}).get("config") or {}
+    params, buffers = _parameter_shapes(arch)
+    optimizer_state = fields.optimizer(header.get("optimizer"), list(params.values()), config)
+    scheduler_state = fields.scheduler(header.get("scheduler"), optimizer_state, config)
+    state = _read_weights(archive, arch)
+    return Checkpoint(version=version, arch=arch, class_names=names, normalization=norm,
+                      state_dict=state, optimizer_state=optimizer_state,
+                      scheduler_state=scheduler_state, train_state=train_state, path=path)
+
+
+def _read_weights(archive, arch):
+    """The model/ members, each checked against the architecture's shape before it is read."""
+    path = archive.path
+    expected = state_dict_shapes(arch)
+    stored = [name[len("model/"):] for name in archive.members if name.startswith("model/")]
+    if not stored:
         raise CheckpointError(f"{path}: damaged checkpoint (no model weights)")
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights are for another architecture than the header's "
+                              f"{_describe(arch)}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    state = OrderedDict()
+    for key, want in expected.items():
+        shape, dtype = archive.describe(f"model/{key}")
+        if shape != want:
+            raise CheckpointError(f"{path}: weights are for another architecture than the header's "
+                                  f"{_describe(arch)}: {key!r} has shape {shape}, expected {want}")
+        integer = key.endswith("num_batches_tracked")
+        if (dtype.kind not in "iu") if integer else (dtype.kind != "f"):
+            raise CheckpointError(f"{path}: {key!r} is stored as {dtype}, expected "
+                                  f"{'integers' if integer else 'floating point'}")
+        state[key] = archive.read(f"model/{key}")
+        _refuse_non_finite(path, {f"model/{key}": state[key]})
+    return state
+
+
+def _describe(arch):
+    return (f"{arch['variant']}{' +BN' if arch.get('batch_norm') else ''} "
+            f"with {arch['num_classes']} classes")
+
+
+def load_weights(path):
+    """(state_dict, checkpoint or None) from a minialex checkpoint or a plain .npz of named arrays.
+
+    The plain form is what a converted torchvision state_dict looks like (`np.savez(f, **sd)`); its
+    arrays are checked against a model by `load_into`.
+    """
+    path = os.fspath(path)
+    with _open_archive(path) as archive:
+        if HEADER_KEY in archive.members:
+            ckpt = _load_checkpoint(archive)
+            return ckpt.state_dict, ckpt
+        if not archive.members:
+            raise CheckpointError(f"{path}: empty archive, no weights")
+        arrays = OrderedDict((name, archive.read(name)) for name in archive.members)
     _refuse_non_finite(path, arrays)
-    train_state = _from_json(header.get("train_state"), arrays, path)
-    if train_state is not None:
-        if not isinstance(train_state, dict):
-            raise CheckpointError(f"{path}: damaged checkpoint header (training state)")
-        epoch = train_state.get("epoch")
-        if epoch is not None and (not _is_int(epoch) or epoch < 0):
-            raise CheckpointError(f"{path}: damaged checkpoint header (epoch {epoch!r})")
-    return Checkpoint(
-        version=version, arch=arch, class_names=names, normalization=norm, state_dict=state,
-        optimizer_state=_from_json(header.get("optimizer"), arrays, path),
-        scheduler_state=_from_json(header.get("scheduler"), arrays, path),
-        train_state=train_state, path=path)
+    return arrays, None
 
 
 def _is_int(v):
@@ -267,52 +417,316 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _valid_header(path, header):
-    """(arch, class_names, normalization) after checking every field a model is built from."""
-    def damaged(what):
-        return CheckpointError(f"{path}: damaged checkpoint header ({what})")
+# What `train -resume` reads from train_state["config"]: key -> (check, what the message says).
+# Every value a resumed run takes from its checkpoint passes the same rule the command line has.
+_CONFIG_RULES = {
+    "arch": (lambda v: isinstance(v, str) and v in _CLASSIFIER_SIZES, f"one of {', '.join(_CLASSIFIER_SIZES)}"),
+    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "optimizer": (lambda v: isinstance(v, str) and v in ("sgd", "adam"), "sgd or adam"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a number above 0"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "schedule": (lambda v: isinstance(v, str) and v in ("none", "step", "multistep", "plateau"),
+                 "none, step, multistep or plateau"),
+    "step_size": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "milestones": (lambda v: isinstance(v, list) and len(v) <= 10_000
+                   and all(_is_int(m) and m >= 1 for m in v), "a list of integers >= 1"),
+    "gamma": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2 ** 64, "an integer in [0, 2**64)"),
+    "batch_size": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH_SIZE, f"an integer in [1, {MAX_BATCH_SIZE}]"),
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "label_smoothing": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "pca": (lambda v: isinstance(v, bool), "true or false"),
+}
 
-    arch, names, norm = header.get("arch"), header.get("class_names"), header.get("normalization")
-    if not isinstance(arch, dict) or not {"variant", "num_classes"} <= set(arch):
-        raise damaged("no architecture")
-    if not isinstance(arch["variant"], str) or not _is_int(arch["num_classes"]) or arch["num_classes"] < 1:
-        raise damaged(f"architecture {arch['variant']!r} with {arch['num_classes']!r} classes")
-    if not isinstance(names, list) or len(names) != arch["num_classes"]:
-        raise damaged(f"class names do not match {arch['num_classes']} classes")
-    if not all(isinstance(n, str) for n in names):
-        raise damaged("class names are not all text")
-    if not isinstance(norm, dict) or not {"mean", "std", "resize", "crop"} <= set(norm):
-        raise damaged("no normalization")
-    for key in ("mean", "std"):
-        values = norm[key]
-        if isinstance(values, np.ndarray):
-            values = values.tolist()
-        if (not isinstance(values, list) or len(values) != 3 or not all(_is_number(v) for v in values)
-                or (key == "std" and not all(v > 0 for v in values))):
-            raise damaged(f"normalization {key} {norm[key]!r}, expected 3 finite numbers"
-                          + (" above 0" if key == "std" else ""))
-    for key in ("resize", "crop"):
-        if not _is_int(norm[key]) or not 1 <= norm[key] <= 4096:
-            raise damaged(f"normalization {key} {norm[key]!r}")
-    if norm["crop"] > norm["resize"]:
-        raise damaged(f"crop {norm['crop']} larger than resize {norm['resize']}")
-    return arch, names, norm
+# Keys of each schedule's state_dict (lr_scheduler.*.state_dict()) -> (check, what).
+_NONNEG_INT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+_SCHEDULER_RULES = {
+    "step_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "gamma": (lambda v: _is_number(v) and v > 0, "a number above 0"),
+    "milestones": (lambda v: isinstance(v, list) and all(_is_int(m) and m >= 0 for m in v),
+                   "a list of integers >= 0"),
+    "last_epoch": _NONNEG_INT,
+    "base_lrs": (lambda v: isinstance(v, list) and all(_is_number(x) and x >= 0 for x in v), "a list of numbers >= 0"),
+    "min_lrs": (lambda v: isinstance(v, list) and all(_is_number(x) and x >= 0 for x in v), "a list of numbers >= 0"),
+    "mode": (lambda v: isinstance(v, str) and v in ("min", "max"), "min or max"),
+    "factor": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "patience": _NONNEG_INT, "cooldown": _NONNEG_INT, "num_bad_epochs": _NONNEG_INT,
+    "cooldown_counter": _NONNEG_INT,
+    "threshold": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "threshold_mode": (lambda v: isinstance(v, str) and v in ("rel", "abs"), "rel or abs"),
+    "eps": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "best": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v),
+             "a number (or +-Infinity)"),
+}
+_SCHEDULER_KEYS = {
+    "step": {"step_size", "gamma", "base_lrs", "last_epoch"},
+    "multistep": {"milestones", "gamma", "base_lrs", "last_epoch"},
+    "plateau": {"mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "eps",
+                "min_lrs", "best", "num_bad_epochs", "cooldown_counter", "last_epoch"},
+}
+
+# Per-parameter-group hyper-parameters and per-parameter state of each optimiser's state_dict.
+_GROUP_RULES = {
+    "lr": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "initial_lr": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "dampening": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    "betas": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1)"),
+    "eps": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+}
+# kind -> (group settings, per-parameter entries allowed, entries required). SGD without momentum
+# keeps an empty entry per parameter.
+_OPTIMIZER_KEYS = {
+    "sgd": ({"lr", "momentum", "dampening", "weight_decay", "nesterov"}, {"momentum_buffer"}, set()),
+    "adam": ({"lr", "betas", "eps", "weight_decay"}, {"step", "exp_avg", "exp_avg_sq"},
+             {"step", "exp_avg", "exp_avg_sq"}),
+}
+
+_HISTORY_KEYS_LIMIT = 64
 
 
-def load_weights(path):
-    """(state_dict, checkpoint or None) from a minialex checkpoint or a plain .npz of named arrays.
+class _Fields:
+    """Field-by-field validation of a header; every failure names the file and the field."""
 
-    The plain form is what a converted torchvision state_dict looks like (`np.savez(f, **sd)`).
-    """
-    path = os.fspath(path)
-    arrays = _read_npz(path)
-    if HEADER_KEY in arrays:
-        ckpt = load_checkpoint(path)
-        return ckpt.state_dict, ckpt
-    if not arrays:
-        raise CheckpointError(f"{path}: empty archive, no weights")
-    _refuse_non_finite(path, arrays)
-    return OrderedDict(arrays), None
+    def __init__(self, path, archive):
+        self.path, self.archive = path, archive
+
+    def fail(self, field, problem):
+        raise CheckpointError(f"{self.path}: damaged checkpoint header: {field} {problem}")
+
+    def check(self, field, value, rule):
+        ok, what = rule
+        if not ok(value):
+            self.fail(field, f"is {_shown(value)}, expected {what}")
+        return value
+
+    def dict(self, field, value, required=()):
+        if not isinstance(value, dict):
+            self.fail(field, f"is {_shown(value)}, expected an object")
+        for key in required:
+            if key not in value:
+                self.fail(f"{field}.{key}", "is missing")
+        return value
+
+    def small_array(self, field, value, shape):
+        """A value saved as a list or as an array member (resolved here, its shape checked first)."""
+        if isinstance(value, dict) and set(value) == {_ARRAY_REF}:
+            key = value[_ARRAY_REF]
+            if not isinstance(key, str) or key not in self.archive.members:
+                self.fail(field, f"refers to a missing array {_shown(key)}")
+            stored, dtype = self.archive.describe(key)
+            if stored != shape or dtype.kind not in "fiu":
+                self.fail(field, f"is a {dtype} array of shape {stored}, expected shape {shape}")
+            value = self.archive.read(key).tolist()
+        try:
+            array = np.array(value, dtype=np.float64) if _numbers_only(value) else None
+        except (ValueError, OverflowError):
+            array = None
+        if array is None or array.shape != shape or not np.isfinite(array).all():
+            self.fail(field, f"is {_shown(value)}, expected finite numbers of shape {shape}")
+        return array
+
+    # -- the model ---------------------------------------------------------------------------------
+
+    def arch(self, arch):
+        arch = self.dict("arch", arch, required=("variant", "num_classes"))
+        self.check("arch.variant", arch["variant"], _CONFIG_RULES["arch"])
+        self.check("arch.num_classes", arch["num_classes"],
+                   (lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES, f"an integer in [1, {MAX_CLASSES:,}]"))
+        if "batch_norm" in arch:
+            self.check("arch.batch_norm", arch["batch_norm"], _CONFIG_RULES["batch_norm"])
+        if "dropout" in arch:
+            self.check("arch.dropout", arch["dropout"], _CONFIG_RULES["dropout"])
+        size = _input_size(arch["variant"])
+        if "input_size" in arch:
+            self.check("arch.input_size", arch["input_size"], (lambda v: v == size and _is_int(v),
+                                                               f"{size} (the {arch['variant']} input)"))
+        return arch
+
+    def class_names(self, names, num_classes):
+        if not isinstance(names, list) or len(names) != num_classes:
+            count = f"{len(names)} names" if isinstance(names, list) else _shown(names)
+            self.fail("class_names", f"is {count}, expected a list of {num_classes} names (arch.num_classes)")
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not 0 < len(name) <= MAX_CLASS_NAME_CHARS:
+                self.fail(f"class_names[{i}]", f"is {_shown(name)}, expected text of 1 to "
+                                               f"{MAX_CLASS_NAME_CHARS} characters")
+        return names
+
+    def normalization(self, norm, arch):
+        from .data.transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, MAX_RESIZE_RATIO
+        norm = self.dict("normalization", norm, required=("mean", "std", "resize", "crop"))
+        out = dict(norm)
+        for key in ("mean", "std"):
+            values = self.small_array(f"normalization.{key}", norm[key], (3,))
+            if key == "std" and not (values > 0).all():
+                self.fail("normalization.std", f"is {_shown(values.tolist())}, expected 3 finite numbers above 0")
+            out[key] = values.tolist()
+        crop = _input_size(arch["variant"])
+        self.check("normalization.crop", norm["crop"],
+                   (lambda v: _is_int(v) and v == crop, f"{crop}, the input size of {arch['variant']}"))
+        self.check("normalization.resize", norm["resize"],
+                   (lambda v: _is_int(v) and crop <= v <= MAX_RESIZE_RATIO * crop,
+                    f"an integer from the crop {crop} to {MAX_RESIZE_RATIO * crop}"))
+        # The PCA colour noise's components: absent from checkpoints written before they were
+        # measured on the training data, which used ImageNet's.
+        eigval = norm.get("pca_eigval", list(IMAGENET_EIGVAL))
+        eigvec = norm.get("pca_eigvec", [list(row) for row in IMAGENET_EIGVEC])
+        eigval = self.small_array("normalization.pca_eigval", eigval, (3,))
+        if not (eigval >= 0).all():
+            self.fail("normalization.pca_eigval", f"is {_shown(eigval.tolist())}, expected 3 numbers >= 0")
+        out["pca_eigval"] = eigval.tolist()
+        out["pca_eigvec"] = self.small_array("normalization.pca_eigvec", eigvec, (3, 3)).tolist()
+        return out
+
+    # -- the training state (only `train -resume` uses it, but a damaged one is refused anywhere) --
+
+    def train_state(self, ts):
+        if ts is None:
+            return None
+        ts = self.dict("train_state", ts, required=("epoch",))
+        self.check("train_state.epoch", ts["epoch"], _NONNEG_INT)
+        history = ts.get("history", [])
+        if not isinstance(history, list):
+            self.fail("train_state.history", f"is {_shown(history)}, expected a list of epoch records")
+        for i, record in enumerate(history):
+            field = f"train_state.history[{i}]"
+            self.dict(field, record, required=("epoch",))
+            if len(record) > _HISTORY_KEYS_LIMIT:
+                self.fail(field, f"has {len(record)} entries, expected at most {_HISTORY_KEYS_LIMIT}")
+            self.check(f"{field}.epoch", record["epoch"], (lambda v: _is_int(v) and v >= 1, "an integer >= 1"))
+            for key, value in record.items():
+                self.check(f"{field}.{key}", value, (lambda v: v is None or (
+                    isinstance(v, (int, float)) and not isinstance(v, bool)), "a number or null"))
+        if ts.get("best_val_top1") is not None:
+            self.check("train_state.best_val_top1", ts["best_val_top1"],
+                       (lambda v: _is_number(v) and 0 <= v <= 1, "null or a number in [0, 1]"))
+        if ts.get("config") is not None:
+            config = self.dict("train_state.config", ts["config"])
+            for key, rule in _CONFIG_RULES.items():
+                if key in config:
+                    self.check(f"train_state.config.{key}", config[key], rule)
+        if ts.get("rng") is not None:
+            try:  # exactly what restoring it does, on a throw-away generator
+                np.random.PCG64().state = ts["rng"]
+            except (ValueError, KeyError, TypeError, OverflowError):
+                self.fail("train_state.rng", f"is {_shown(ts['rng'])}, expected a PCG64 state")
+        if ts.get("interrupted") is not None:
+            stop = self.dict("train_state.interrupted", ts["interrupted"], required=("epoch", "batch"))
+            self.check("train_state.interrupted.epoch", stop["epoch"], (lambda v: _is_int(v) and v >= 1,
+                                                                        "an integer >= 1"))
+            self.check("train_state.interrupted.batch", stop["batch"], _NONNEG_INT)
+        if ts.get("lists") is not None:
+            lists = self.dict("train_state.lists", ts["lists"])
+            for key, value in lists.items():
+                self.check(f"train_state.lists.{key}", value,
+                           (lambda v: v is None or isinstance(v, str), "a file name or null"))
+        return ts
+
+    def optimizer(self, state, param_shapes, config):
+        """The optimiser's state_dict, its arrays read after their shapes match the parameters'."""
+        if state is None:
+            return None
+        state = self.dict("optimizer", state, required=("state", "param_groups"))
+        groups = state["param_groups"]
+        if not isinstance(groups, list) or not groups:
+            self.fail("optimizer.param_groups", f"is {_shown(groups)}, expected a list of groups")
+        kind = config.get("optimizer")
+        if kind is None:
+            kind = "adam" if isinstance(groups[0], dict) and "betas" in groups[0] else "sgd"
+        hyper, per_param, required = _OPTIMIZER_KEYS[kind]
+        numbered = []
+        for g, group in enumerate(groups):
+            field = f"optimizer.param_groups[{g}]"
+            self.dict(field, group, required=("params", *sorted(hyper)))
+            for key, value in group.items():
+                if key == "params":
+                    continue
+                if key not in _GROUP_RULES or (key not in hyper and key != "initial_lr"):
+                    self.fail(f"{field}.{key}", f"is not a {kind} setting")
+                self.check(f"{field}.{key}", value, _GROUP_RULES[key])
+            if not isinstance(group["params"], list) or not all(_is_int(i) for i in group["params"]):
+                self.fail(f"{field}.params", f"is {_shown(group['params'])}, expected parameter numbers")
+            numbered += group["params"]
+        if sorted(numbered) != list(range(len(param_shapes))):
+            self.fail("optimizer.param_groups", f"number {len(numbered)} parameters, expected each of the "
+                                                 f"model's {len(param_shapes)} exactly once")
+        entries = state["state"]
+        if isinstance(entries, dict) and set(entries) == {_INT_KEYS}:
+            entries = entries[_INT_KEYS]
+        entries = self.dict("optimizer.state", entries)
+        resolved = {}
+        for key, entry in entries.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < len(param_shapes)):
+                self.fail("optimizer.state", f"has an entry for parameter {_shown(key)}, expected "
+                                             f"0..{len(param_shapes) - 1}")
+            i = int(key)
+            field = f"optimizer.state.{i}"
+            entry = self.dict(field, entry, required=sorted(required))
+            resolved[i] = {}
+            for name, value in entry.items():
+                if name not in per_param:
+                    self.fail(f"{field}.{name}", f"is not {kind} state")
+                if name == "step":
+                    resolved[i][name] = self.check(f"{field}.step", value, _NONNEG_INT)
+                else:
+                    resolved[i][name] = self.parameter_array(f"{field}.{name}", value, param_shapes[i])
+        groups = [dict(g, params=list(g["params"])) for g in groups]
+        return {"state": resolved, "param_groups": groups}
+
+    def parameter_array(self, field, value, shape):
+        if not (isinstance(value, dict) and set(value) == {_ARRAY_REF} and isinstance(value[_ARRAY_REF], str)
+                and value[_ARRAY_REF] in self.archive.members):
+            self.fail(field, f"is {_shown(value)}, expected an array stored beside the header")
+        key = value[_ARRAY_REF]
+        stored, dtype = self.archive.describe(key)
+        if stored != tuple(shape) or dtype.kind != "f":
+            self.fail(field, f"is a {dtype} array of shape {stored}, expected floats of the parameter's "
+                             f"shape {tuple(shape)}")
+        array = self.archive.read(key)
+        _refuse_non_finite(self.path, {key: array})
+        return array
+
+    def scheduler(self, state, optimizer_state, config):
+        if state is None:
+            return None
+        state = self.dict("scheduler", state)
+        schedule = config.get("schedule")  # validated: one of the names, or absent
+        keys = _SCHEDULER_KEYS.get(schedule)
+        if keys is None:  # no schedule recorded: the keys must be one schedule's, whichever
+            keys = next((k for k in _SCHEDULER_KEYS.values() if set(state) == k), None)
+        if keys is None or set(state) != keys:
+            self.fail("scheduler", f"has the fields {sorted(state)[:12]}, expected those of the "
+                                   f"{schedule or 'step, multistep or plateau'} schedule")
+        for key in sorted(keys):
+            self.check(f"scheduler.{key}", state[key], _SCHEDULER_RULES[key])
+        groups = len(optimizer_state["param_groups"]) if optimizer_state else None
+        for key in ("base_lrs", "min_lrs"):
+            if key in state and groups is not None and len(state[key]) != groups:
+                self.fail(f"scheduler.{key}", f"has {len(state[key])} values, expected one per "
+                                              f"parameter group ({groups})")
+        return state
+
+
+def _input_size(variant):
+    from .models import INPUT_SIZE
+    return INPUT_SIZE[variant]
+
+
+def _numbers_only(value):
+    if isinstance(value, list):
+        return all(_numbers_only(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value, limit=60):
+    """A header value, cut short, for an error message."""
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def build_model(arch):

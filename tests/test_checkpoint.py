@@ -9,7 +9,8 @@ import pytest
 import minialex
 from minialex import checkpoint, models, optim
 from minialex.checkpoint import (FORMAT_VERSION, HEADER_KEY, CheckpointError, load_checkpoint,
-                                 load_weights, model_from_checkpoint, save_checkpoint)
+                                 load_weights, model_from_checkpoint, save_checkpoint, state_dict_shapes)
+from minialex.data.transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 
 ARCH = {"variant": "cifar", "num_classes": 3, "batch_norm": True, "input_size": 32}
 NORM = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "resize": 36, "crop": 32}
@@ -47,7 +48,10 @@ def test_round_trip_restores_everything_exactly(tmp_path):
     _save(path, model, opt, sched, ts)
     ckpt = load_checkpoint(path)
     assert ckpt.version == FORMAT_VERSION
-    assert ckpt.arch == ARCH and ckpt.class_names == NAMES and ckpt.normalization == NORM
+    # A normalisation saved without PCA components reads back with ImageNet's, the old default.
+    assert ckpt.arch == ARCH and ckpt.class_names == NAMES
+    assert ckpt.normalization == dict(NORM, pca_eigval=list(IMAGENET_EIGVAL),
+                                      pca_eigvec=[list(r) for r in IMAGENET_EIGVEC])
     assert list(ckpt.state_dict) == list(model.state_dict())
     for k, v in model.state_dict().items():
         assert ckpt.state_dict[k].dtype == v.dtype and np.array_equal(ckpt.state_dict[k], v), k
@@ -132,7 +136,7 @@ def test_bad_files_give_checkpoint_error_naming_the_file(tmp_path, kind):
     good = tmp_path / "good.npz"
     _save(good, model, opt, sched, ts)
     path = tmp_path / f"{kind}.npz"
-    expect = {"missing": "no such checkpoint", "folder": "is a folder", "truncated": "truncated or corrupt",
+    expect = {"missing": "checkpoint not found", "folder": "is a folder", "truncated": "truncated or corrupt",
               "text": "not a readable", "pickled": "pickled", "npy": "single .npy",
               "no_header": "not a minialex checkpoint", "newer": "newer minialex",
               "bad_header": "damaged checkpoint header"}[kind]
@@ -198,3 +202,39 @@ def test_zip_member_damage_is_reported(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     assert "w.npz" in _one_line(e)
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "paper", "cifar"])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_state_dict_shapes_match_the_built_model(variant, batch_norm):
+    """The shapes a header is checked against, computed without a model, are the model's."""
+    model = models.alexnet(num_classes=7, variant=variant, batch_norm=batch_norm)
+    expected = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    arch = {"variant": variant, "num_classes": 7, "batch_norm": batch_norm}
+    assert list(state_dict_shapes(arch).items()) == expected
+    params, _ = checkpoint._parameter_shapes(arch)
+    assert list(params.values()) == [tuple(p.data.shape) for p in model.parameters()]
+
+
+def test_pca_components_round_trip_and_are_validated(tmp_path):
+    model, _, _, _ = _trained_state()
+    eigval = [0.1, 0.02, 0.003]
+    eigvec = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))[0]
+    path = tmp_path / "w.npz"
+    save_checkpoint(path, model, arch=ARCH, class_names=NAMES,
+                    normalization=dict(NORM, pca_eigval=eigval, pca_eigvec=eigvec))  # an array member
+    norm = load_checkpoint(path).normalization
+    assert norm["pca_eigval"] == eigval and np.array_equal(norm["pca_eigvec"], eigvec)
+    for bad in (dict(pca_eigval=[0.1, 0.2]), dict(pca_eigval=[0.1, -0.2, 0.3]),
+                dict(pca_eigvec=np.full((3, 3), np.nan)), dict(pca_eigvec=np.zeros((3, 4)))):
+        save_checkpoint(path, model, arch=ARCH, class_names=NAMES, normalization=dict(NORM, **bad))
+        with pytest.raises(CheckpointError, match=r"w\.npz: damaged checkpoint header: normalization\.pca_eig"):
+            load_checkpoint(path)
+
+
+def test_fifo_and_device_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.npz")
+    for path, what in ((tmp_path / "pipe.npz", "a FIFO"), ("/dev/zero", "a device")):
+        for load in (load_checkpoint, load_weights):
+            with pytest.raises(CheckpointError, match=f"checkpoint is {what}, not a regular file"):
+                load(path)

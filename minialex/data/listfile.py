@@ -14,22 +14,27 @@ is the number of names in the labels file when one is given, else the largest id
 A labels file has `class_id name` lines (names may contain spaces); every id 0..N-1 must appear
 exactly once. Without one, classes are named `class_<id>`.
 
-Both files are UTF-8 (a leading byte-order mark is allowed), with Unix or Windows line endings.
-Every problem is a `DataError` whose message names `file:line`.
+Both files are UTF-8 (a leading byte-order mark is allowed), with Unix or Windows line endings,
+and must be regular files: a FIFO or a device is refused before it is opened (it could block or
+never end). Every problem is a `DataError` whose message names `file:line`.
 """
 import os
 import re
 from typing import NamedTuple
 
 from minialex.errors import DataError, at_line
+from minialex.files import open_input
 
 # Paths are at most a few thousand bytes on every system we target; a longer "line" means the
 # file is not a list file at all (an image or a tarball passed by mistake), and reading it whole
 # would only waste memory before failing.
 MAX_LINE_BYTES = 16384
-# An id of a billion would make us allocate a billion class names and a classifier to match;
-# nothing real has more than a million classes.
-MAX_CLASSES = 1_000_000
+# An id of a billion would make us allocate a billion class names and a classifier to match.
+# ImageNet-21k has 21,841 classes; 100,000 keeps the largest classifier (torchvision's, 4096 inputs)
+# at 1.6 GB, so that its checkpoint stays under checkpoint.MAX_ARCHIVE_BYTES.
+MAX_CLASSES = 100_000
+# A class name is printed in tables and stored in every checkpoint; longer is not a name.
+MAX_CLASS_NAME_CHARS = 256
 
 _ID_AND_REST = re.compile(r"([^ \t]+)(?:[ \t]+(.*))?\Z", re.DOTALL)
 _DECIMAL = re.compile(r"[0-9]+\Z")
@@ -42,18 +47,16 @@ class Sample(NamedTuple):
     label: int
     path: str   # resolved against the list file's folder
     line: int   # where it came from, for error messages later (a bad image names its list line)
+    list_path: str | None = None  # the list file it came from (None: made in code, not read)
+
+    def where(self, message: str) -> str:
+        """'list:line: message' when the sample came from a list file, else the message alone."""
+        return at_line(self.list_path, self.line, message) if self.list_path is not None else message
 
 
 def _text_lines(path, what: str):
     """Yield (line_number, text) for every non-blank, non-comment line of a UTF-8 text file."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(at_line(path, None, f"no such {what}")) from None
-    except IsADirectoryError:
-        raise DataError(at_line(path, None, f"is a folder, not a {what}")) from None
-    except OSError as e:
-        raise DataError(at_line(path, None, f"cannot open {what}: {e.strerror or e}")) from None
+    f = open_input(path, "rb", what=what, error=DataError)
     with f:
         number = 0
         while True:
@@ -125,7 +128,7 @@ def read_list(path, num_classes: int | None = None) -> list[Sample]:
         image = (rest or "").strip(" \t")
         if not image:
             raise DataError(at_line(path, number, f"no image path after class id {label}"))
-        samples.append(Sample(label, os.path.join(base, image), number))
+        samples.append(Sample(label, os.path.join(base, image), number, os.fspath(path)))
     if not samples:
         raise DataError(at_line(path, None, "the list is empty (no 'class_id image_path' lines)"))
     return samples
@@ -140,6 +143,9 @@ def read_labels(path) -> list[str]:
         name = (rest or "").strip(" \t")
         if not name:
             raise DataError(at_line(path, number, f"no class name after class id {class_id}"))
+        if len(name) > MAX_CLASS_NAME_CHARS:
+            raise DataError(at_line(path, number, f"class name of {len(name)} characters, over the "
+                                    f"limit of {MAX_CLASS_NAME_CHARS}"))
         if class_id in names:
             raise DataError(at_line(path, number, f"class id {class_id} named twice "
                                     f"({names[class_id]!r} and {name!r})"))

@@ -13,12 +13,13 @@ everything in the caller's thread. `wait_time` adds up the seconds the caller sp
 batch in the current epoch: near zero means data loading keeps up.
 
 Bad images met during an epoch (corrupt, truncated, deleted since the list was written):
-- on_bad_image="skip" (default): the sample is left out of its batch, a warning naming the file
-  and its list line is printed on stderr the first time that file fails, and `skipped` counts the
+- on_bad_image="skip" (default): the sample is left out of its batch, a warning naming the list
+  file, line and image is printed on stderr the first time that file fails, and `skipped` counts the
   samples left out in the current epoch, for the training loop to report at the epoch's end. One
   bad JPEG among a million should not end a three-day run. A batch whose samples all fail is left
   out; an epoch in which every sample fails is a DataError.
-- on_bad_image="error": the first bad image raises its DataError.
+- on_bad_image="error": the first bad image raises a DataError naming the list file and line
+  (`train.list:8: IMG: cannot decode image ...`), taken from the Sample, which carries both.
 """
 import math
 import sys
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from minialex.data.images import load_image
-from minialex.errors import DataError
+from minialex.errors import DataError, at_line
 
 _ON_BAD_IMAGE = ("skip", "error")
 
@@ -88,7 +89,7 @@ class DataLoader:
                 img = load_image(sample.path)
             except DataError as e:
                 if self.on_bad_image == "error":
-                    raise
+                    raise DataError(sample.where(str(e))) from None
                 bad.append((sample, str(e)))
                 continue
             rng = np.random.default_rng([self.seed, epoch, int(index)])
@@ -103,8 +104,7 @@ class DataLoader:
             self.skipped += 1
             if sample.path not in self._warned:
                 self._warned.add(sample.path)
-                print(f"minialex: warning: skipping bad image (list line {sample.line}): {message}",
-                      file=sys.stderr)
+                print(f"minialex: warning: skipping bad image: {sample.where(message)}", file=sys.stderr)
 
     def __iter__(self):
         self.skipped = 0
@@ -146,5 +146,7 @@ class DataLoader:
                     future.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
         if delivered == 0 and batches:
-            raise DataError(f"{self.samples[0].path}: none of the {len(self.samples)} images in the "
-                            f"list could be read ({self.skipped} skipped)")
+            first = self.samples[0]
+            where = first.list_path if first.list_path is not None else first.path
+            raise DataError(at_line(where, None, f"none of the {len(self.samples)} images in the "
+                                    f"list could be read ({self.skipped} skipped)"))

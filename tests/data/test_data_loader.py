@@ -22,7 +22,7 @@ def make_samples(folder, n=23, bad=()):
             img[..., 0] = i
             img[..., 1] = np.arange(SIZE + 4)  # left-right gradient: shows flips
             Image.fromarray(img).save(path)
-        samples.append(Sample(i % 3, str(path), i + 1))
+        samples.append(Sample(i % 3, str(path), i + 1, str(folder / "images.list")))
     return samples
 
 
@@ -104,7 +104,7 @@ def test_bad_images_are_skipped_counted_and_warned_once(tmp_path, capsys):
         assert loader.skipped == 2
     err = capsys.readouterr().err
     assert err.count("warning: skipping bad image") == 2
-    assert f"{tmp_path / '4.png'}" in err and "list line 5" in err
+    assert f"skipping bad image: {tmp_path / 'images.list'}:5: {tmp_path / '4.png'}: " in err
 
 
 def test_batch_of_only_bad_images_is_left_out(tmp_path, capsys):
@@ -116,8 +116,9 @@ def test_batch_of_only_bad_images_is_left_out(tmp_path, capsys):
 
 def test_every_image_bad_is_an_error(tmp_path, capsys):
     samples = make_samples(tmp_path, n=3, bad={0, 1, 2})
-    with pytest.raises(DataError, match="none of the 3 images"):
+    with pytest.raises(DataError) as info:
         list(DataLoader(samples, identity_eval(), batch_size=2))
+    assert str(info.value).startswith(f"{tmp_path / 'images.list'}: none of the 3 images")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -129,7 +130,8 @@ def test_error_mode_stops_on_the_first_bad_image(tmp_path, workers):
     with pytest.raises(DataError) as info:
         for x, _ in loader:
             seen += ids_of(x)
-    assert str(info.value).startswith(str(tmp_path / "6.png"))
+    # The loader names the list line itself: the Sample carries its list file and line.
+    assert str(info.value).startswith(f"{tmp_path / 'images.list'}:7: {tmp_path / '6.png'}: ")
     assert seen == [0, 1, 2, 3, 4, 5]
 
 

@@ -147,9 +147,9 @@ def test_not_images(tmp_path):
     assert data_error(tmp_path / "empty.jpg").endswith("empty file (0 bytes)")
     (tmp_path / "text.png").write_text("this is not a picture\n")
     assert "not an image" in data_error(tmp_path / "text.png")
-    assert data_error(tmp_path / "missing.png").endswith("no such image file")
+    assert data_error(tmp_path / "missing.png").endswith("image not found")
     (tmp_path / "folder.png").mkdir()
-    assert data_error(tmp_path / "folder.png").endswith("is a folder, not an image")
+    assert data_error(tmp_path / "folder.png").endswith("image is a folder, not a regular file")
 
 
 def test_real_photos(tmp_path):

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minialex.data import read_dataset, read_labels, read_list
-from minialex.data.listfile import MAX_LINE_BYTES
+from minialex.data.listfile import MAX_CLASS_NAME_CHARS, MAX_LINE_BYTES, Sample
 from minialex.errors import DataError
 
 
@@ -96,7 +96,7 @@ def test_empty_list(tmp_path, content):
 
 def test_missing_list_and_folder_instead_of_list(tmp_path):
     missing = str(tmp_path / "nope.list")
-    assert error_of(read_list, missing) == f"{missing}: no such list file"
+    assert error_of(read_list, missing) == f"{missing}: list file not found"
     assert "is a folder" in error_of(read_list, str(tmp_path))
 
 
@@ -158,3 +158,19 @@ def test_fuzz_any_bytes_give_samples_or_a_data_error(tmp_path, content):
         assert s.label >= 0 and s.line >= 1 and os.path.isabs(s.path)
         assert not s.path.endswith((" ", "\t"))
         assert not any(c in s.path for c in "\0\r\n")
+
+
+def test_class_names_longer_than_a_checkpoint_keeps_are_refused(tmp_path):
+    path = write(tmp_path, "0 a\n1 " + "b" * (MAX_CLASS_NAME_CHARS + 1) + "\n", "labels.txt")
+    assert error_of(read_labels, path).startswith(f"{path}:2: class name of {MAX_CLASS_NAME_CHARS + 1} characters")
+
+
+def test_fifo_list_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.list")
+    assert error_of(read_list, str(tmp_path / "pipe.list")).endswith("list file is a FIFO, not a regular file")
+    assert error_of(read_labels, str(tmp_path / "pipe.list")).endswith("labels file is a FIFO, not a regular file")
+
+
+def test_samples_carry_their_list_file():
+    assert Sample(0, "a.png", 3, "x.list").where("bad") == "x.list:3: bad"
+    assert Sample(0, "a.png", 3).where("bad") == "bad"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minialex.data import EvalTransform, Sample, TrainTransform, compute_mean_std
+from minialex.data import EvalTransform, Sample, TrainTransform, compute_mean_std, compute_stats
 from minialex.data.transforms import resize_shorter_side
 from minialex.errors import DataError
 
@@ -121,3 +121,55 @@ def test_compute_mean_std(tmp_path):
     assert subset == compute_mean_std(samples, 3, np.random.default_rng(5))
     with pytest.raises(DataError):
         compute_mean_std([samples[-1]])
+
+
+def _images(tmp_path, rng, count=5):
+    samples, pixels = [], []
+    for i in range(count):
+        img = rng.integers(0, 256, size=(9 + i, 11, 3), dtype=np.uint8)
+        img[..., 1] = img[..., 0] // 2 + 40  # correlated channels: a clear first component
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        samples.append(Sample(0, str(tmp_path / f"{i}.png"), i + 1, str(tmp_path / "train.list")))
+        pixels.append(img.reshape(-1, 3) / 255)
+    return samples, np.concatenate(pixels)
+
+
+def test_compute_stats_gives_the_pca_of_the_pixel_covariance(tmp_path, monkeypatch):
+    samples, pixels = _images(tmp_path, np.random.default_rng(1))
+    import minialex.data.transforms as transforms
+    monkeypatch.setattr(transforms, "_STATS_CHUNK", 7)  # many blocks per image: the sums must add up
+    stats = compute_stats(samples)
+    np.testing.assert_allclose(stats.mean, pixels.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(stats.std, pixels.std(axis=0), rtol=1e-9)
+    cov = np.cov(pixels, rowvar=False, bias=True)
+    eigval, eigvec = np.array(stats.eigval), np.array(stats.eigvec)
+    assert eigval[0] >= eigval[1] >= eigval[2] >= 0
+    np.testing.assert_allclose(cov @ eigvec, eigvec * eigval[None, :], atol=1e-10)
+    np.testing.assert_allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-10)
+    assert (eigvec[np.abs(eigvec).argmax(axis=0), np.arange(3)] > 0).all()  # signs fixed
+
+
+def test_compute_stats_names_the_list_line_when_nothing_reads(tmp_path):
+    (tmp_path / "bad.png").write_text("no")
+    bad = Sample(0, str(tmp_path / "bad.png"), 7, str(tmp_path / "train.list"))
+    with pytest.raises(DataError) as e:
+        compute_stats([bad])
+    assert str(e.value).startswith(f"{tmp_path / 'train.list'}:7: {tmp_path / 'bad.png'}: not an image")
+
+
+def test_pca_noise_uses_the_components_given():
+    img = np.full((32, 32, 3), 128, np.uint8)
+    plain = TrainTransform(32, 32, MEAN, STD)(img, np.random.default_rng(3))
+    silent = TrainTransform(32, 32, MEAN, STD, pca=True, eigval=[0, 0, 0], eigvec=np.eye(3))
+    assert np.array_equal(silent(img, np.random.default_rng(3)), plain)
+    red_only = TrainTransform(32, 32, MEAN, STD, pca=True, eigval=[0.5, 0, 0], eigvec=np.eye(3))
+    shifted = red_only(img, np.random.default_rng(3)) - plain
+    assert abs(shifted[0]).min() > 0 and np.all(shifted[1:] == 0)
+    with pytest.raises(ValueError):
+        TrainTransform(32, 32, MEAN, STD, pca=True, eigval=[1, 2], eigvec=np.eye(3))
+
+
+def test_resize_is_bounded_by_twice_the_crop():
+    EvalTransform(32, 64, MEAN, STD)
+    with pytest.raises(ValueError, match="2 times"):
+        EvalTransform(32, 65, MEAN, STD)

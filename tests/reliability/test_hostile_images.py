@@ -15,6 +15,7 @@ from minialex.data import MAX_PIXELS, EvalTransform, TrainTransform, load_image
 from minialex.errors import DataError
 
 from .conftest import FAST, assert_one_line_error, run_cli, write_list
+from .limits import run_python_limited
 
 
 def _png_chunk(kind, data):
@@ -165,6 +166,118 @@ def test_cli_skip_bad_counts_and_warns_once_per_file(corpus, demo16, tmp_path):
     assert len(warnings) == len(bad)  # once per file, not once per epoch
     for n in bad:
         assert sum(n in w for w in warnings) == 1
-    assert "(list line 13)" in r.stderr and "skipped 4" in r.stdout
+    assert f"skipping bad image: {lst}:13: " in r.stderr and "skipped 4" in r.stdout
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [rec["skipped"] for rec in records] == [4, 4]
+
+
+# -- decode and resize costs: bounded before the work starts ---------------------------------------
+
+def test_extreme_aspect_ratio_is_cut_to_its_centre_before_resizing(tmp_path):
+    """A 120-byte 12000 x 1 PNG: resizing it whole to a shorter side of 256 would make a
+    256 x 3,072,000 picture (2.4 GB); its centre 4:1 part is resized instead."""
+    Image.fromarray(np.arange(12000, dtype=np.uint8)[None, :].repeat(3, 0).T[None].copy()).save(tmp_path / "strip.png")
+    assert (tmp_path / "strip.png").stat().st_size < 2000
+    code = ("import numpy as np\n"
+            "from minialex.data import load_image, EvalTransform, TrainTransform\n"
+            "from minialex.data.transforms import resize_shorter_side\n"
+            "img = load_image('strip.png')\n"
+            "assert img.shape == (1, 12000, 3), img.shape\n"
+            "print(resize_shorter_side(img, 256).shape)\n"
+            "print(EvalTransform(224, 256, [0.5] * 3, [0.2] * 3)(img).shape)\n"
+            "print(TrainTransform(224, 256, [0.5] * 3, [0.2] * 3)(img, np.random.default_rng(0)).shape)\n")
+    r = run_python_limited(code, cwd=tmp_path, megabytes=1000)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["(256, 1024, 3)", "(3, 224, 224)", "(3, 224, 224)"]
+
+
+def test_statistics_pass_makes_no_float64_copy_of_whole_images(tmp_path):
+    """Two 6000 x 6000 images: a float64 copy of each is 864 MB (the unchunked pass peaked at
+    4.3 GB); the chunked pass needs a decoded image per worker (~250 MB with Pillow's copy) and a
+    1.5 MB block."""
+    for i in range(2):
+        Image.new("RGB", (6000, 6000), (10 * i, 100, 200)).save(tmp_path / f"big{i}.png")
+    code = ("import resource\n"
+            "from minialex.data import Sample, compute_stats\n"
+            "s = compute_stats([Sample(0, 'big0.png', 1), Sample(0, 'big1.png', 2)], num_workers=2)\n"
+            "print([round(v * 255, 3) for v in s.mean])\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    r = run_python_limited(code, cwd=tmp_path, megabytes=3000)
+    assert r.returncode == 0, r.stderr
+    mean, peak_mb = r.stdout.split("\n")[:2]
+    assert mean == "[5.0, 100.0, 200.0]"
+    assert int(peak_mb) < 1500, peak_mb  # measured ~800 MB; two float64 copies alone are 1.7 GB
+
+
+def test_ico_frame_larger_than_its_directory_entry_is_refused_before_decoding(tmp_path):
+    """Pillow decodes an ICO's frame while opening it; a PNG frame of 12000 x 12000 (144 Mpixel)
+    behind a 256 x 256 directory entry is refused from the frame's own header."""
+    frame = png_header_only(12000, 12000)
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(frame), 22) + frame
+    (tmp_path / "big.ico").write_bytes(ico)
+    code = ("from minialex.data import load_image\n"
+            "from minialex.errors import DataError\n"
+            "try:\n    load_image('big.ico')\nexcept DataError as e:\n    print(e)\n")
+    r = run_python_limited(code, cwd=tmp_path, megabytes=600)
+    assert r.returncode == 0, r.stderr
+    assert "big.ico: icon frame of 12000x12000 = 144,000,000 pixels, over the limit" in r.stdout
+
+
+def test_small_ico_still_decodes(tmp_path):
+    Image.new("RGB", (48, 48), (1, 2, 3)).save(tmp_path / "small.ico", sizes=[(48, 48), (16, 16)])
+    img = load_image(tmp_path / "small.ico")
+    assert img.shape == (48, 48, 3) and (img == (1, 2, 3)).all()
+
+
+def _tiff_with_pages(pages):
+    """A little-endian TIFF of `pages` 1x1 greyscale pages, all sharing one byte of pixel data."""
+    entries = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 8), (278, 3, 1, 1), (279, 4, 1, 1)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    out = bytearray(b"II*\x00" + struct.pack("<I", 9) + b"\x80")
+    for page in range(pages):
+        start = 9 + page * ifd_size
+        out += struct.pack("<H", len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack("<HHII", tag, kind, count, value)
+        out += struct.pack("<I", start + ifd_size if page + 1 < pages else 0)
+    return bytes(out)
+
+
+def test_multi_page_tiff_is_not_paged_through(tmp_path, monkeypatch):
+    """Counting pages (n_frames) reads every page's directory: 150,000 pages took a minute. Only
+    the first page is read, so the pages behind it cost nothing."""
+    from PIL import TiffImagePlugin
+    (tmp_path / "pages.tiff").write_bytes(_tiff_with_pages(5000))
+    seeks = []
+    original = TiffImagePlugin.TiffImageFile._seek
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_seek",
+                        lambda self, frame: (seeks.append(frame), original(self, frame))[1])
+    img = load_image(tmp_path / "pages.tiff")
+    assert img.shape == (1, 1, 3) and (img == 128).all()
+    assert seeks == [0]
+
+
+def _progressive_jpeg_with_scans(extra):
+    """A progressive JPEG whose last scan is repeated `extra` more times before the end marker."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        out, "JPEG", progressive=True)
+    data = out.getvalue()
+    last_scan = data.rindex(b"\xff\xda")
+    scan = data[last_scan:-2]
+    return data[:-2] + scan * extra + b"\xff\xd9"
+
+
+def test_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    (tmp_path / "scans.jpeg").write_bytes(_progressive_jpeg_with_scans(3000))
+    with pytest.raises(DataError, match=r"scans\.jpeg: JPEG of more than 100 scans"):
+        load_image(tmp_path / "scans.jpeg")
+    (tmp_path / "normal.jpeg").write_bytes(_progressive_jpeg_with_scans(0))
+    assert load_image(tmp_path / "normal.jpeg").shape == (32, 32, 3)
+
+
+def test_unsupported_format_is_one_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.pcx")
+    with pytest.raises(DataError, match="formats read: JPEG, PNG"):
+        load_image(tmp_path / "a.pcx")

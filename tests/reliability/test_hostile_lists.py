@@ -81,9 +81,9 @@ def test_list_file_that_is_a_folder_or_a_symlink_loop(tmp_path):
 def test_sparse_huge_class_id_is_refused_without_a_labels_file(tmp_path, demo16):
     _, samples = demo16
     path = tmp_path / "typo.list"
-    path.write_text(f"0 {samples[0].path}\n999999 {samples[1].path}\n1 {samples[2].path}\n")
+    path.write_text(f"0 {samples[0].path}\n99999 {samples[1].path}\n1 {samples[2].path}\n")
     message = _error(_read_for_training, path)
-    assert message.startswith(f"{path}:2: ") and "999999 means 1000000 classes" in message
+    assert message.startswith(f"{path}:2: ") and "99999 means 100000 classes" in message
     assert "-labels" in message
 
 
@@ -133,3 +133,26 @@ def test_cli_trains_on_a_windows_list_with_duplicates(tmp_path, demo16):
     assert r.returncode == 0, r.stderr
     assert "1 line(s) repeat an earlier image (line 9 repeats line 1)" in r.stderr
     assert "epoch 1/1" in r.stdout and (tmp_path / "w.npz").exists()
+
+
+# -- FIFOs: a list, labels file or validation list that is a pipe is refused at once -----------------
+
+@pytest.mark.parametrize("option", ["-list", "-labels", "-val", "eval -list"])
+def test_cli_fifo_list_is_refused_without_blocking(tmp_path, demo16, option):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: forever
+    if option == "eval -list":
+        r = run_cli(["train", "-list", demo16[0], "-epochs", 1, "-save", "w.npz", *FAST], cwd=tmp_path, timeout=90)
+        assert r.returncode == 0, r.stderr
+        args = ["eval", "-list", fifo, "-load", "w.npz"]
+    else:
+        args = ["train", "-list", demo16[0], option, fifo, "-epochs", 1, "-save", "w.npz", *FAST]
+        if option == "-list":
+            args = ["train", "-list", fifo, "-epochs", 1, "-save", "w.npz", *FAST]
+    what = "labels file" if option == "-labels" else "list file"
+    r = run_cli(args, cwd=tmp_path, timeout=60)
+    assert_one_line_error(r, f"{fifo}: {what} is a FIFO, not a regular file")
+
+
+def test_device_as_a_list_is_refused(tmp_path):
+    assert "list file is a device, not a regular file" in _error(read_list, "/dev/zero")

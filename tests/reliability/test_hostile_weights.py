@@ -95,12 +95,12 @@ def _make(kind, good, folder):
                                                                    "batch_norm": True})), "another architecture"
     if kind == "unknown_arch":
         return _rewrite(good, path, lambda a: _set_header(a, arch={"variant": "vgg", "num_classes": 3})), \
-            "unknown architecture"
+            "damaged checkpoint header: arch.variant is 'vgg', expected one of torchvision, paper, cifar"
     if kind == "newer":
         return _rewrite(good, path, lambda a: _set_header(a, format_version=FORMAT_VERSION + 1)), "newer minialex"
     if kind == "zero_std":
         return _rewrite(good, path, lambda a: _set_header(a, normalization=dict(NORM, std=[0.2, 0, 0.3]))), \
-            "normalization std"
+            "normalization.std"
     if kind == "deep_json":
         def deep(a):
             a[HEADER_KEY] = np.frombuffer(b'{"format_version": 1, "arch": ' + b"[" * 100_000 + b"]" * 100_000
@@ -197,10 +197,10 @@ def deadline(seconds):
 
 
 def _small_checkpoint(path):
-    """A real checkpoint (header, weights, SGD momentum, RNG state) of a model small enough that a
-    fuzz example costs milliseconds."""
+    """A real checkpoint (header, weights, SGD momentum, RNG state) of the smallest AlexNet: its
+    weights must have the shapes its header declares, or nothing would ever load."""
     minialex.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 3))
+    model = models.alexnet(num_classes=3, variant="cifar")
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for p in model.parameters():
         p.grad[...] = 0.01
