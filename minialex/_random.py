@@ -30,8 +30,12 @@ def get_generator() -> np.random.Generator:
 
 @contextlib.contextmanager
 def per_sample(seed, epoch, indices):
-    """Within the block, `uniform` keys each batch row by its sample's global index."""
+    """Within the block, `uniform` keys each batch row by its sample's global index (indices None:
+    no keys, the global generator as outside)."""
     global _keys
+    if indices is None:
+        yield
+        return
     previous = _keys
     _keys = (int(seed) & _MASK64, int(epoch), np.asarray(indices, dtype=np.int64), [0])
     try:

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data.listfile import MAX_CLASSES, MAX_CLASS_NAME_CHARS
-from .errors import CheckpointError
+from . import models
+from .config import check_resumable
+from .data.listfile import MAX_CLASS_NAME_CHARS
+from .errors import CheckpointError, MinialexError
 from .files import open_input, write_atomically
 
 FORMAT_VERSION = 1
@@ -52,7 +54,6 @@ MAX_ARCHIVE_BYTES = 4 * 1024 ** 3
 # unread.
 MAX_HEADER_BYTES = 64 * 1024 ** 2
 # A resumed run allocates batches of this many images; more is a damaged header, not a setting.
-MAX_BATCH_SIZE = 65536
 HEADER_KEY = "__minialex__"
 _ARRAY_REF = "__array__"   # a JSON leaf standing for an array stored beside the header
 _INT_KEYS = "__int_keys__"  # a dict whose keys were ints (optimiser state is indexed by parameter)
@@ -126,60 +127,6 @@ def save_checkpoint(path, model, *, arch, class_names, normalization, optimizer=
 # the archive's total, then the header member's size, then the header's fields, then each array's
 # .npy header (shape and dtype) against the shapes the declared architecture has, and only then
 # the array's data.
-
-def _parameter_shapes(arch):
-    """(parameters, buffers): OrderedDicts of state_dict key -> shape for `arch`, without building it.
-
-    Parameters come in the order model.parameters() yields them (the optimiser state's numbering);
-    buffers are BatchNorm's running statistics. A models registry will own this; for now the layer
-    table is read from models.alexnet.SPECS, and tests compare the result with a built model.
-    """
-    from .models.alexnet import SPECS
-    params, buffers = OrderedDict(), OrderedDict()
-    i = 0
-    for item in SPECS[arch["variant"]]:
-        if item[0] == "conv":
-            _, cin, cout, k, _, _, groups = item
-            params[f"features.{i}.weight"] = (cout, cin // groups, k, k)
-            params[f"features.{i}.bias"] = (cout,)
-            i += 1
-            if arch.get("batch_norm", False):
-                params[f"features.{i}.weight"] = (cout,)
-                params[f"features.{i}.bias"] = (cout,)
-                buffers[f"features.{i}.running_mean"] = (cout,)
-                buffers[f"features.{i}.running_var"] = (cout,)
-                buffers[f"features.{i}.num_batches_tracked"] = ()
-                i += 1
-            i += 1  # the ReLU
-        else:
-            i += 1  # LRN or max-pool: no state
-    flat, hidden = _CLASSIFIER_SIZES[arch["variant"]]
-    for index, (fan_out, fan_in) in ((1, (hidden, flat)), (4, (hidden, hidden)),
-                                     (6, (arch["num_classes"], hidden))):
-        params[f"classifier.{index}.weight"] = (fan_out, fan_in)
-        params[f"classifier.{index}.bias"] = (fan_out,)
-    return params, buffers
-
-
-# (flattened features, hidden units) of each variant's classifier, as models.alexnet builds it.
-_CLASSIFIER_SIZES = {"torchvision": (256 * 6 * 6, 4096), "paper": (256 * 6 * 6, 4096),
-                     "cifar": (128 * 2 * 2, 2048)}
-
-
-def state_dict_shapes(arch):
-    """state_dict key -> shape of the model `arch` describes, in state_dict order (no model built)."""
-    params, buffers = _parameter_shapes(arch)
-    order = {}
-    for key in list(params) + list(buffers):
-        layer = key.rsplit(".", 1)[0]
-        order.setdefault(layer, []).append(key)
-    # state_dict lists a layer's parameters, then its buffers, layer by layer.
-    shapes = OrderedDict()
-    for layer in sorted(order, key=lambda name: (name.split(".")[0] != "features", int(name.split(".")[1]))):
-        for key in order[layer]:
-            shapes[key] = params.get(key, buffers.get(key))
-    return shapes
-
 
 # What zipfile and numpy raise for a damaged member: a bad CRC or deflate stream, an unsupported
 # compression method or encryption flag (NotImplementedError, RuntimeError), a mangled .npy header.
@@ -350,10 +297,10 @@ def _load_checkpoint(archive):
     norm = fields.normalization(header.get("normalization"), arch)
     train_state = fields.train_state(header.get("train_state"))
     config = (train_state or {}).get("config") or {}
-    params, buffers = _parameter_shapes(arch)
+    state = _read_weights(archive, arch)   # first: "another architecture" says most
+    params = models.parameter_shapes(models.Arch.from_dict(arch))
     optimizer_state = fields.optimizer(header.get("optimizer"), list(params.values()), config)
     scheduler_state = fields.scheduler(header.get("scheduler"), optimizer_state, config)
-    state = _read_weights(archive, arch)
     return Checkpoint(version=version, arch=arch, class_names=names, normalization=norm,
                       state_dict=state, optimizer_state=optimizer_state,
                       scheduler_state=scheduler_state, train_state=train_state, path=path)
@@ -362,7 +309,7 @@ def _load_checkpoint(archive):
 def _read_weights(archive, arch):
     """The model/ members, each checked against the architecture's shape before it is read."""
     path = archive.path
-    expected = state_dict_shapes(arch)
+    expected = models.state_shapes(models.Arch.from_dict(arch))
     stored = [name[len("model/"):] for name in archive.members if name.startswith("model/")]
     if not stored:
         raise CheckpointError(f"{path}: damaged checkpoint (no model weights)")
@@ -416,28 +363,6 @@ def _is_int(v):
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-
-# What `train -resume` reads from train_state["config"]: key -> (check, what the message says).
-# Every value a resumed run takes from its checkpoint passes the same rule the command line has.
-_CONFIG_RULES = {
-    "arch": (lambda v: isinstance(v, str) and v in _CLASSIFIER_SIZES, f"one of {', '.join(_CLASSIFIER_SIZES)}"),
-    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
-    "optimizer": (lambda v: isinstance(v, str) and v in ("sgd", "adam"), "sgd or adam"),
-    "lr": (lambda v: _is_number(v) and v > 0, "a number above 0"),
-    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "schedule": (lambda v: isinstance(v, str) and v in ("none", "step", "multistep", "plateau"),
-                 "none, step, multistep or plateau"),
-    "step_size": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "milestones": (lambda v: isinstance(v, list) and len(v) <= 10_000
-                   and all(_is_int(m) and m >= 1 for m in v), "a list of integers >= 1"),
-    "gamma": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "seed": (lambda v: _is_int(v) and 0 <= v < 2 ** 64, "an integer in [0, 2**64)"),
-    "batch_size": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH_SIZE, f"an integer in [1, {MAX_BATCH_SIZE}]"),
-    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "label_smoothing": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "pca": (lambda v: isinstance(v, bool), "true or false"),
-}
 
 # Keys of each schedule's state_dict (lr_scheduler.*.state_dict()) -> (check, what).
 _NONNEG_INT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
@@ -533,19 +458,11 @@ class _Fields:
     # -- the model ---------------------------------------------------------------------------------
 
     def arch(self, arch):
-        arch = self.dict("arch", arch, required=("variant", "num_classes"))
-        self.check("arch.variant", arch["variant"], _CONFIG_RULES["arch"])
-        self.check("arch.num_classes", arch["num_classes"],
-                   (lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES, f"an integer in [1, {MAX_CLASSES:,}]"))
-        if "batch_norm" in arch:
-            self.check("arch.batch_norm", arch["batch_norm"], _CONFIG_RULES["batch_norm"])
-        if "dropout" in arch:
-            self.check("arch.dropout", arch["dropout"], _CONFIG_RULES["dropout"])
-        size = _input_size(arch["variant"])
-        if "input_size" in arch:
-            self.check("arch.input_size", arch["input_size"], (lambda v: v == size and _is_int(v),
-                                                               f"{size} (the {arch['variant']} input)"))
-        return arch
+        """The header's architecture, checked by the models registry (models.Arch)."""
+        try:
+            return models.Arch.from_dict(arch).to_dict()
+        except ValueError as e:   # the registry's messages start with the field's name
+            raise CheckpointError(f"{self.path}: damaged checkpoint header: arch.{e}") from None
 
     def class_names(self, names, num_classes):
         if not isinstance(names, list) or len(names) != num_classes:
@@ -607,9 +524,10 @@ class _Fields:
                        (lambda v: _is_number(v) and 0 <= v <= 1, "null or a number in [0, 1]"))
         if ts.get("config") is not None:
             config = self.dict("train_state.config", ts["config"])
-            for key, rule in _CONFIG_RULES.items():
-                if key in config:
-                    self.check(f"train_state.config.{key}", config[key], rule)
+            try:  # every value a resumed run takes passes the rule its command-line option has
+                check_resumable(config)
+            except MinialexError as e:   # names the option: "-lr: nan is not a finite number"
+                raise CheckpointError(f"{self.path}: damaged checkpoint header: train_state.config {e}") from None
         if ts.get("rng") is not None:
             try:  # exactly what restoring it does, on a throw-away generator
                 np.random.PCG64().state = ts["rng"]
@@ -713,8 +631,7 @@ class _Fields:
 
 
 def _input_size(variant):
-    from .models import INPUT_SIZE
-    return INPUT_SIZE[variant]
+    return models.INPUT_SIZE[variant]
 
 
 def _numbers_only(value):
@@ -727,15 +644,6 @@ def _shown(value, limit=60):
     """A header value, cut short, for an error message."""
     text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def build_model(arch):
-    from . import models
-    kwargs = {"num_classes": int(arch["num_classes"]), "variant": arch["variant"],
-              "batch_norm": bool(arch.get("batch_norm", False))}
-    if "dropout" in arch:
-        kwargs["dropout"] = float(arch["dropout"])
-    return models.alexnet(**kwargs)
 
 
 def load_into(model, state_dict, path):
@@ -761,9 +669,6 @@ def load_into(model, state_dict, path):
 
 def model_from_checkpoint(ckpt: Checkpoint):
     """The model described by ckpt.arch, with its weights loaded, in eval mode."""
-    try:
-        model = build_model(ckpt.arch)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{ckpt.path}: unknown architecture {ckpt.arch} ({e})") from None
+    model = models.build(models.Arch.from_dict(ckpt.arch))  # validated when the header was read
     load_into(model, ckpt.state_dict, ckpt.path)
     return model.eval()

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .errors import MinialexError
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
+# Far beyond any CPU's memory at AlexNet's sizes; a checkpoint asking for more is damaged.
+MAX_BATCH_SIZE = 65536
 ARCHS = ("torchvision", "paper", "cifar")
 
 
@@ -88,7 +90,8 @@ class TrainConfig:
     epochs: int | None = option("total epochs, counting resumed ones", default=10, type=positive_int,
                                 metavar="N")
     batch_size: int | None = option("images per batch", flag="batchsize", default=32, type=positive_int,
-                                    metavar="N", resumable=True)
+                                    metavar="N", resumable=True,
+                                    check=(lambda v: v <= MAX_BATCH_SIZE, f"at most {MAX_BATCH_SIZE}"))
     arch: str | None = option("AlexNet variant (default: cifar on the demo data, torchvision otherwise)",
                               choices=ARCHS, resumable=True)
     batch_norm: bool | None = option("batch normalisation after each convolution", flag="bn", default=False,
@@ -256,11 +259,18 @@ def check(cfg: TrainConfig):
                             "weights), not both")
 
 
+def check_resumable(values: dict):
+    """MinialexError naming the option of the first value a checkpoint's stored config holds that
+    the option's own rule refuses (what a resume would take from it)."""
+    known = {k: v for k, v in values.items() if k in RESUMABLE}
+    check(TrainConfig(**known))
+
+
 def resumable_values(cfg: TrainConfig) -> dict:
     """The hyper-parameters a checkpoint stores for a later resume."""
     return {k: v for k, v in asdict(cfg).items() if k in RESUMABLE}
 
 
 __all__ = ["TrainConfig", "option", "options", "flag_of", "RESUMABLE", "add_option", "add_train_options", "resolve",
-           "check", "resumable_values", "positive_int", "non_negative_int", "finite_float", "epoch_list",
+           "check", "check_resumable", "resumable_values", "MAX_BATCH_SIZE", "positive_int", "non_negative_int", "finite_float", "epoch_list",
            "DEFAULT_LR", "ARCHS"]

@@ -126,17 +126,6 @@ def world() -> World:
     return _world
 
 
-# -- sharding ---------------------------------------------------------------------------------------
-
-def shard(indices, rank, size):
-    """This rank's contiguous piece of `indices`, split into `size` near-equal pieces (sizes differ
-    by at most one, the first pieces larger)."""
-    n = len(indices)
-    base, extra = divmod(n, size)
-    start = rank * base + min(rank, extra)
-    return indices[start:start + base + (1 if rank < extra else 0)]
-
-
 # -- gradient averaging ------------------------------------------------------------------------------
 
 class GradientReducer:

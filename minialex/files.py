@@ -38,7 +38,7 @@ def check_input_file(path, what="file", error=MinialexError):
     except FileNotFoundError:
         if os.path.islink(path):
             raise error(f"{path}: {what} is a broken symbolic link") from None
-        raise error(f"{path}: no such {what}") from None
+        raise error(f"{path}: {what} not found") from None
     except OSError as e:
         raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
     if not stat.S_ISREG(mode):

@@ -19,7 +19,7 @@ from . import _random
 from .checkpoint import load_checkpoint, load_into, load_weights
 from .config import TrainConfig, flag_of, resolve, resumable_values
 from .errors import CheckpointError, DataError, MinialexError, at_line
-from .files import check_output_target, remove_stale_temps
+from .files import check_input_file, check_output_target, remove_stale_temps
 from .progress import say
 
 
@@ -59,6 +59,8 @@ class Run:
 def prepare_run(cfg: TrainConfig) -> Run:
     """Check the targets and options, read the data, build the model: the run `cfg` describes."""
     set_threads(cfg.threads)
+    if cfg.resume:   # before -save, which defaults to it
+        check_input_file(cfg.resume, "checkpoint", CheckpointError)
     cfg = replace(cfg, save=cfg.save if cfg.save is not None else (cfg.resume or "alexnet.npz"))
     check_output_target(cfg.save, "-save")
     for name in ("log", "plot"):
@@ -85,7 +87,7 @@ def _fresh(cfg):
     data = read_data(cfg)
     arch = _arch(cfg, cfg.arch or data.default_arch, cfg.batch_norm, len(data.class_names))
     model = _new_model(cfg, arch)
-    norm = measure_normalization(cfg, data.train, data.lists[0], int(arch["input_size"]))
+    norm = measure_normalization(cfg, data.train, int(arch["input_size"]))
     return _assemble(cfg, data, arch, model, norm, fresh=True)
 
 
@@ -104,7 +106,7 @@ def _fine_tuned(cfg):
         say(f"using the normalisation of {cfg.load_pretrained}")
         norm = pretrained.normalization  # its features were learnt on inputs normalised this way
     else:
-        norm = measure_normalization(cfg, data.train, data.lists[0], size)
+        norm = measure_normalization(cfg, data.train, size)
     return _assemble(cfg, data, arch, model, norm, fresh=False)
 
 
@@ -164,7 +166,9 @@ def _assemble(cfg, data, arch, model, norm, fresh):
     size = int(arch["input_size"])
     on_bad = "skip" if cfg.skip_bad_images else "error"
     mean, std, resize = norm["mean"], norm["std"], norm["resize"]
-    train_loader = DataLoader(data.train, TrainTransform(size, resize, mean, std, pca=cfg.pca),
+    augment = TrainTransform(size, resize, mean, std, pca=cfg.pca, eigval=norm.get("pca_eigval"),
+                             eigvec=norm.get("pca_eigvec"))  # None: ImageNet's (older checkpoints)
+    train_loader = DataLoader(data.train, augment,
                               cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.workers,
                               on_bad_image=on_bad)
     val_loader = (DataLoader(data.val, EvalTransform(size, resize, mean, std), cfg.batch_size,
@@ -348,31 +352,20 @@ def warn_duplicates(samples, list_path):
             f"line {first}); they are kept, so those images count more than once per epoch")
 
 
-def measure_normalization(cfg, train, list_path, size):
-    """Mean/std measured on (a sample of) the training list, and the resize/crop for `size`."""
-    from .data import compute_mean_std
-    from .data.transforms import resize_for
+def measure_normalization(cfg, train, size):
+    """Mean, std and the RGB principal components measured on (a sample of) the training list, and
+    the resize/crop for `size`."""
+    from .data import compute_stats
+    from .data.transforms import MAX_RESIZE_RATIO, resize_for
     resize = cfg.resize or resize_for(size)
-    if resize < size:
-        raise MinialexError(f"-resize {resize} is smaller than the {size}x{size} input")
-    try:
-        mean, std = compute_mean_std(train, max_images=500, rng=np.random.default_rng(cfg.seed),
-                                     num_workers=max(1, cfg.workers))
-    except DataError:
-        _raise_first_bad_image(train, list_path)
-        raise
-    say("mean/std of the training images: " + " ".join(f"{m:.3f}/{s:.3f}" for m, s in zip(mean, std)))
-    return {"mean": mean, "std": std, "resize": resize, "crop": size}
-
-
-def _raise_first_bad_image(samples, list_path):
-    """When no sampled image decodes, name the first bad one, its list line and the reason."""
-    from .data import load_image
-    for s in samples[:50]:
-        try:
-            load_image(s.path)
-        except DataError as e:
-            raise DataError(at_line(list_path, s.line, str(e))) from None
+    if not size <= resize <= MAX_RESIZE_RATIO * size:
+        raise MinialexError(f"-resize {resize}: must be from the {size}x{size} input size to "
+                            f"{MAX_RESIZE_RATIO * size}")
+    s = compute_stats(train, max_images=500, rng=np.random.default_rng(cfg.seed),
+                      num_workers=max(1, cfg.workers))
+    say("mean/std of the training images: " + " ".join(f"{m:.3f}/{d:.3f}" for m, d in zip(s.mean, s.std)))
+    return {"mean": s.mean, "std": s.std, "pca_eigval": s.eigval, "pca_eigvec": s.eigvec,
+            "resize": resize, "crop": size}
 
 
 __all__ = ["Run", "prepare_run", "read_data", "measure_normalization", "make_optimizer", "set_threads",

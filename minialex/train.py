@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from ._memory import keep_freed_memory, memory_use
+from ._random import per_sample
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .errors import MinialexError
@@ -149,7 +150,8 @@ def train_epoch(model, loss_fn, opt, loader, epoch, cfg, stop, first_check):
     try:
         for x, y in loader:
             batch = done + 1
-            logits = model(x)
+            with per_sample(cfg.seed, epoch, getattr(loader, "batch_indices", None)):
+                logits = model(x)   # dropout masks keyed by sample (a plain list of batches: not)
             loss = float(loss_fn(logits, y))
             if not math.isfinite(loss):
                 raise _diverged(f"loss is {loss}", epoch, batch, opt.param_groups[0]["lr"], cfg.save)

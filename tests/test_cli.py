@@ -244,7 +244,7 @@ def test_bad_training_input_is_one_line_and_no_checkpoint(data, tmp_path, case):
 def test_bad_inference_input_is_one_line(data, trained, tmp_path, case):
     weights, inputs = data["dir"] / "w.npz", list(data["images"])
     if case == "missing":
-        weights, expect = tmp_path / "nope.npz", ["nope.npz", "no such checkpoint"]
+        weights, expect = tmp_path / "nope.npz", ["nope.npz", "checkpoint not found"]
     elif case == "not_npz":
         weights = tmp_path / "weights.npz"
         weights.write_text("not weights")
@@ -261,7 +261,7 @@ def test_bad_inference_input_is_one_line(data, trained, tmp_path, case):
     elif case == "folder_input":
         inputs, expect = [tmp_path], [str(tmp_path), "is a folder"]
     else:
-        inputs, expect = [tmp_path / "no.jpeg"], ["no.jpeg", "no such image"]
+        inputs, expect = [tmp_path / "no.jpeg"], ["no.jpeg", "image not found"]
     r = minialex(["inference", "-input", *inputs, "-load", weights], cwd=tmp_path)
     assert_user_error(r, *expect)
     assert r.stdout == ""

@@ -220,7 +220,7 @@ def test_class_names_from_a_checkpoint_cannot_drive_the_terminal(demo16, tmp_pat
     from minialex.checkpoint import save_checkpoint
     minialex.manual_seed(0)
     model = models.alexnet(num_classes=3, variant="cifar")
-    names = ["\x1b[2J\x1b[Hwrote out.npz", "b\u202eevil", "c" * 5000]
+    names = ["\x1b[2J\x1b[Hwrote out.npz", "b\u202eevil", "c" * 256]
     arch = {"variant": "cifar", "num_classes": 3, "batch_norm": False, "input_size": 32, "dropout": 0.5}
     norm = {"mean": [0.5] * 3, "std": [0.25] * 3, "resize": 36, "crop": 32}
     save_checkpoint(tmp_path / "w.npz", model, arch=arch, class_names=names, normalization=norm)

@@ -206,8 +206,9 @@ def test_resize_option_sets_the_crop_source_and_is_checked():
     from minialex.config import resolve
     from minialex.run import measure_normalization
     train = read_list(demo_dataset().train_list)[:20]
-    norm = measure_normalization(resolve(TrainConfig(resize=40)), train, "images.list", 32)
+    norm = measure_normalization(resolve(TrainConfig(resize=40)), train, 32)
     assert norm["resize"] == 40 and norm["crop"] == 32
-    assert measure_normalization(resolve(TrainConfig()), train, "images.list", 32)["resize"] == 36
-    with pytest.raises(MinialexError, match="-resize 20"):
-        measure_normalization(resolve(TrainConfig(resize=20)), train, "images.list", 32)
+    assert measure_normalization(resolve(TrainConfig()), train, 32)["resize"] == 36
+    for bad in (20, 65):   # below the crop, above twice the crop
+        with pytest.raises(MinialexError, match=f"-resize {bad}"):
+            measure_normalization(resolve(TrainConfig(resize=bad)), train, 32)

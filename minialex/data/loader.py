@@ -3,7 +3,12 @@
 Order: each epoch visits every sample once, in an order shuffled from (seed, epoch) -- call
 `set_epoch(e)` before iterating. Each sample's augmentation draws from its own Generator seeded
 from (seed, epoch, sample index), so a batch's contents never depend on which thread decoded it
-or how fast: the same seed gives the same batches, bit for bit.
+or how fast: the same seed gives the same batches, bit for bit. `batch_indices` holds the sample
+indices of the batch last yielded (the training loop keys dropout masks by them too).
+
+Data-parallel training: with shard=(rank, N), each global batch of N * batch_size samples is cut
+into N contiguous near-equal pieces and this process gets the rank-th; every process then yields
+the same number of batches (an empty one as x None), so they step together.
 
 Background work: a thread pool of `num_workers` decodes and transforms whole batches, keeping up
 to `prefetch` batches ready ahead of the training step. Threads are enough because Pillow's
@@ -38,7 +43,7 @@ _ON_BAD_IMAGE = ("skip", "error")
 class DataLoader:
     def __init__(self, samples, transform, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, num_workers: int = 2, prefetch: int = 4,
-                 on_bad_image: str = "skip"):
+                 on_bad_image: str = "skip", shard=(0, 1)):
         if len(samples) == 0:
             raise ValueError("DataLoader needs at least one sample")
         if int(batch_size) < 1:
@@ -56,6 +61,10 @@ class DataLoader:
         self.num_workers = int(num_workers)
         self.prefetch = int(prefetch)
         self.on_bad_image = on_bad_image
+        self.rank, self.world_size = (int(v) for v in shard)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"shard must be (rank, size) with 0 <= rank < size, got {shard}")
+        self.batch_indices = None  # sample indices of the batch last yielded (its rows' keys)
         self.epoch = 0
         self.skipped = 0           # samples left out in the current (or last) epoch
         self.wait_time = 0.0       # seconds the caller waited for batches in that epoch
@@ -64,10 +73,14 @@ class DataLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
     def __len__(self) -> int:
         """Batches per epoch (fewer only if whole batches of bad images are skipped)."""
-        n = len(self.samples)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, b = len(self.samples), self.global_batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
 
     def order(self) -> np.ndarray:
         """Sample indices in this epoch's order."""
@@ -76,13 +89,19 @@ class DataLoader:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.samples))
 
     def batches(self) -> list[np.ndarray]:
-        """This epoch's batches as arrays of sample indices."""
-        order = self.order()
-        return [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+        """This process's batches of this epoch, as arrays of sample indices.
+
+        The epoch's order is cut into global batches of batch_size * world_size samples; this
+        process takes its contiguous share of each (rank r of N the r-th of N near-equal pieces),
+        so N processes see together what one process with an N times larger batch sees.
+        """
+        order, b = self.order(), self.global_batch_size
+        whole = [order[i:i + b] for i in range(0, len(self) * b, b)]
+        return whole if self.world_size == 1 else [_share(g, self.rank, self.world_size) for g in whole]
 
     def _load_batch(self, indices: np.ndarray, epoch: int):
-        """Decode and transform one batch: (x, y, [(sample, message) for each bad image])."""
-        xs, ys, bad = [], [], []
+        """Decode and transform one batch: (x, y, indices kept, [(sample, message) for each bad image])."""
+        xs, ys, kept, bad = [], [], [], []
         for index in indices:
             sample = self.samples[index]
             try:
@@ -95,9 +114,10 @@ class DataLoader:
             rng = np.random.default_rng([self.seed, epoch, int(index)])
             xs.append(self.transform(img, rng))
             ys.append(sample.label)
+            kept.append(int(index))
         if not xs:
-            return None, None, bad
-        return np.stack(xs), np.asarray(ys, dtype=np.int64), bad
+            return None, np.zeros(0, np.int64), np.zeros(0, np.int64), bad
+        return np.stack(xs), np.asarray(ys, dtype=np.int64), np.asarray(kept, np.int64), bad
 
     def _report(self, bad) -> None:
         for sample, message in bad:
@@ -114,10 +134,11 @@ class DataLoader:
         delivered = 0
         if self.num_workers == 0:
             for indices in batches:
-                x, y, bad = self._load_batch(indices, epoch)
+                x, y, kept, bad = self._load_batch(indices, epoch)
                 self._report(bad)
-                if x is not None:
-                    delivered += 1
+                if x is not None or self.world_size > 1:
+                    delivered += x is not None
+                    self.batch_indices = kept
                     yield x, y
         else:
             pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="minialex-data")
@@ -130,7 +151,7 @@ class DataLoader:
                         break
                 while pending:
                     start = time.perf_counter()
-                    x, y, bad = pending.popleft().result()
+                    x, y, kept, bad = pending.popleft().result()
                     self.wait_time += time.perf_counter() - start
                     # Refill before handing the batch over, so the workers decode while the
                     # caller trains on it: this bounded queue is the whole prefetching scheme.
@@ -138,8 +159,9 @@ class DataLoader:
                         pending.append(pool.submit(self._load_batch, indices, epoch))
                         break
                     self._report(bad)
-                    if x is not None:
-                        delivered += 1
+                    if x is not None or self.world_size > 1:
+                        delivered += x is not None
+                        self.batch_indices = kept
                         yield x, y
             finally:
                 for future in pending:
@@ -150,3 +172,10 @@ class DataLoader:
             where = first.list_path if first.list_path is not None else first.path
             raise DataError(at_line(where, None, f"none of the {len(self.samples)} images in the "
                                     f"list could be read ({self.skipped} skipped)"))
+
+
+def _share(indices, rank, size):
+    """The rank-th of `size` contiguous near-equal pieces of `indices` (the first ones larger)."""
+    base, extra = divmod(len(indices), size)
+    start = rank * base + min(rank, extra)
+    return indices[start:start + base + (1 if rank < extra else 0)]

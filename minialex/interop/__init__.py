@@ -17,7 +17,6 @@ from minialex.config import ARCHS, add_option
 
 EXPORT_FORMATS = {".onnx": "ONNX", ".wts": "TensorRT .wts"}
 # Largest input side an exported graph may declare (AlexNet's is 224 or 227).
-MAX_INPUT_SIZE = 4096
 
 
 def export_checkpoint(src, dst):
@@ -26,7 +25,7 @@ def export_checkpoint(src, dst):
     A target that cannot be written (a folder, a FIFO, a device) is refused before `src` is read.
     """
     from minialex.checkpoint import load_checkpoint, model_from_checkpoint
-    from minialex.errors import CheckpointError, MinialexError
+    from minialex.errors import MinialexError
     from minialex.files import check_output_target
     ext = os.path.splitext(os.fspath(dst))[1].lower()
     check_output_target(dst, f"{EXPORT_FORMATS.get(ext, 'export')} file")
@@ -38,16 +37,10 @@ def export_checkpoint(src, dst):
         from minialex.interop.wts import write_wts
         write_wts(ckpt.state_dict, dst)
         return
-    from minialex import models
-    size = ckpt.arch["input_size"] if "input_size" in ckpt.arch else models.INPUT_SIZE.get(ckpt.arch.get("variant"))
-    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_SIZE:
-        raise CheckpointError(f"{src}: input size {size!r} is not a whole number from 1 to "
-                              f"{MAX_INPUT_SIZE}; cannot export a graph for it")
-    model = model_from_checkpoint(ckpt)
-    from minialex.interop.input_size import check_input_size
-    check_input_size(model, size, src)
+    model = model_from_checkpoint(ckpt)   # the reader has checked arch.input_size against the variant
     from minialex.interop.onnx_export import export_onnx
-    export_onnx(model, dst, size, class_names=ckpt.class_names, normalization=ckpt.normalization)
+    export_onnx(model, dst, ckpt.arch["input_size"], class_names=ckpt.class_names,
+                normalization=ckpt.normalization)
 
 
 # -- command line: each function adds one sub-command to the `minialex` parser ------------------

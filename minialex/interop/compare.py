@@ -17,7 +17,6 @@ from minialex.checkpoint import load_checkpoint, model_from_checkpoint
 from minialex.errors import CheckpointError, MinialexError, printable
 from minialex.files import check_input_file
 from minialex.interop.convert import STATE_DICT_KEYS, strip_wrappers
-from minialex.interop.input_size import check_input_size
 
 # A layer "disagrees" when its largest difference exceeds this fraction of its largest activation.
 RELATIVE_TOLERANCE = 1e-4
@@ -162,21 +161,16 @@ def load_torch_weights(torch_model, path):
 
 def compare_files(load, torch_path, input_path, out=None):
     """`minialex compare`: print the per-layer table for one image; returns the LayerDiff rows."""
-    from minialex.data import EvalTransform, load_image
+    from minialex.data import load_image
+    from minialex.evaluation import eval_transform
     out = out if out is not None else sys.stdout
     require_torch()
     check_input_file(torch_path, "PyTorch file", CheckpointError)   # torch.load would wait on a FIFO
     ckpt = load_checkpoint(load)
     model = model_from_checkpoint(ckpt)
-    norm = ckpt.normalization
-    crop, resize = norm.get("crop"), norm.get("resize")
-    for name, value in (("crop", crop), ("resize", resize)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CheckpointError(f"{load}: normalization {name} {value!r} is not a positive whole number")
-    check_input_size(model, crop, load)
+    # The reader has checked the crop against the architecture's input size.
     torch_model = load_torch_weights(torch_model_like(model), torch_path)
-    transform = EvalTransform(crop, resize, norm["mean"], norm["std"])
-    x = transform(load_image(input_path))[None]
+    x = eval_transform(ckpt)(load_image(input_path))[None]
     rows = compare_models(model, torch_model, x)
     print(printable(f"minialex {load} vs torch {torch_path} on {input_path}", None), file=out)
     print(format_report(rows), file=out)

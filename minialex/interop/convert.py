@@ -18,13 +18,12 @@ import numpy as np
 from minialex import models
 from minialex.checkpoint import first_non_finite, load_into, save_checkpoint
 from minialex.data.listfile import MAX_CLASSES
-from minialex.data.transforms import resize_for   # the same 256 -> 224 rule training uses
+from minialex.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD,
+                                      resize_for)   # the same 256 -> 224 rule training uses
 from minialex.errors import CheckpointError, DataError
 from minialex.files import check_input_file, check_output_target
 from minialex.interop.torch_pickle import load_torch_file
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 # Wrapping checkpoints keep the weights under one of these keys (the first is PyTorch's ImageNet
 # example, the second torchvision's reference scripts, the third the PyTorch tutorials).
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
@@ -40,10 +39,11 @@ def imagenet_class_names() -> list[str]:
 
 
 def imagenet_normalization(variant="torchvision") -> dict:
-    """ImageNet's mean/std with the resize/crop of the variant's input size."""
+    """ImageNet's mean/std and RGB principal components, with the resize/crop of the variant's
+    input size."""
     crop = models.INPUT_SIZE[variant]
     return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": resize_for(crop),
-            "crop": crop}
+            "crop": crop, "pca_eigval": list(IMAGENET_EIGVAL), "pca_eigvec": [list(r) for r in IMAGENET_EIGVEC]}
 
 
 def strip_wrappers(key: str) -> str:
@@ -98,8 +98,7 @@ def arch_from_state_dict(state, variant, path) -> dict:
         raise CheckpointError(f"{path}: last layer has {num_classes:,} classes; expected 1 to "
                               f"{MAX_CLASSES:,}")
     batch_norm = any(k.endswith(".running_mean") for k in state)
-    return {"variant": variant, "num_classes": num_classes, "batch_norm": batch_norm,
-            "input_size": models.INPUT_SIZE[variant]}
+    return models.Arch(variant, num_classes, batch_norm).to_dict()
 
 
 def check_shapes(state, arch, path):

@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_and_status_2(torch, tmp_path, run):
         (("convert", evil, tmp_path / "w.npz"), "refuses to load"),
         (("convert", tmp_path / "missing.pth", tmp_path / "w.npz"), "no such PyTorch file"),
         (("convert", evil, tmp_path / "w.npz", "-arch", "vgg"), "invalid choice"),
-        (("export", tmp_path / "missing.npz", tmp_path / "m.onnx"), "no such checkpoint"),
+        (("export", tmp_path / "missing.npz", tmp_path / "m.onnx"), "checkpoint not found"),
         (("export", evil, tmp_path / "m.txt"), "unknown export format '.txt'"),
     ]
     for argv, message in cases:

@@ -74,13 +74,16 @@ def test_converted_torchvision_alexnet_matches_torch_on_photos(torchvision_weigh
     net, paths, x, torch_logits = torchvision_weights
     out = tmp_path / "w.npz"
     arch = convert_torch_file(paths[fmt], out)
-    assert arch == {"variant": "torchvision", "num_classes": 1000, "batch_norm": False, "input_size": 224}
+    assert arch == {"variant": "torchvision", "num_classes": 1000, "batch_norm": False, "dropout": 0.5,
+                    "input_size": 224}
     ckpt = load_checkpoint(out)
     assert ckpt.arch == arch
     assert ckpt.class_names == imagenet_class_names()
     assert ckpt.class_names[281] == "tabby" and ckpt.class_names[999] == "toilet tissue"
     assert ckpt.normalization == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                  "resize": 256, "crop": 224}
+                                  "resize": 256, "crop": 224, "pca_eigval": [0.2175, 0.0188, 0.0045],
+                                  "pca_eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.814],
+                                                 [-0.5836, -0.6948, 0.4203]]}
     for key, value in net.state_dict().items():
         np.testing.assert_array_equal(ckpt.state_dict[key], value.numpy(), err_msg=key)
     logits = model_from_checkpoint(ckpt)(x)

@@ -59,28 +59,28 @@ CASES = [
     ("history_not_list", "train_state.history", {"epoch": 1}, "resume", "train_state.history is"),
     ("history_not_dicts", "train_state.history", [1, 2], "resume", "train_state.history[0] is 1"),
     ("best_not_number", "train_state.best_val_top1", "high", "resume", "train_state.best_val_top1"),
-    ("lr_nan", "train_state.config.lr", float("nan"), "resume", "train_state.config.lr is NaN"),
-    ("milestones_negative", "train_state.config.milestones", [-2], "resume", "train_state.config.milestones"),
-    ("batch_size_zero", "train_state.config.batch_size", 0, "resume", "train_state.config.batch_size is 0"),
-    ("unknown_optimizer", "train_state.config.optimizer", "rmsprop", "resume", "train_state.config.optimizer"),
-    ("unknown_schedule", "train_state.config.schedule", "cosine", "resume", "train_state.config.schedule"),
-    ("momentum_one", "train_state.config.momentum", 1.5, "resume", "train_state.config.momentum is 1.5"),
+    ("lr_nan", "train_state.config.lr", float("nan"), "resume", "train_state.config -lr: nan is not a finite number"),
+    ("milestones_negative", "train_state.config.milestones", [-2], "resume", "train_state.config -milestones"),
+    ("batch_size_zero", "train_state.config.batch_size", 0, "resume", "train_state.config -batchsize: 0 must be at least 1"),
+    ("unknown_optimizer", "train_state.config.optimizer", "rmsprop", "resume", "train_state.config -optimizer rmsprop: choose one of sgd, adam"),
+    ("unknown_schedule", "train_state.config.schedule", "cosine", "resume", "train_state.config -schedule cosine: choose one of"),
+    ("momentum_one", "train_state.config.momentum", 1.5, "resume", "train_state.config -momentum 1.5: must be at least 0 and below 1"),
     ("rng_damaged", "train_state.rng.state", "x", "resume", "train_state.rng is"),
     ("interrupted_malformed", "train_state.interrupted", {"epoch": "x", "batch": 1}, "resume",
      "train_state.interrupted.epoch"),
     ("lists_not_text", "train_state.lists.train", 5, "resume", "train_state.lists.train is 5"),
     ("param_groups_empty", "optimizer.param_groups", [], "resume", "optimizer.param_groups is []"),
     ("scheduler_injected", "scheduler.step", 5, "resume", "scheduler has the fields"),
-    ("unknown_variant", "arch.variant", "vgg", "inference", "arch.variant is 'vgg'"),
+    ("unknown_variant", "arch.variant", "vgg", "inference", "arch.variant: unknown 'vgg'"),
     ("crop_not_cifar", "normalization", {"mean": [0.5] * 3, "std": [0.2] * 3, "resize": 72, "crop": 64},
      "inference", "normalization.crop is 64, expected 32"),
     ("resize_huge", "normalization.resize", 4096, "inference", "normalization.resize is 4096"),
-    ("batch_norm_text", "arch.batch_norm", "no", "inference", "arch.batch_norm is 'no'"),
+    ("batch_norm_text", "arch.batch_norm", "no", "inference", "arch.batch_norm must be true or false, got 'no'"),
     ("class_count", "class_names", ["a"], "inference", "class_names is 1 names, expected a list of 10"),
     ("class_name_long", "class_names", ["x" * 5000] * 10, "eval", "class_names[0] is"),
     ("class_name_number", "class_names", list(range(10)), "eval", "class_names[0] is 0"),
-    ("too_many_classes", "arch.num_classes", 200_000, "eval", "arch.num_classes is 200000"),
-    ("pretrained_variant", "arch.variant", "resnet", "pretrained", "arch.variant is 'resnet'"),
+    ("too_many_classes", "arch.num_classes", 200_000, "eval", "arch.num_classes must be an integer in 1..100000, got 200000"),
+    ("pretrained_variant", "arch.variant", "resnet", "pretrained", "arch.variant: unknown 'resnet'"),
 ]
 
 
@@ -165,7 +165,7 @@ def test_class_count_over_the_cap_is_refused(trained, tmp_path):
     assert path.stat().st_size < 500_000
     r = run_cli_limited(["inference", "-input", trained.parent / "img.png", "-load", path], cwd=tmp_path,
                         megabytes=1200)
-    assert_one_line_error(r, f"{path}: ", "arch.num_classes is 200000, expected an integer in [1, 100,000]")
+    assert_one_line_error(r, f"{path}: ", "arch.num_classes must be an integer in 1..100000, got 200000")
 
 
 def test_huge_header_is_refused_before_it_is_decoded(trained, tmp_path):

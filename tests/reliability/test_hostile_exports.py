@@ -68,7 +68,7 @@ def test_export_onnx_with_a_bad_input_size(tmp_path, size):
     pytest.importorskip("onnx")
     src = _save_cifar(tmp_path / "w.npz", input_size=size)
     r = run_cli(["export", src, tmp_path / "m.onnx"], cwd=tmp_path, timeout=120)
-    assert_one_line_error(r, str(src), "input size")
+    assert_one_line_error(r, str(src), "input_size must be 32 for the cifar variant")
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -76,7 +76,7 @@ def test_export_onnx_with_an_input_size_the_model_cannot_take(tmp_path):
     pytest.importorskip("onnx")
     src = _save_cifar(tmp_path / "w.npz", input_size=64)
     r = run_cli(["export", src, tmp_path / "m.onnx"], cwd=tmp_path, timeout=120)
-    assert_one_line_error(r, str(src), "cannot take 64x64 images")
+    assert_one_line_error(r, str(src), "input_size must be 32 for the cifar variant, got 64")
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -84,7 +84,9 @@ def test_export_onnx_with_an_input_size_the_model_cannot_take(tmp_path):
 def test_export_wts_with_a_name_the_format_cannot_carry(good, tmp_path, name):
     src = _with_weight(good, tmp_path / "odd.npz", name, np.zeros(2, np.float32))
     r = run_cli(["export", src, tmp_path / "w.wts"], cwd=tmp_path, timeout=120)
-    assert_one_line_error(r, "cannot be written to a .wts file")
+    # The checkpoint reader refuses a key the architecture does not have before write_wts sees it
+    # (write_wts refuses such names itself: tests/interop/test_interop_wts.py).
+    assert_one_line_error(r, "unexpected keys")
     assert "\x1b" not in r.stderr
     assert not (tmp_path / "w.wts").exists()
 
@@ -113,7 +115,7 @@ def test_compare_with_a_crop_other_than_the_input_size(torch, tmp_path):
     Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(tmp_path / "img.png")
     r = run_cli(["compare", "-load", src, "-torch", tmp_path / "w.pth", "-input", tmp_path / "img.png"],
                 cwd=tmp_path, timeout=120)
-    assert_one_line_error(r, str(src), "cannot take 64x64 images")
+    assert_one_line_error(r, str(src), "normalization.crop", "the input size of cifar")
 
 
 def test_compare_refuses_a_fifo_for_the_torch_file(torch, good, tmp_path):
