@@ -11,6 +11,7 @@ Checks that can fail do so here, before the first batch: the targets of -save, -
 lists, the labels, every listed image's existence, the hyper-parameters.
 """
 import os
+import socket
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -71,6 +72,10 @@ def prepare_run(cfg: TrainConfig, world=None) -> Run:
     world = world or distributed.world()
     run = world.collectively(_prepare_here, cfg, world)
     _join(run, world)
+    if run.resumed_world_size not in (None, world.size):
+        b = run.cfg.batch_size
+        say(f"{run.cfg.resume} was trained by {run.resumed_world_size} processes, this run has "
+            f"{world.size}: the global batch changes from {run.resumed_world_size * b} to {world.size * b}")
     return run
 
 
@@ -117,12 +122,12 @@ def _join(run, world):
         convert_sync_batchnorm(run.model, world.allreduce_)
     run.reducer = distributed.GradientReducer(world).attach(run.model)
     b = run.cfg.batch_size
+    # Which process is which: a launcher that reports a dead process names its PID and host.
+    where = world.allgather(f"{os.getpid()}@{socket.gethostname()}")
+    say("ranks: " + ", ".join(f"{rank}=pid {w}" for rank, w in enumerate(where)))
     say(f"data-parallel: {world.size} processes ({world.local_size} on this node), "
         f"{numba_threads()} threads each, batch {b} per process, global batch {b * world.size}"
         f"{', batch norm over the global batch' if run.cfg.sync_bn else ''}")
-    if run.resumed_world_size not in (None, world.size):
-        say(f"{run.cfg.resume} was trained by {run.resumed_world_size} processes, this run has "
-            f"{world.size}: the global batch changes from {run.resumed_world_size * b} to {world.size * b}")
 
 
 def numba_threads():
