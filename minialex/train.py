@@ -77,6 +77,7 @@ def fit(run: Run) -> dict:
         for epoch in range(run.start_epoch, cfg.epochs + 1):
             run.train_loader.set_epoch(epoch)
             lr = float(opt.param_groups[0]["lr"])
+            comm0 = (run.reducer.comm_seconds, run.reducer.wait_seconds) if run.reducer else None
             check = ((lambda loss: _check_first_loss(loss, run.num_classes))
                      if run.fresh and epoch == 1 else None)
             result, done = train_epoch(model, run.loss_fn, opt, run.train_loader, epoch, cfg, stop, check,
@@ -101,6 +102,9 @@ def fit(run: Run) -> dict:
                       "images_per_s": images / max(seconds, 1e-9),
                       "data_wait": run.train_loader.wait_time, "skipped": run.train_loader.skipped,
                       **memory_use()}
+            if comm0 is not None:   # gradient all-reduces: their time, and the part backward did not hide
+                record["comm_s"] = run.reducer.comm_seconds - comm0[0]
+                record["comm_wait_s"] = run.reducer.wait_seconds - comm0[1]
             run.history.append(record)
             save(epoch)
             show(_epoch_line(record, cfg.epochs))
@@ -217,7 +221,8 @@ def _epoch_line(r, epochs):
            if r.get("val_top1") is not None else "no validation list")
     return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.2%}  "
             f"{val}  lr {r['lr']:.3g}  time {r['time']:.1f}s ({r['images_per_s']:.0f} img/s)  "
-            f"data wait {r['data_wait']:.1f}s  skipped {r['skipped']}")
+            f"data wait {r['data_wait']:.1f}s  skipped {r['skipped']}"
+            + (f"  all-reduce {r['comm_s']:.1f}s, waited {r['comm_wait_s']:.1f}s" if "comm_s" in r else ""))
 
 
 def _append_log(path, record):
