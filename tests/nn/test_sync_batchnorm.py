@@ -29,7 +29,7 @@ class Ranks:
     def __init__(self, n):
         self.n = n
         self.baton = threading.Lock()                      # held by the one rank computing
-        self.barrier = threading.Barrier(n, timeout=120)
+        self.barrier = threading.Barrier(n, timeout=60)
         self.inbox = [None] * n
         self.calls = [0] * n
 
