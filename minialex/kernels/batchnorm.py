@@ -158,7 +158,7 @@ def _vec(v, c, fill):
 
 def _too_few(shape, m):
     return ValueError(f"expected more than 1 value per channel when training, got input {shape}"
-                      + ("" if m is None else f" ({m} values per channel over all processes)"))
+                      + ("" if m is None else f" (the global batch over all processes has {m} per channel)"))
 
 
 def _global_stats(x3, eps, allreduce, shape):
