@@ -187,9 +187,11 @@ def train_epoch(model, loss_fn, opt, loader, epoch, cfg, stop, first_check, worl
                 from .distributed import broadcast_buffers
                 broadcast_buffers(model, world)
             opt.zero_grad()
+            # An empty share (a short last global batch) still runs forward and backward: with
+            # -sync_bn its batch norms take part in the others' all-reduces.
+            with per_sample(cfg.seed, epoch, getattr(loader, "batch_indices", None)):
+                logits = model(x)   # dropout masks keyed by sample (a plain list of batches: not)
             if n:
-                with per_sample(cfg.seed, epoch, getattr(loader, "batch_indices", None)):
-                    logits = model(x)   # dropout masks keyed by sample (a plain list of batches: not)
                 loss = float(loss_fn(logits, y))
                 # Several processes find a NaN loss through the gradient norm, which they share.
                 if not math.isfinite(loss) and not world.distributed:
@@ -197,10 +199,12 @@ def train_epoch(model, loss_fn, opt, loader, epoch, cfg, stop, first_check, worl
                 if first_check is not None and done == 0:
                     first_check(loss)
                 dloss = loss_fn.backward()
-                model.backward(dloss if reducer is None else reducer.scale(dloss, n, global_n))
                 loss_sum += loss * n
                 correct += int((np.argmax(logits, axis=1) == y).sum())
                 seen += n
+            else:
+                dloss = np.zeros_like(logits)
+            model.backward(dloss if reducer is None else reducer.scale(dloss, n, global_n))
             if reducer is not None:
                 reducer.finish()
             norm = grad_norm(params)

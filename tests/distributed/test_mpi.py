@@ -69,10 +69,12 @@ def one_error_line(r):
     return lines[0]
 
 
-@pytest.mark.parametrize("extra", [[], ["-bn", "-sync_bn"]], ids=["dropout", "sync_bn"])
-def test_two_processes_of_batch_4_equal_one_of_batch_8(samples, tmp_path, extra):
-    """3 steps of global batch 8 (24 images): the same weights within float32 summation order."""
-    data = write_list(tmp_path / "l.list", samples[:24])
+@pytest.mark.parametrize("extra, images", [([], 24), (["-bn", "-sync_bn"], 24), (["-bn", "-sync_bn"], 17)],
+                         ids=["dropout", "sync_bn", "sync_bn_empty_share"])
+def test_two_processes_of_batch_4_equal_one_of_batch_8(samples, tmp_path, extra, images):
+    """3 steps of global batch 8: the same weights within float32 summation order. With 17 images
+    the last global batch is one image, so rank 1's share is empty and still takes part."""
+    data = write_list(tmp_path / "l.list", samples[:images])
     base = ["train", "-list", data, "-epochs", 1, *COMMON, *extra]
     one = mpi(0, [*base, "-batchsize", 8, "-threads", 1, "-save", "one.npz"], tmp_path)
     two = mpi(2, [*base, "-batchsize", 4, "-save", "two.npz"], tmp_path)
