@@ -266,8 +266,8 @@ class GradientReducer:
                 for q in order[first:i + 1]:
                     self._bucket_of[id(q)] = index
                 first = i + 1
-        for module in model.modules():
-            if module._parameters:
+        for module in model.modules():   # every layer: each one's end is a chance to progress
+            if module._parameters or not module._modules:
                 module.register_backward_hook(self._layer_done)
         self._reset()
         return self
