@@ -82,17 +82,22 @@ def test_signal_flag_stops_at_the_next_batch_boundary():
     class Stop:
         signum = None
 
-    def batches(stop):
-        for i, batch in enumerate(_batches()):
-            if i == 1:
-                stop.signum = 2   # arrives while batch 1 trains
-            yield batch
+    class Batches(list):
+        def __init__(self, stop):
+            super().__init__(_batches())
+            self.stop = stop
+
+        def __iter__(self):
+            for i, batch in enumerate(list.__iter__(self)):
+                if i == 1:
+                    self.stop.signum = 2   # arrives while batch 1 trains
+                yield batch
 
     for stop, expected in ((Stop(), 1), (type("Stopped", (), {"signum": 2})(), 0)):
         model = _tiny_model()
         before = _params(model)
         result, done = train_epoch(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1),
-                                   batches(stop) if expected else _batches(), 1,
+                                   Batches(stop) if expected else _batches(), 1,
                                    TrainConfig(epochs=1, save="w.npz"), stop, None)
         assert result is None and done == expected
         changed = not all(np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
