@@ -129,6 +129,9 @@ class TrainConfig:
     label_smoothing: float | None = option("label smoothing", default=0.0, type=finite_float, metavar="S",
                                            check=(lambda v: 0 <= v <= 1, "between 0 and 1"),
                                            resumable=True)
+    grad_dtype: str | None = option("data-parallel runs: gradients travel as fp32, or as bf16 with error "
+                                    "feedback (half the bytes; what rounding drops goes with the next step)",
+                                    default="fp32", choices=("fp32", "bf16"))
     sync_bn: bool | None = option("data-parallel runs: batch norm statistics over the global batch, "
                                   "not each process's own (as torch.nn.SyncBatchNorm)", default=False,
                                   switch=True, resumable=True)

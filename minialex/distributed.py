@@ -10,7 +10,8 @@ Gradients: every parameter's `.grad` becomes a view into one flat float32 buffer
 of about `BUCKET_BYTES` in the order backward fills them (classifier first). As soon as backward has
 finished every parameter of a bucket (a backward hook), that bucket's non-blocking all-reduce
 starts, and the pending ones are tested after every layer, which lets MPI progress them; the
-optimiser step waits for all. The loss gradient is scaled by this process's share of the global
+optimiser step waits for all. With grad_dtype "bf16" a bucket travels as bfloat16 (half the bytes),
+rounded with error feedback: what rounding drops is added to the next step's gradient. The loss gradient is scaled by this process's share of the global
 batch, so the sums the all-reduce forms are the gradient of the mean loss over the global batch.
 
 Errors: a bad image or list line, or a signal, is decided collectively at a batch boundary (one
@@ -80,11 +81,23 @@ class World:
             self.comm.Allreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM if op == "sum" else self.MPI.MAX)
         return array
 
-    def iallreduce_(self, array):
-        """Start an in-place sum over every process; returns a request (None on one process)."""
+    def iallreduce_(self, array, op=None):
+        """Start an in-place sum (or `op`) over every process; returns a request (None on one
+        process)."""
         if self.comm is None:
             return None
-        return self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=op or self.MPI.SUM)
+
+    def bf16_sum(self):
+        """The MPI operation that sums bf16 patterns (uint16) as bf16 does, rounding each sum once."""
+        if getattr(self, "_bf16_sum", None) is None:
+            from .kernels.bf16 import bf16_add
+
+            def add(inbuf, inoutbuf, datatype):
+                bf16_add(np.frombuffer(inbuf, dtype=np.uint16), np.frombuffer(inoutbuf, dtype=np.uint16))
+
+            self._bf16_sum = self.MPI.Op.Create(add, commute=True)
+        return self._bf16_sum
 
     def broadcast_(self, arrays):
         """In place: every array takes rank 0's values."""
@@ -234,10 +247,13 @@ class GradientReducer:
     spent waiting for them in finish(): 1 - wait/comm is the fraction hidden behind backward.
     """
 
-    def __init__(self, world, bucket_bytes=BUCKET_BYTES):
+    def __init__(self, world, bucket_bytes=BUCKET_BYTES, grad_dtype="fp32"):
+        if grad_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"grad_dtype must be fp32 or bf16, got {grad_dtype!r}")
         self.world = world
         self.bucket_bytes = int(bucket_bytes)
-        self.buckets = []           # [(buffer view, [params])], in backward order
+        self.bf16 = grad_dtype == "bf16"
+        self.buckets = []           # [(buffer view, [params], (start, end) in the flat buffer)]
         self._bucket_of = {}        # id(param) -> bucket index
         self._pending = {}          # bucket index -> ids of params not yet done this step
         self._requests = {}         # bucket index -> (request or None when done, start time)
@@ -262,10 +278,13 @@ class GradientReducer:
             end = off + p.data.size
             if (end - offsets[first]) * 4 >= self.bucket_bytes or i == len(order) - 1:
                 index = len(self.buckets)
-                self.buckets.append((self.flat[offsets[first]:end], order[first:i + 1]))
+                self.buckets.append((self.flat[offsets[first]:end], order[first:i + 1], (offsets[first], end)))
                 for q in order[first:i + 1]:
                     self._bucket_of[id(q)] = index
                 first = i + 1
+        if self.bf16:   # what is sent, and what rounding left to send with the next step
+            self.packed = np.zeros(total, dtype=np.uint16)
+            self.residual = np.zeros(total, dtype=np.float32)
         for module in model.modules():   # every layer: each one's end is a chance to progress
             if module._parameters or not module._modules:
                 module.register_backward_hook(self._layer_done)
@@ -279,7 +298,7 @@ class GradientReducer:
         return (dloss * np.float32(local_n / max(global_n, 1))).astype(dloss.dtype, copy=False)
 
     def _reset(self):
-        self._pending = {i: {id(p) for p in ps} for i, (_, ps) in enumerate(self.buckets)}
+        self._pending = {i: {id(p) for p in ps} for i, (_, ps, _) in enumerate(self.buckets)}
         self._requests = {}
 
     def _layer_done(self, module):
@@ -293,10 +312,17 @@ class GradientReducer:
         self._progress()
 
     def _start(self, index):
-        buffer, params = self.buckets[index]
+        buffer, params, (start, end) = self.buckets[index]
         for p in params:
             p.grad  # a gradient still marked zero (no backward reached it) becomes real zeros
-        self._requests[index] = (self.world.iallreduce_(buffer), time.perf_counter())
+        started = time.perf_counter()
+        if self.bf16:
+            from .kernels.bf16 import bf16_round_feedback
+            packed = bf16_round_feedback(buffer, self.residual[start:end], self.packed[start:end])
+            request = self.world.iallreduce_(packed, op=self.world.bf16_sum())
+        else:
+            request = self.world.iallreduce_(buffer)
+        self._requests[index] = (request, started)
 
     def _progress(self):
         for index, (request, started) in list(self._requests.items()):
@@ -314,5 +340,9 @@ class GradientReducer:
             if request is not None:
                 request.Wait()
                 self.comm_seconds += time.perf_counter() - started
+        if self.bf16:
+            from .kernels.bf16 import bf16_widen
+            for buffer, _, (start, end) in self.buckets:
+                bf16_widen(self.packed[start:end], buffer)
         self.wait_seconds += time.perf_counter() - t0
         self._reset()

@@ -120,14 +120,15 @@ def _join(run, world):
     if run.cfg.sync_bn:
         from .nn.normalization import convert_sync_batchnorm
         convert_sync_batchnorm(run.model, world.allreduce_)
-    run.reducer = distributed.GradientReducer(world).attach(run.model)
+    run.reducer = distributed.GradientReducer(world, grad_dtype=run.cfg.grad_dtype).attach(run.model)
     b = run.cfg.batch_size
     # Which process is which: a launcher that reports a dead process names its PID and host.
     where = world.allgather(f"{os.getpid()}@{socket.gethostname()}")
     say("ranks: " + ", ".join(f"{rank}=pid {w}" for rank, w in enumerate(where)))
     say(f"data-parallel: {world.size} processes ({world.local_size} on this node), "
         f"{numba_threads()} threads each, batch {b} per process, global batch {b * world.size}"
-        f"{', batch norm over the global batch' if run.cfg.sync_bn else ''}")
+        f"{', batch norm over the global batch' if run.cfg.sync_bn else ''}"
+        f"{', gradients sent as bf16' if run.cfg.grad_dtype == 'bf16' else ''}")
 
 
 def numba_threads():
