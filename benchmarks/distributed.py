@@ -44,10 +44,12 @@ DEFAULT_ROUNDS = 3
 STEPS, WARMUP = 3, 2          # timed steps and warm-up steps per launch
 TIMEOUT_S = 900               # one launch; a hung collective fails the section instead of the machine
 
-# Cost model (docs/distributed.md): a node is one process using all cores of a machine like this one.
+# Cost model (docs/distributed.md): a node is a machine like this one, NODE_CORES cores working in
+# parallel on NODE_BATCH images per step.
 MACHINES = (2, 4, 8, 16, 32, 64)
 LINKS_GBIT = (10, 25, 100)
 NODE_BATCH = {"cifar": 128, "torchvision": 64}
+NODE_CORES = 2
 LATENCY_S = 30e-6             # per message of a ring step over TCP/Ethernet: an assumption, not measured
 SCHEMES = ("data parallel", "data parallel without overlap", "bf16 gradients", "one weird trick")
 
@@ -359,6 +361,20 @@ def predict(timing, n, bandwidth, scheme="data parallel", latency=LATENCY_S):
     return compute + exposed, exposed
 
 
+def node_timing(core_timing, cores=NODE_CORES):
+    """A node's step at `cores` times the batch, taken as one core's step (layer_times with one
+    thread) at the node's batch / cores: the cores share the batch and work in parallel. (Two-thread
+    timings of one process are not used: on a shared machine a thread that loses its core stalls
+    every parallel region, and 2 processes x 1 thread scaled 1.84x here.)"""
+    return dict(core_timing, batch=cores * core_timing["batch"], threads=cores)
+
+
+def node_timings_of(core_timings):
+    """The nodes of the predictions, from the one-thread timings at NODE_BATCH / NODE_CORES."""
+    wanted = {(v, b // NODE_CORES) for v, b in NODE_BATCH.items()}
+    return [node_timing(t) for t in core_timings if (t["variant"], t["batch"]) in wanted]
+
+
 def prediction_tables(node_timings):
     """Markdown: per variant and scheme, images/s (efficiency) for every N and link speed."""
     parts = []
@@ -423,9 +439,8 @@ def run(opts, alternator=None):
     results = training(opts, libs)
     cases = QUICK_CASES if opts.quick else CASES
     process_jobs = [(v, b // 2, 1) for v, b in cases]
-    node_jobs = [(v, b, 2) for v, b in ((("cifar", 32), ("torchvision", 4)) if opts.quick else NODE_BATCH.items())]
     process_timings = measure_layers(process_jobs, opts.quick)
-    node_timings = measure_layers(node_jobs, opts.quick)
+    node_timings = node_timings_of(process_timings) or [node_timing(t) for t in process_timings[:2]]
     load_after = os.getloadavg()
     four = [r for r in ar_records if r["mb"] == 4 and r["mode"] == "Iallreduce+Wait"]
     bus = four[0]["bus_gbs"] if four else ar_records[-1]["bus_gbs"]
@@ -447,7 +462,8 @@ def run(opts, alternator=None):
     tables.append(("e. Backward of every layer with gradients, 1 thread, per-process batch", layer_table(process_timings)))
     tables.append((f"f. Cost model against the measurement (link = the measured {bus:.2f} GB/s bus bandwidth "
                    f"at 4 MB)", check_table))
-    tables.append(("g. Predicted clusters: one 2-thread process per machine like this one, ring all-reduce, "
+    tables.append((f"g. Predicted clusters of machines with {NODE_CORES} cores like this one (a node's step: one "
+                   f"core's at its share of the node's batch), ring all-reduce, "
                    f"{LATENCY_S * 1e6:.0f} us per message", prediction_tables(node_timings)))
     table = "\n\n".join(f"### {title}\n\n{body}" for title, body in tables)
     records = dict(allreduce=ar_records, training=list(results.values()), process_timings=process_timings,
@@ -472,10 +488,12 @@ def main(argv=None):
     if a.source:
         with open(a.source) as f:
             records = json.load(f)["sections"]["distributed"]["records"]
-        node_timings = records["node_timings"]
+        node_timings = node_timings_of(records["process_timings"])
     else:
-        jobs = [("cifar", 32, 2), ("torchvision", 4, 2)] if a.quick else [(v, b, 2) for v, b in NODE_BATCH.items()]
-        node_timings = measure_layers(jobs, a.quick)
+        jobs = [("cifar", 16, 1), ("torchvision", 2, 1)] if a.quick else [(v, b // NODE_CORES, 1)
+                                                                           for v, b in NODE_BATCH.items()]
+        core = measure_layers(jobs, a.quick)
+        node_timings = node_timings_of(core) or [node_timing(t) for t in core]
     print(prediction_tables(node_timings))
     return 0
 
