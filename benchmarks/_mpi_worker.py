@@ -45,7 +45,6 @@ def allreduce(payload):
                     samples[name].append(comm.allreduce(dt, op=MPI.MAX))
         for name, ts in samples.items():
             out.append(dict(mb=mb, bytes=buf.nbytes, mode=name, samples=ts, processes=comm.Get_size()))
-        del buf
     return out if comm.Get_rank() == 0 else None
 
 

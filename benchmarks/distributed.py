@@ -486,9 +486,12 @@ def main(argv=None):
     if not a.model:
         p.error("nothing to do: give --model (the section runs with python -m benchmarks --sections distributed)")
     if a.source:
-        with open(a.source) as f:
-            records = json.load(f)["sections"]["distributed"]["records"]
-        node_timings = node_timings_of(records["process_timings"])
+        try:
+            with open(a.source) as f:
+                records = json.load(f)["sections"]["distributed"]["records"]
+            node_timings = node_timings_of(records["process_timings"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--from {a.source}: not a report of the distributed section ({type(e).__name__}: {e})")
     else:
         jobs = [("cifar", 16, 1), ("torchvision", 2, 1)] if a.quick else [(v, b // NODE_CORES, 1)
                                                                            for v, b in NODE_BATCH.items()]
