@@ -538,6 +538,9 @@ class _Fields:
             self.check("train_state.interrupted.epoch", stop["epoch"], (lambda v: _is_int(v) and v >= 1,
                                                                         "an integer >= 1"))
             self.check("train_state.interrupted.batch", stop["batch"], _NONNEG_INT)
+        if ts.get("world_size") is not None:
+            self.check("train_state.world_size", ts["world_size"], (lambda v: _is_int(v) and v >= 1,
+                                                                    "an integer >= 1"))
         if ts.get("lists") is not None:
             lists = self.dict("train_state.lists", ts["lists"])
             for key, value in lists.items():

@@ -48,8 +48,9 @@ def _run_train(a):
     check(cfg)  # a bad combination of options fails before anything is loaded
     try:
         run_training(cfg)
-    except Interrupted as e:
-        print(f"minialex: {e}", file=sys.stderr)
+    except Interrupted as e:   # every process stopped at the same batch; rank 0 says so
+        from .progress import say
+        say(str(e))
         return e.exit_code
     return 0
 
@@ -66,8 +67,11 @@ def _inference_parser(sub):
 
 
 def _run_inference(a):
+    from . import progress
     from .evaluation import format_predictions, predict
-    print(format_predictions(predict(a.input, a.load, topk=a.topk, threads=a.threads)))
+    results = predict(a.input, a.load, topk=a.topk, threads=a.threads)
+    if progress.speaking:
+        print(format_predictions(results))
     return 0
 
 
@@ -89,7 +93,10 @@ def _run_eval(a):
     if a.plot:
         from .plot import require_matplotlib
         require_matplotlib()
+    from . import progress
     ckpt, r = run_eval(a.list, a.load, batch_size=a.batchsize, workers=a.workers, threads=a.threads)
+    if not progress.speaking:   # another process of a data-parallel eval reports
+        return 0
     print(f"{printable(a.list, 300)}: {r['n']} images  top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  loss {r['loss']:.4f}")
     print(format_confusion(r["confusion"], ckpt.class_names))
     if a.plot:
@@ -175,20 +182,49 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         return args.run(args)
     except MinialexError as e:
-        print(f"minialex: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _fail(f"minialex: error: {e}", EXIT_USER_ERROR, e)
     except KeyboardInterrupt:
-        print("minialex: interrupted", file=sys.stderr)
-        return 130
+        return _fail("minialex: interrupted", 130)
     except MemoryError:
-        print("minialex: error: out of memory (try a smaller -batchsize, or fewer -workers)",
-              file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _fail("minialex: error: out of memory (try a smaller -batchsize, or fewer -workers)",
+                     EXIT_USER_ERROR)
     except OSError as e:
         # Files the user named that vanished or cannot be read/written outside our own checks.
         where = f"{e.filename}: " if e.filename else ""
-        print(f"minialex: error: {where}{e.strerror or e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _fail(f"minialex: error: {where}{e.strerror or e}", EXIT_USER_ERROR)
+    except Exception:
+        world = _running_world()
+        if world is None:
+            raise
+        import traceback
+        traceback.print_exc()
+        _fail(f"minialex: error: rank {world.rank}: {sys.exc_info()[0].__name__} (traceback above)", 1)
+
+
+def _running_world():
+    """The World of a data-parallel run in progress, or None (never imports MPI itself)."""
+    distributed = sys.modules.get("minialex.distributed")
+    world = getattr(distributed, "_world", None)
+    return world if world is not None and world.distributed else None
+
+
+def _fail(line, code, error=None):
+    """Print `line`, exit with `code`. In a data-parallel run an error every process met alike is
+    printed once (by the process that owns it); any other ends the whole job (MPI_Abort), since
+    the other processes would wait for this one forever."""
+    world = _running_world()
+    if world is None:
+        print(line, file=sys.stderr)
+        return code
+    from .distributed import ReportedElsewhere
+    if isinstance(error, ReportedElsewhere):
+        return code
+    if getattr(error, "collective", False):
+        print(line, file=sys.stderr, flush=True)
+        return code
+    print(line.replace("minialex: error: ", f"minialex: error: rank {world.rank}: ", 1), file=sys.stderr,
+          flush=True)
+    world.abort(code)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ class TrainConfig:
     label_smoothing: float | None = option("label smoothing", default=0.0, type=finite_float, metavar="S",
                                            check=(lambda v: 0 <= v <= 1, "between 0 and 1"),
                                            resumable=True)
+    sync_bn: bool | None = option("data-parallel runs: batch norm statistics over the global batch, "
+                                  "not each process's own (as torch.nn.SyncBatchNorm)", default=False,
+                                  switch=True, resumable=True)
     pca: bool | None = option("the paper's PCA colour augmentation, with the principal components of "
                               "the training images", default=False, switch=True, resumable=True)
     load_pretrained: str | None = option(

@@ -1,20 +1,25 @@
-"""Data-parallel training on MPI: the world of processes, sharding, and gradient averaging.
+"""Data-parallel training on MPI: the world of processes, collective decisions, gradient averaging.
 
 Launch is MPI's: `mpiexec -n 4 python -m minialex train ...`. minialex sees that a launcher started
 it with more than one process (its environment says so) and only then imports mpi4py; a single
-process never does. Conventions are PyTorch DDP's and Horovod's: `-batchsize` is per process, every
-process starts from rank 0's weights, gradients are averaged over the global batch, rank 0 alone
-prints, logs and writes checkpoints.
+process never does, and runs the same code with collectives that return their input. Conventions
+are PyTorch DDP's and Horovod's: `-batchsize` is per process, every process starts from rank 0's
+weights, gradients are averaged over the global batch, rank 0 alone prints, logs and saves.
 
 Gradients: every parameter's `.grad` becomes a view into one flat float32 buffer, cut into buckets
 of about `BUCKET_BYTES` in the order backward fills them (classifier first). As soon as backward has
-finished every parameter of a bucket, that bucket's non-blocking all-reduce starts, and the pending
-ones are tested (which lets MPI progress them) after every layer; the optimiser step waits for all.
-The loss gradient is scaled by this process's share of the global batch, so the sums the
-all-reduce forms are the gradient of the mean loss over the global batch.
+finished every parameter of a bucket (a backward hook), that bucket's non-blocking all-reduce
+starts, and the pending ones are tested after every layer, which lets MPI progress them; the
+optimiser step waits for all. The loss gradient is scaled by this process's share of the global
+batch, so the sums the all-reduce forms are the gradient of the mean loss over the global batch.
+
+Errors: a bad image or list line, or a signal, is decided collectively at a batch boundary (one
+small all-reduce per step), so every process stops at the same batch and exactly one prints; any
+other exception on one process aborts the whole job (MPI_Abort) after naming the rank.
 """
+import hashlib
 import os
-import sys
+import signal
 import time
 
 import numpy as np
@@ -30,17 +35,19 @@ _ALIGN = 16  # float32 elements: each gradient view starts on a 64-byte boundary
 def launched_size():
     """The process count an MPI launcher announced (1 when there is none)."""
     for name in _SIZE_VARIABLES:
-        value = os.environ.get(name)
-        if value and value.isdigit():
+        value = os.environ.get(name, "")
+        if value.isdigit():
             return int(value)
     return 1
 
 
-class World:
-    """The processes of a run: rank, size, the ranks on this node, and the collectives we use.
+class ReportedElsewhere(MinialexError):
+    """An error another process reports: this one exits with the same status, silently."""
 
-    A World of one process needs no MPI; its collectives return their input.
-    """
+
+class World:
+    """The processes of a run: rank, size, the ranks on this node, and the collectives minialex
+    uses. A World without a communicator is one process; its collectives return their input."""
 
     def __init__(self, comm=None):
         self.comm = comm
@@ -64,16 +71,9 @@ class World:
 
     def default_threads(self):
         """This node's cores shared out among the processes on it (at least one each)."""
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        if self.comm is not None:
-            # The affinity mask of one process may already be a share; count the node's cores.
-            cores = max(cores, os.cpu_count() or 1)
-        return max(1, cores // self.local_size)
+        return max(1, (os.cpu_count() or 1) // self.local_size)
 
-    # -- collectives ----------------------------------------------------------------------------
+    # -- collectives (all no-ops on one process) ------------------------------------------------
     def allreduce_(self, array, op="sum"):
         """In place: `array` becomes the element-wise sum (or max) over every process."""
         if self.comm is not None:
@@ -81,7 +81,7 @@ class World:
         return array
 
     def iallreduce_(self, array):
-        """Start an in-place sum over every process; returns a request (None without MPI)."""
+        """Start an in-place sum over every process; returns a request (None on one process)."""
         if self.comm is None:
             return None
         return self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
@@ -94,36 +94,132 @@ class World:
         return arrays
 
     def allgather(self, value):
-        """[value of rank 0, value of rank 1, ...] (small Python objects only)."""
+        """[value of rank 0, value of rank 1, ...] (small Python objects)."""
         return [value] if self.comm is None else self.comm.allgather(value)
 
     def bcast(self, value):
+        """Rank 0's `value` on every process (a small Python object)."""
         return value if self.comm is None else self.comm.bcast(value, root=0)
 
     def abort(self, code):
+        """End every process of the job now (MPI_Abort); on one process, exit."""
         if self.comm is not None:
             self.comm.Abort(code)
-        sys.exit(code)
+        raise SystemExit(code)
+
+    # -- collective decisions -------------------------------------------------------------------
+    def collectively(self, fn, *args, **kwargs):
+        """fn(...) on every process; if it raises a MinialexError on any, every process raises:
+        the lowest failing rank its own error, the others ReportedElsewhere (so one line is printed)."""
+        error = None
+        try:
+            result = fn(*args, **kwargs)
+        except MinialexError as e:
+            error, result = e, None
+        self.raise_first([None if error is None else error])
+        return result
+
+    def raise_first(self, mine):
+        """mine: [MinialexError or None] of this process; raise the first error of any process."""
+        errors = self.allgather(None if mine[0] is None else str(mine[0]))
+        first = next((r for r, e in enumerate(errors) if e is not None), None)
+        if first is None:
+            return
+        if first == self.rank:
+            mine[0].collective = True   # every process raises here: print it, do not abort
+            raise mine[0]
+        raise ReportedElsewhere(errors[first])
+
+    def same_everywhere(self, value, what):
+        """MinialexError on every process unless `value` is equal on all of them, naming a rank
+        that differs from rank 0 (lists that differ between nodes, say)."""
+        values = self.allgather(value)
+        for rank, v in enumerate(values):
+            if v != values[0]:
+                message = (f"{what} differs between processes: rank {rank} has {v}, rank 0 "
+                           f"{values[0]}; every node must see the same files")
+                self.raise_everywhere(MinialexError(message))
+
+    def step_status(self, signum, error, n):
+        """(the signal any process got or None, whether any failed, the global batch) at a batch
+        boundary: one all-reduce of four integers. SIGTERM wins over SIGINT."""
+        status = np.array([signum == signal.SIGINT, signum == signal.SIGTERM, bool(error), int(n)],
+                          dtype=np.int64)
+        self.allreduce_(status)
+        agreed = signal.SIGTERM if status[1] else signal.SIGINT if status[0] else None
+        return agreed, bool(status[2]), int(status[3])
+
+    def agreed(self, iterable):
+        """The items of `iterable`; a MinialexError met fetching one on any process stops every
+        process at the same item (raise_first). On one process, just the items."""
+        items = iter(iterable)
+        while True:
+            item = error = None
+            end = False
+            try:
+                item = next(items)
+            except StopIteration:
+                end = True
+            except MinialexError as e:
+                error = e
+            if self.distributed:
+                if self.step_status(None, error is not None, 0)[1]:
+                    self.raise_first([error])
+            elif error is not None:
+                raise error
+            if end:
+                return
+            yield item
+
+    def raise_everywhere(self, error):
+        """For an error every process meets alike (a diverged run): rank 0 reports it."""
+        error.collective = True
+        raise error if self.is_root else ReportedElsewhere(str(error))
 
 
 _world = None
 
 
 def world() -> World:
-    """This process's World, made on first use: MPI is initialised only when a launcher started
-    more than one process."""
+    """This process's World, made on first use: MPI starts only when a launcher started more
+    than one process."""
     global _world
     if _world is None:
-        if launched_size() > 1:
+        size = launched_size()
+        if size > 1:
             try:
                 from mpi4py import MPI
             except ImportError:
-                raise MinialexError(f"started by an MPI launcher with {launched_size()} processes, but "
-                                    f"mpi4py is not installed: pip install 'minialex[mpi]'") from None
+                raise MinialexError(f"started by an MPI launcher with {size} processes, but mpi4py "
+                                    f"is not installed: pip install 'minialex[mpi]'") from None
             _world = World(MPI.COMM_WORLD)
+            from . import progress
+            progress.speaking = _world.is_root   # rank 0 alone reports
         else:
             _world = World()
     return _world
+
+
+def file_digest(path):
+    """(bytes, SHA-256) of a file, to check every node reads the same list."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()[:16]
+
+
+def broadcast_parameters(model, world):
+    """Every process takes rank 0's parameters and buffers (running statistics)."""
+    world.broadcast_([p.data for p in model.parameters()])
+    broadcast_buffers(model, world)
+
+
+def broadcast_buffers(model, world):
+    """Every process takes rank 0's buffers, as DDP does before each forward."""
+    world.broadcast_([b for _, b in model.named_buffers()])
 
 
 # -- gradient averaging ------------------------------------------------------------------------------
@@ -131,10 +227,11 @@ def world() -> World:
 class GradientReducer:
     """Sums every parameter's gradient over the world, bucket by bucket, overlapping backward.
 
-    `attach(model)` moves the gradients into one flat buffer; `layer_done(module)` is called after
-    each layer's backward; `finish()` waits for every bucket (call it before the optimiser step).
-    `comm_seconds` and `wait_seconds` measure the all-reduces' start-to-end time and the part the
-    step spent waiting for them, from which the hidden fraction follows.
+    `attach(model)` moves the gradients into one flat buffer and hooks every layer with
+    parameters; `scale(dloss, local_n, global_n)` weights this process's loss gradient by its share
+    of the global batch; `finish()` waits for every bucket (call it before the optimiser step).
+    `comm_seconds` adds up the all-reduces' start-to-end times and `wait_seconds` the part the steps
+    spent waiting for them in finish(): 1 - wait/comm is the fraction hidden behind backward.
     """
 
     def __init__(self, world, bucket_bytes=BUCKET_BYTES):
@@ -142,16 +239,14 @@ class GradientReducer:
         self.bucket_bytes = int(bucket_bytes)
         self.buckets = []           # [(buffer view, [params])], in backward order
         self._bucket_of = {}        # id(param) -> bucket index
-        self._owner = {}            # id(module) -> [params it owns directly]
-        self._pending = {}          # bucket index -> params not yet done this step
-        self._requests = {}         # bucket index -> (request, start time)
+        self._pending = {}          # bucket index -> ids of params not yet done this step
+        self._requests = {}         # bucket index -> (request or None when done, start time)
         self.flat = None
         self.comm_seconds = 0.0
         self.wait_seconds = 0.0
 
     def attach(self, model):
-        params = model.parameters()
-        order = list(reversed(params))   # backward reaches the last layers first
+        order = list(reversed(model.parameters()))   # backward reaches the last layers first
         offsets, total = [], 0
         for p in order:
             offsets.append(total)
@@ -166,28 +261,30 @@ class GradientReducer:
             p.grad = view
             end = off + p.data.size
             if (end - offsets[first]) * 4 >= self.bucket_bytes or i == len(order) - 1:
-                self._close_bucket(offsets[first], end, order[first:i + 1])
+                index = len(self.buckets)
+                self.buckets.append((self.flat[offsets[first]:end], order[first:i + 1]))
+                for q in order[first:i + 1]:
+                    self._bucket_of[id(q)] = index
                 first = i + 1
-        for _, module in model.named_modules():
-            own = list(module._parameters.values())
-            if own:
-                self._owner[id(module)] = own
-        self.start_step()
+        for module in model.modules():   # every layer: each one's end is a chance to progress
+            if module._parameters or not module._modules:
+                module.register_backward_hook(self._layer_done)
+        self._reset()
         return self
 
-    def _close_bucket(self, start, end, params):
-        index = len(self.buckets)
-        self.buckets.append((self.flat[start:end], list(params)))
-        for p in params:
-            self._bucket_of[id(p)] = index
+    def scale(self, dloss, local_n, global_n):
+        """The loss gradient of this process's mean loss, weighted by its share of the global batch."""
+        if global_n == local_n:
+            return dloss
+        return (dloss * np.float32(local_n / max(global_n, 1))).astype(dloss.dtype, copy=False)
 
-    def start_step(self):
+    def _reset(self):
         self._pending = {i: {id(p) for p in ps} for i, (_, ps) in enumerate(self.buckets)}
         self._requests = {}
 
-    def layer_done(self, module):
+    def _layer_done(self, module):
         """Backward of `module` has finished: start the buckets it completes, progress the rest."""
-        for p in self._owner.get(id(module), ()):
+        for p in module._parameters.values():
             index = self._bucket_of[id(p)]
             waiting = self._pending[index]
             waiting.discard(id(p))
@@ -202,22 +299,20 @@ class GradientReducer:
         self._requests[index] = (self.world.iallreduce_(buffer), time.perf_counter())
 
     def _progress(self):
-        if self.world.comm is None:
-            return
         for index, (request, started) in list(self._requests.items()):
             if request is not None and request.Test():
                 self._requests[index] = (None, started)
                 self.comm_seconds += time.perf_counter() - started
 
     def finish(self):
-        """Wait for every bucket's all-reduce (starting any a partial backward left unstarted)."""
+        """Wait for every bucket's all-reduce (starting those no backward reached)."""
         for index in range(len(self.buckets)):
             if index not in self._requests:
                 self._start(index)
         t0 = time.perf_counter()
-        for index, (request, started) in self._requests.items():
+        for request, started in self._requests.values():
             if request is not None:
                 request.Wait()
                 self.comm_seconds += time.perf_counter() - started
         self.wait_seconds += time.perf_counter() - t0
-        self.start_step()
+        self._reset()

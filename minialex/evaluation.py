@@ -19,25 +19,35 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def evaluate(model, loader, num_classes, loss_fn=None, max_batches=None):
-    """{"loss", "top1", "top5", "n", "confusion"} over the loader (or its first batches), in eval mode."""
+def evaluate(model, loader, num_classes, loss_fn=None, max_batches=None, world=None):
+    """{"loss", "top1", "top5", "n", "confusion"} over the loader (or its first batches), in eval mode.
+
+    With a `world` of several processes each evaluates its shard of every batch and the counts,
+    loss sums and confusion matrix are summed over all of them."""
     from .nn import CrossEntropyLoss
     loss_fn = loss_fn or CrossEntropyLoss()
     model.eval()
     k = min(5, num_classes)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum, top1, topk, n = 0.0, 0, 0, 0
-    for batch, (x, y) in enumerate(loader, 1):
-        logits = model(x)
-        loss_sum += float(loss_fn(logits, y)) * len(y)
-        pred = np.argmax(logits, axis=1)
-        best = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        top1 += int((pred == y).sum())
-        topk += int((best == y[:, None]).any(axis=1).sum())
-        np.add.at(confusion, (y, pred), 1)
-        n += len(y)
+    from .distributed import World
+    world = world or World()
+    for batch, (x, y) in enumerate(world.agreed(loader), 1):
+        if len(y):   # a process's shard of a short last batch may be empty
+            logits = model(x)
+            loss_sum += float(loss_fn(logits, y)) * len(y)
+            pred = np.argmax(logits, axis=1)
+            best = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+            top1 += int((pred == y).sum())
+            topk += int((best == y[:, None]).any(axis=1).sum())
+            np.add.at(confusion, (y, pred), 1)
+            n += len(y)
         if max_batches is not None and batch >= max_batches:
             break
+    if world.distributed:
+        totals = world.allreduce_(np.array([loss_sum, top1, topk, n], dtype=np.float64))
+        loss_sum, top1, topk, n = float(totals[0]), int(totals[1]), int(totals[2]), int(totals[3])
+        world.allreduce_(confusion)
     n_safe = max(n, 1)
     return {"loss": loss_sum / n_safe, "top1": top1 / n_safe, "top5": topk / n_safe, "n": n,
             "confusion": confusion}
@@ -51,16 +61,23 @@ def eval_transform(ckpt):
 
 
 def run_eval(list_path, weights, batch_size=32, workers=2, threads=None):
-    """Load `weights`, evaluate on `list_path`; returns (checkpoint, evaluate() result)."""
+    """Load `weights`, evaluate on `list_path`; returns (checkpoint, evaluate() result).
+
+    Under mpiexec every process evaluates its share of each batch and the results are summed."""
+    from . import distributed
     from .data import DataLoader, read_list
-    set_threads(threads)
-    ckpt = load_checkpoint(weights)
-    model = model_from_checkpoint(ckpt)
-    num_classes = len(ckpt.class_names)
-    samples = check_images_exist(read_list(list_path, num_classes), list_path)
+    world = distributed.world()
+
+    def prepare():
+        set_threads(threads if threads is not None or not world.distributed else world.default_threads())
+        ckpt = load_checkpoint(weights)
+        samples = check_images_exist(read_list(list_path, len(ckpt.class_names)), list_path)
+        return ckpt, model_from_checkpoint(ckpt), samples
+
+    ckpt, model, samples = world.collectively(prepare)
     loader = DataLoader(samples, eval_transform(ckpt), batch_size, shuffle=False, num_workers=workers,
-                        on_bad_image="error")
-    return ckpt, evaluate(model, loader, num_classes)
+                        on_bad_image="error", shard=(world.rank, world.size))
+    return ckpt, evaluate(model, loader, len(ckpt.class_names), world=world)
 
 
 def format_confusion(confusion, class_names, max_classes=20):

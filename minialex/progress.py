@@ -4,9 +4,20 @@ import sys
 import time
 
 
+# False on every process of a data-parallel run but rank 0, which alone reports.
+speaking = True
+
+
 def say(message):
     """A status line on stderr: how a run reports anything besides its epoch lines."""
-    print(f"minialex: {message}", file=sys.stderr, flush=True)
+    if speaking:
+        print(f"minialex: {message}", file=sys.stderr, flush=True)
+
+
+def show(line):
+    """A result line on stdout (an epoch's summary), from the reporting process only."""
+    if speaking:
+        print(line, flush=True)
 
 
 class Progress:
@@ -29,6 +40,8 @@ class Progress:
                 pass
 
     def update(self, done, images, loss, acc):
+        if not speaking:
+            return
         now = time.perf_counter()
         rate = images / max(now - self.start, 1e-9)
         if self.bar is not None:

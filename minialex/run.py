@@ -11,6 +11,7 @@ Checks that can fail do so here, before the first batch: the targets of -save, -
 lists, the labels, every listed image's existence, the hyper-parameters.
 """
 import os
+import socket
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -41,6 +42,9 @@ class Run:
     history: list = field(default_factory=list)
     best_val_top1: float | None = None
     fresh: bool = True                # a newly initialised model: its first loss should be ln(classes)
+    world: object = None              # distributed.World: the processes training together
+    reducer: object = None            # distributed.GradientReducer when there are several
+    resumed_world_size: int | None = None
 
     @property
     def num_classes(self):
@@ -53,45 +57,96 @@ class Run:
         """What a checkpoint after `epoch` needs to resume the run exactly."""
         return {"epoch": epoch, "history": self.history, "best_val_top1": self.best_val_top1,
                 "config": resumable_values(self.cfg), "rng": _random.get_generator().bit_generator.state,
-                "lists": {"train": self.lists[0], "val": self.lists[1]}, **extra}
+                "lists": {"train": self.lists[0], "val": self.lists[1]}, "world_size": self.world.size,
+                **extra}
 
 
-def prepare_run(cfg: TrainConfig) -> Run:
-    """Check the targets and options, read the data, build the model: the run `cfg` describes."""
-    set_threads(cfg.threads)
+def prepare_run(cfg: TrainConfig, world=None) -> Run:
+    """Check the targets and options, read the data, build the model: the run `cfg` describes.
+
+    In a data-parallel run every process prepares its own run through this same code; an error
+    on any of them stops them all before the first collective, and then they agree on the start:
+    the same lists, rank 0's weights and normalisation.
+    """
+    from . import distributed
+    world = world or distributed.world()
+    run = world.collectively(_prepare_here, cfg, world)
+    _join(run, world)
+    if run.resumed_world_size not in (None, world.size):
+        b = run.cfg.batch_size
+        say(f"{run.cfg.resume} was trained by {run.resumed_world_size} processes, this run has "
+            f"{world.size}: the global batch changes from {run.resumed_world_size * b} to {world.size * b}")
+    return run
+
+
+def _prepare_here(cfg, world):
+    """The part of the set-up each process does alone (and where anything can fail)."""
+    threads = cfg.threads
+    if threads is None and world.distributed:
+        threads = world.default_threads()
+    set_threads(threads)
     if cfg.resume:   # before -save, which defaults to it
         check_input_file(cfg.resume, "checkpoint", CheckpointError)
     cfg = replace(cfg, save=cfg.save if cfg.save is not None else (cfg.resume or "alexnet.npz"))
-    check_output_target(cfg.save, "-save")
-    for name in ("log", "plot"):
-        if getattr(cfg, name) is not None:
-            check_output_target(getattr(cfg, name), flag_of(name))
-    if cfg.plot:
-        from .plot import require_matplotlib
-        require_matplotlib()
+    if world.is_root:   # the one process that writes
+        check_output_target(cfg.save, "-save")
+        for name in ("log", "plot"):
+            if getattr(cfg, name) is not None:
+                check_output_target(getattr(cfg, name), flag_of(name))
+        if cfg.plot:
+            from .plot import require_matplotlib
+            require_matplotlib()
     if cfg.resume:
-        run = _resumed(cfg)
+        run = _resumed(cfg, world)
     elif cfg.load_pretrained:
-        run = _fine_tuned(cfg)
+        run = _fine_tuned(cfg, world)
     else:
-        run = _fresh(cfg)
-    if remove_stale_temps(run.cfg.save):
+        run = _fresh(cfg, world)
+    if world.is_root and remove_stale_temps(run.cfg.save):
         say(f"removed temporary files a killed save of {run.cfg.save} left behind")
     return run
 
 
+def _join(run, world):
+    """Make the processes of a data-parallel run start alike (no-op on one process)."""
+    if not world.distributed:
+        return
+    from . import distributed
+    for path, what in ((run.lists[0], "the training list"), (run.lists[1], "the validation list")):
+        if path is not None:
+            world.same_everywhere(distributed.file_digest(path), f"{what} {path} (bytes, SHA-256)")
+    run.normalization = world.bcast(run.normalization)
+    distributed.broadcast_parameters(run.model, world)
+    if run.cfg.sync_bn:
+        from .nn.normalization import convert_sync_batchnorm
+        convert_sync_batchnorm(run.model, world.allreduce_)
+    run.reducer = distributed.GradientReducer(world).attach(run.model)
+    b = run.cfg.batch_size
+    # Which process is which: a launcher that reports a dead process names its PID and host.
+    where = world.allgather(f"{os.getpid()}@{socket.gethostname()}")
+    say("ranks: " + ", ".join(f"{rank}=pid {w}" for rank, w in enumerate(where)))
+    say(f"data-parallel: {world.size} processes ({world.local_size} on this node), "
+        f"{numba_threads()} threads each, batch {b} per process, global batch {b * world.size}"
+        f"{', batch norm over the global batch' if run.cfg.sync_bn else ''}")
+
+
+def numba_threads():
+    import numba
+    return numba.get_num_threads()
+
+
 # -- the three ways to start ------------------------------------------------------------------------
 
-def _fresh(cfg):
+def _fresh(cfg, world):
     cfg = resolve(cfg)
     data = read_data(cfg)
     arch = _arch(cfg, cfg.arch or data.default_arch, cfg.batch_norm, len(data.class_names))
     model = _new_model(cfg, arch)
     norm = measure_normalization(cfg, data.train, int(arch["input_size"]))
-    return _assemble(cfg, data, arch, model, norm, fresh=True)
+    return _assemble(cfg, data, arch, model, norm, world, fresh=True)
 
 
-def _fine_tuned(cfg):
+def _fine_tuned(cfg, world):
     state, pretrained = load_weights(cfg.load_pretrained)
     cfg = resolve(cfg)
     data = read_data(cfg)
@@ -107,10 +162,10 @@ def _fine_tuned(cfg):
         norm = pretrained.normalization  # its features were learnt on inputs normalised this way
     else:
         norm = measure_normalization(cfg, data.train, size)
-    return _assemble(cfg, data, arch, model, norm, fresh=False)
+    return _assemble(cfg, data, arch, model, norm, world, fresh=False)
 
 
-def _resumed(cfg):
+def _resumed(cfg, world):
     ckpt = load_checkpoint(cfg.resume)
     ts = ckpt.train_state or {}
     if "epoch" not in ts:
@@ -122,8 +177,9 @@ def _resumed(cfg):
     cfg = replace(cfg, arch=arch["variant"], batch_norm=bool(arch.get("batch_norm", False)))
     model = _new_model(cfg, arch)
     load_into(model, ckpt.state_dict, cfg.resume)
-    run = _assemble(cfg, data, arch, model, ckpt.normalization, fresh=False)
+    run = _assemble(cfg, data, arch, model, ckpt.normalization, world, fresh=False)
     run.history, run.best_val_top1 = list(ts.get("history", [])), ts.get("best_val_top1")
+    run.resumed_world_size = ts.get("world_size", 1)
     run.start_epoch = _restore_training_state(ckpt, run.optimizer, run.scheduler)
     return run
 
@@ -157,7 +213,7 @@ def _new_model(cfg, arch):
     return build(Arch.from_dict(arch))
 
 
-def _assemble(cfg, data, arch, model, norm, fresh):
+def _assemble(cfg, data, arch, model, norm, world, fresh):
     """The optimiser, schedule, loss and loaders around a built model."""
     from .data import DataLoader, EvalTransform, TrainTransform
     from .nn import CrossEntropyLoss
@@ -168,16 +224,18 @@ def _assemble(cfg, data, arch, model, norm, fresh):
     mean, std, resize = norm["mean"], norm["std"], norm["resize"]
     augment = TrainTransform(size, resize, mean, std, pca=cfg.pca, eigval=norm.get("pca_eigval"),
                              eigvec=norm.get("pca_eigvec"))  # None: ImageNet's (older checkpoints)
+    shard = (world.rank, world.size)
     train_loader = DataLoader(data.train, augment,
                               cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.workers,
-                              on_bad_image=on_bad)
+                              on_bad_image=on_bad, shard=shard)
     val_loader = (DataLoader(data.val, EvalTransform(size, resize, mean, std), cfg.batch_size,
-                             shuffle=False, num_workers=cfg.workers, on_bad_image=on_bad)
+                             shuffle=False, num_workers=cfg.workers, on_bad_image=on_bad, shard=shard)
                   if data.val else None)
     return Run(cfg=cfg, model=model, optimizer=opt, scheduler=sched,
                loss_fn=CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                train_loader=train_loader, val_loader=val_loader, arch=arch,
-               class_names=data.class_names, normalization=norm, lists=data.lists, fresh=fresh)
+               class_names=data.class_names, normalization=norm, lists=data.lists, fresh=fresh,
+               world=world)
 
 
 def make_optimizer(cfg, model):

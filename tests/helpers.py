@@ -5,6 +5,10 @@ central-difference gradient (every element perturbed); larger ones are checked a
 directions: (f(x + h v) - f(x - h v)) / 2h must equal sum(grad * v), which catches any wrong
 element of the gradient with probability one while costing two evaluations per direction.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 
@@ -132,3 +136,30 @@ def record_im2col_chunks(monkeypatch, module):
 
     monkeypatch.setattr(module, "im2col", im2col)
     return calls
+
+
+# -- the command line in a subprocess -------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The cifar variant on 16 demo images: an epoch is two batches, so checkpoints come often.
+FAST = ["-arch", "cifar", "-batchsize", "8", "-threads", "1", "-workers", "1", "-seed", "5"]
+
+
+def run_cli(args, cwd, timeout=120, env=None):
+    """`python -m minialex ARGS` as a user runs it; a hang fails the test through the timeout."""
+    full_env = dict(os.environ, NUMBA_NUM_THREADS="2",
+                    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def popen_cli(args, cwd, **kw):
+    env = dict(os.environ, NUMBA_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def write_list(path, samples):
+    path.write_text("".join(f"{s.label} {s.path}\n" for s in samples))
+    return path

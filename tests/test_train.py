@@ -76,14 +76,32 @@ def test_infinite_gradient_stops_without_updating_the_weights():
     assert all(np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
 
 
-def test_signal_flag_stops_after_the_current_batch():
-    class Stopped:
-        signum = 2
+def test_signal_flag_stops_at_the_next_batch_boundary():
+    """A signal during batch 1 lets it finish; the epoch stops before batch 2 (done == 1), and a
+    signal already there before the first batch stops it before any step (done == 0)."""
+    class Stop:
+        signum = None
 
-    model = _tiny_model()
-    result, done = train_epoch(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1),
-                               _batches(), 1, TrainConfig(epochs=1, save="w.npz"), Stopped(), None)
-    assert result is None and done == 1
+    class Batches(list):
+        def __init__(self, stop):
+            super().__init__(_batches())
+            self.stop = stop
+
+        def __iter__(self):
+            for i, batch in enumerate(list.__iter__(self)):
+                if i == 1:
+                    self.stop.signum = 2   # arrives while batch 1 trains
+                yield batch
+
+    for stop, expected in ((Stop(), 1), (type("Stopped", (), {"signum": 2})(), 0)):
+        model = _tiny_model()
+        before = _params(model)
+        result, done = train_epoch(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1),
+                                   Batches(stop) if expected else _batches(), 1,
+                                   TrainConfig(epochs=1, save="w.npz"), stop, None)
+        assert result is None and done == expected
+        changed = not all(np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
+        assert changed == bool(expected)
 
 
 def test_first_loss_check_warns_only_when_far_from_ln_classes(capsys):

@@ -8,7 +8,7 @@ indices of the batch last yielded (the training loop keys dropout masks by them 
 
 Data-parallel training: with shard=(rank, N), each global batch of N * batch_size samples is cut
 into N contiguous near-equal pieces and this process gets the rank-th; every process then yields
-the same number of batches (an empty one as x None), so they step together.
+the same number of batches (an empty share as an empty batch), so they step together.
 
 Background work: a thread pool of `num_workers` decodes and transforms whole batches, keeping up
 to `prefetch` batches ready ahead of the training step. Threads are enough because Pillow's
@@ -116,7 +116,9 @@ class DataLoader:
             ys.append(sample.label)
             kept.append(int(index))
         if not xs:
-            return None, np.zeros(0, np.int64), np.zeros(0, np.int64), bad
+            size = getattr(self.transform, "input_size", None)
+            empty = None if size is None else np.zeros((0, 3, size, size), np.float32)
+            return empty, np.zeros(0, np.int64), np.zeros(0, np.int64), bad
         return np.stack(xs), np.asarray(ys, dtype=np.int64), np.asarray(kept, np.int64), bad
 
     def _report(self, bad) -> None:
@@ -136,8 +138,8 @@ class DataLoader:
             for indices in batches:
                 x, y, kept, bad = self._load_batch(indices, epoch)
                 self._report(bad)
-                if x is not None or self.world_size > 1:
-                    delivered += x is not None
+                if len(y) or self.world_size > 1:
+                    delivered += bool(len(y))
                     self.batch_indices = kept
                     yield x, y
         else:
@@ -159,8 +161,8 @@ class DataLoader:
                         pending.append(pool.submit(self._load_batch, indices, epoch))
                         break
                     self._report(bad)
-                    if x is not None or self.world_size > 1:
-                        delivered += x is not None
+                    if len(y) or self.world_size > 1:
+                        delivered += bool(len(y))
                         self.batch_indices = kept
                         yield x, y
             finally:

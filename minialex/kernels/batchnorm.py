@@ -10,6 +10,14 @@ gamma/beta may be None (affine=False). Statistics are accumulated in float64 wit
 reassociated (fastmath "reassoc": vectorised partial sums; forward 2-4x and backward 1.3-2x
 faster than one serial float64 chain at AlexNet's sizes); NaN handling is untouched, so a NaN
 input still gives NaN statistics and gradients.
+
+Synchronised (data-parallel) training: given `allreduce(a)`, which sums a small float64 array in
+place over all processes, the training forward and backward use the statistics of the global
+batch (every process's rows together), as torch.nn.SyncBatchNorm does: the forward reduces
+[per-channel sums, count], then the squared deviations around the global mean (2 calls); the
+backward reduces [sum(dy), sum(dy*xhat), count] (1 call) but adds only this process's sums to
+dgamma/dbeta, which the data-parallel gradient all-reduce sums afterwards. A process with an
+empty batch still takes part in every call, contributing zeros.
 """
 import numpy as np
 from numba import njit, prange
@@ -19,27 +27,56 @@ from numba import njit, prange
 _SUMS = {"reassoc", "nsz", "contract"}
 
 
+@njit(fastmath=_SUMS, cache=True)
+def _channel_sum(x, c):
+    # x: (N, C, HW) ; returns the float64 sum of channel c's N*HW values
+    s = 0.0
+    for n in range(x.shape[0]):
+        r = x[n, c]
+        for p in range(x.shape[2]):
+            s += r[p]
+    return s
+
+
+@njit(fastmath=_SUMS, cache=True)
+def _channel_sq_dev(x, c, mu):
+    # x: (N, C, HW) ; mu: float64 ; returns the float64 sum of (x - mu)^2 over channel c
+    v = 0.0
+    for n in range(x.shape[0]):
+        r = x[n, c]
+        for p in range(x.shape[2]):
+            d = r[p] - mu
+            v += d * d
+    return v
+
+
 @njit(parallel=True, fastmath=_SUMS, cache=True)
 def _stats(x, mean, var, invstd, eps):
-    # x: (N, C, HW) ; mean, var, invstd: (C,) float64
+    # x: (N, C, HW) ; mean, var, invstd: (C,) float64, overwritten. One process's whole batch:
+    # both passes over a channel run back to back, while its planes are still in cache.
     n_img, n_ch, hw = x.shape
     m = n_img * hw
     for c in prange(n_ch):
-        s = 0.0
-        for n in range(n_img):
-            r = x[n, c]
-            for p in range(hw):
-                s += r[p]
-        mu = s / m
-        v = 0.0
-        for n in range(n_img):
-            r = x[n, c]
-            for p in range(hw):
-                d = r[p] - mu
-                v += d * d
+        mu = _channel_sum(x, c) / m
+        v = _channel_sq_dev(x, c, mu)
         mean[c] = mu
         var[c] = v / m
         invstd[c] = 1.0 / np.sqrt(v / m + eps)
+
+
+@njit(parallel=True, fastmath=_SUMS, cache=True)
+def _sums(x, s):
+    # x: (N, C, HW) ; s: (C,) float64, overwritten with each channel's sum (0 when N is 0)
+    for c in prange(x.shape[1]):
+        s[c] = _channel_sum(x, c)
+
+
+@njit(parallel=True, fastmath=_SUMS, cache=True)
+def _sq_devs(x, mean, v):
+    # x: (N, C, HW) ; mean: (C,) float64, given ; v: (C,) float64, overwritten with each
+    # channel's sum of (x - mean)^2 (0 when N is 0)
+    for c in prange(x.shape[1]):
+        v[c] = _channel_sq_dev(x, c, mean[c])
 
 
 @njit(parallel=True, cache=True)
@@ -109,7 +146,8 @@ def _bwd_train(dy, x, k, mdy, q, mu, dx):
 
 
 def _as3(a):
-    return a.reshape(a.shape[0], a.shape[1], -1)
+    # (N, C, H, W) -> (N, C, H*W), also when N (or H*W) is 0
+    return a.reshape(a.shape[0], a.shape[1], a.size // max(a.shape[0] * a.shape[1], 1))
 
 
 def _vec(v, c, fill):
@@ -118,26 +156,58 @@ def _vec(v, c, fill):
     return np.asarray(v, dtype=np.float64).reshape(c)
 
 
-def batchnorm2d_forward_train(x, gamma, beta, eps=1e-5):
+def _too_few(shape, m):
+    return ValueError(f"expected more than 1 value per channel when training, got input {shape}"
+                      + ("" if m is None else f" (the global batch over all processes has {m} per channel)"))
+
+
+def _global_stats(x3, eps, allreduce, shape):
+    """Mean, biased var, invstd (C,) float64 and the count M of the global batch: 2 allreduces."""
+    n_img, c, hw = x3.shape
+    packed = np.empty(c + 1)                  # [sum per channel..., count]
+    _sums(x3, packed[:c])
+    packed[c] = n_img * hw
+    allreduce(packed)
+    m = int(packed[c])
+    if m <= 1:
+        raise _too_few(shape, m)
+    mean = packed[:c] / m
+    sq = np.empty(c)                          # squared deviations around the GLOBAL mean
+    _sq_devs(x3, mean, sq)
+    allreduce(sq)
+    var = sq / m
+    return mean, var, 1.0 / np.sqrt(var + eps), m
+
+
+def batchnorm2d_forward_train(x, gamma, beta, eps=1e-5, allreduce=None, return_count=False):
     """x: (N, C, H, W) ; gamma, beta: (C,) or None.
 
-    Returns (y, mean, var, invstd): y x's shape; mean, var (biased), invstd: (C,) of x's dtype.
+    Returns (y, mean, var, invstd): y x's shape; mean, var (biased), invstd: (C,) of x's dtype;
+    with return_count, also M, the number of values per channel the statistics cover (for the
+    caller's unbiased running variance). With `allreduce` (sums a float64 array in place over
+    all processes; its return value is not used) they are the global batch's statistics; N may
+    then be 0. ValueError when M <= 1.
     """
     xc = np.ascontiguousarray(x)
     c = xc.shape[1]
-    if xc.size // c <= 1:
-        raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
     x3 = _as3(xc)
-    mean = np.empty(c)
-    var = np.empty(c)
-    invstd = np.empty(c)
-    _stats(x3, mean, var, invstd, float(eps))
+    if allreduce is None:
+        m = xc.size // c
+        if m <= 1:
+            raise _too_few(x.shape, None)
+        mean = np.empty(c)
+        var = np.empty(c)
+        invstd = np.empty(c)
+        _stats(x3, mean, var, invstd, float(eps))
+    else:
+        mean, var, invstd, m = _global_stats(x3, float(eps), allreduce, x.shape)
     a = _vec(gamma, c, 1.0) * invstd
     b = _vec(beta, c, 0.0) - mean * a
     y = np.empty_like(xc)
     _affine(x3, a.astype(xc.dtype), b.astype(xc.dtype), _as3(y))
     dt = xc.dtype
-    return y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
+    out = (y, mean.astype(dt), var.astype(dt), invstd.astype(dt))
+    return out + (m,) if return_count else out
 
 
 def batchnorm2d_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
@@ -151,10 +221,12 @@ def batchnorm2d_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5
     return y
 
 
-def batchnorm2d_backward(dy, x, gamma, mean, invstd, dgamma, dbeta):
+def batchnorm2d_backward(dy, x, gamma, mean, invstd, dgamma, dbeta, allreduce=None):
     """Training-mode backward. dy, x: (N, C, H, W) ; gamma, mean, invstd: (C,).
 
     Accumulates dgamma += sum(dy*xhat), dbeta += sum(dy) (either may be None). Returns dx.
+    With `allreduce` (as in the forward), dx uses the global batch's mean(dy) and mean(dy*xhat)
+    (1 call), while dgamma/dbeta get this process's sums only (the gradient all-reduce adds them).
     """
     xc = np.ascontiguousarray(x)
     dyc = np.ascontiguousarray(dy, dtype=xc.dtype)
@@ -164,13 +236,18 @@ def batchnorm2d_backward(dy, x, gamma, mean, invstd, dgamma, dbeta):
     sum_dy = np.empty(c)
     sum_dyxhat = np.empty(c)
     _grad_sums(_as3(dyc), _as3(xc), mean64, inv64, sum_dy, sum_dyxhat)
-    dx = np.empty_like(xc)
     m = xc.size // c
+    all_dy, all_dyxhat = sum_dy, sum_dyxhat
+    if allreduce is not None:
+        packed = np.concatenate([sum_dy, sum_dyxhat, [m]])    # [sum(dy)..., sum(dy*xhat)..., count]
+        allreduce(packed)
+        all_dy, all_dyxhat, m = packed[:c], packed[c:2 * c], int(packed[2 * c])
+    dx = np.empty_like(xc)
     # per channel, in float64, then rounded once: dx = gamma*invstd * (dy - mean(dy) - xhat *
     # mean(dy*xhat)), with xhat * mean(dy*xhat) = (x - mean) * invstd * sum_dyxhat / m
     dt = xc.dtype
-    _bwd_train(_as3(dyc), _as3(xc), (_vec(gamma, c, 1.0) * inv64).astype(dt), (sum_dy / m).astype(dt),
-               (inv64 * sum_dyxhat / m).astype(dt), mean64.astype(dt), _as3(dx))
+    _bwd_train(_as3(dyc), _as3(xc), (_vec(gamma, c, 1.0) * inv64).astype(dt), (all_dy / m).astype(dt),
+               (inv64 * all_dyxhat / m).astype(dt), mean64.astype(dt), _as3(dx))
     if dgamma is not None:
         dgamma += sum_dyxhat.astype(dgamma.dtype)
     if dbeta is not None:

@@ -155,6 +155,12 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
     oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)
     if dy.shape != (n, cout, oh, ow):
         raise ValueError(f"dy shape {dy.shape} != expected {(n, cout, oh, ow)}")
+    if n == 0:   # an empty batch adds nothing; "overwrite" means zero
+        if not accumulate:
+            dw[...] = 0
+            if db is not None:
+                db[...] = 0
+        return np.zeros_like(x) if need_dx else None
     plane = oh * ow
     k_rows = cin * kh * kw
     kg = cin_g * kh * kw

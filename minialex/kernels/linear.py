@@ -195,6 +195,12 @@ def linear_backward(dy, x, w, dw, db, need_dx=True, accumulate=True):
     dy: (N, out) ; x: (N, in) ; w, dw: (out, in) ; db: (out,) or None
     """
     dy = np.asarray(dy, dtype=x.dtype)
+    if x.shape[0] == 0:   # an empty batch adds nothing; "overwrite" means zero
+        if not accumulate:
+            dw[...] = 0
+            if db is not None:
+                db[...] = 0
+        return np.zeros_like(x) if need_dx else None
     if db is not None:
         column_sums(dy, db, accumulate)
     if (x.dtype == np.float32 and x.shape[0] <= SMALL_BATCH and w.shape[0] >= _ROWS

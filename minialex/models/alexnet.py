@@ -140,9 +140,14 @@ class AlexNet(nn.Module):
         """Fills every parameter's .grad. Like a PyTorch input that does not require grad, the
         image's gradient is only computed (and returned) when need_input_grad=True."""
         g = self.classifier.backward(grad_logits)
+        self.classifier.backward_done()
         g = self.flatten.backward(g)
+        self.flatten.backward_done()
         g = self.avgpool.backward(g)
-        return self.features.backward(g, need_input_grad=need_input_grad)
+        self.avgpool.backward_done()
+        g = self.features.backward(g, need_input_grad=need_input_grad)
+        self.features.backward_done()
+        return g
 
     def output_shape(self, input_shape):
         for child in self.children():

@@ -69,6 +69,8 @@ class Sequential(Module):
         (steps,) = self.take()
         for i in range(len(steps) - 1, -1, -1):
             grad_out = steps[i][0].backward(grad_out, need_input_grad=need_input_grad if i == 0 else True)
+            for layer in steps[i]:
+                layer.backward_done()
         return grad_out
 
     def output_shape(self, input_shape):

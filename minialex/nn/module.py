@@ -79,6 +79,7 @@ class Module:
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_saved", None)
+        object.__setattr__(self, "_backward_hooks", [])
 
     def __setattr__(self, name, value):
         if isinstance(value, Parameter):
@@ -122,6 +123,18 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    def register_backward_hook(self, hook):
+        """Call hook(module) each time this module's backward has finished, when the gradients of
+        its own parameters are final for the step (the container running it calls the hooks).
+        Data-parallel training starts each bucket's all-reduce from here. Returns a remover."""
+        self._backward_hooks.append(hook)
+        return lambda: self._backward_hooks.remove(hook)
+
+    def backward_done(self):
+        """Run the backward hooks; called by a container after this child's backward."""
+        for hook in self._backward_hooks:
+            hook(self)
 
     def output_shape(self, input_shape):
         """Shape of forward's output for an input of `input_shape` (no computation)."""

@@ -153,3 +153,50 @@ def test_matches_torch_batch_norm(torch, c, training, seed):
     if g is not None:
         np.testing.assert_allclose(dg, gt.grad.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_allreduce_over_one_process_is_bit_identical_to_none(dtype):
+    # the synchronised path (sums, count, allreduce, squared deviations around the reduced
+    # mean) gives the default path's bits when the allreduce has only this process to sum
+    x, g, b, rm, rv, eps, dy = _make((3, 4, 9, 13, True, 1e-5), dtype, 9)
+    x[0, 1, 2, 3] = np.nan
+    calls = []
+
+    def one_process(a):
+        calls.append(a.size)
+        return a
+
+    plain = batchnorm2d_forward_train(x, g, b, eps, return_count=True)
+    synced = batchnorm2d_forward_train(x, g, b, eps, allreduce=one_process, return_count=True)
+    assert calls == [4 + 1, 4]                      # [sums, count], then the squared deviations
+    assert plain[4] == synced[4] == 3 * 9 * 13
+    for p, s in zip(plain[:4], synced[:4]):
+        assert p.dtype == s.dtype == dtype and p.tobytes() == s.tobytes()
+    assert len(batchnorm2d_forward_train(x, g, b, eps)) == 4
+    grads = []
+    for reduce in (None, one_process):
+        dg, db = np.zeros_like(g), np.zeros_like(b)
+        grads.append((batchnorm2d_backward(dy, x, g, plain[1], plain[3], dg, db, allreduce=reduce), dg, db))
+    assert calls[2:] == [2 * 4 + 1]                 # [sum(dy), sum(dy*xhat), count]
+    for p, s in zip(*grads):
+        assert p.tobytes() == s.tobytes()
+
+
+def test_allreduce_applies_the_one_value_rule_to_the_global_count():
+    for x in (np.ones((1, 3, 1, 1)), np.ones((0, 3, 4, 4))):
+        with pytest.raises(ValueError, match="over all processes"):
+            batchnorm2d_forward_train(x, None, None, 1e-5, allreduce=lambda a: a)
+    # an empty batch joins both reductions with zeros; here another process adds 4 values per
+    # channel (sum 8, squared deviations 12)
+    other = iter([np.array([8.0, 8.0, 4.0]), np.array([12.0, 12.0])])
+
+    def with_other(a):
+        a += next(other)
+        return a
+
+    y, mean, var, invstd, m = batchnorm2d_forward_train(np.ones((0, 2, 5, 5)), None, None, 0.0,
+                                                        allreduce=with_other, return_count=True)
+    assert y.shape == (0, 2, 5, 5) and m == 4
+    np.testing.assert_array_equal(mean, [2.0, 2.0])
+    np.testing.assert_array_equal(var, [3.0, 3.0])

@@ -91,7 +91,7 @@ def test_state_shapes_equal_the_built_models(variant, bn):
 
 
 def test_shapes_of_a_huge_model_without_allocating_it():
-    arch = models.Arch("torchvision", 200_000, batch_norm=True)
+    arch = models.Arch("torchvision", 100_000, batch_norm=True)
     tracemalloc.start()
     try:
         shapes = models.parameter_shapes(arch)
@@ -99,7 +99,7 @@ def test_shapes_of_a_huge_model_without_allocating_it():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1_000_000      # the classifier alone would be 3.3 GB of float32
-    assert shapes["classifier.6.weight"] == (200_000, 4096)
+    assert peak < 1_000_000      # the classifier alone would be 1.6 GB of float32
+    assert shapes["classifier.6.weight"] == (100_000, 4096)
     assert everything["features.1.num_batches_tracked"] == ()
     assert "features.1.running_mean" not in shapes

@@ -82,3 +82,23 @@ def test_relu_and_dropout_keep_a_0d_input_0d(torch, layer):
     y = layer(x)
     assert y.shape == () and y.shape == tuple(torch.relu(torch.tensor(1.5)).shape)
     assert layer.backward(np.array(1.0, np.float32)).shape == ()
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_an_empty_batch_after_zero_grad_leaves_zero_gradients(batch_norm):
+    """zero_grad is lazy (the next backward overwrites): a backward over no samples must still
+    leave zeros, not the previous step's gradients (a data-parallel process whose share of a short
+    last batch is empty adds its gradients to the others')."""
+    minialex.manual_seed(0)
+    model = models.alexnet(num_classes=10, variant="cifar", batch_norm=batch_norm)
+    loss_fn = nn.CrossEntropyLoss()
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    loss_fn(model(x), np.arange(4))
+    model.zero_grad()
+    model.backward(loss_fn.backward())
+    assert any(np.abs(p.grad).max() > 0 for p in model.parameters())
+    model.zero_grad()
+    logits = model(np.zeros((0, 3, 32, 32), np.float32))
+    model.backward(np.zeros_like(logits))
+    for name, p in model.named_parameters():
+        assert not np.any(p.grad), name

@@ -197,11 +197,13 @@ def test_statistics_pass_makes_no_float64_copy_of_whole_images(tmp_path):
     1.5 MB block."""
     for i in range(2):
         Image.new("RGB", (6000, 6000), (10 * i, 100, 200)).save(tmp_path / f"big{i}.png")
-    code = ("import resource\n"
-            "from minialex.data import Sample, compute_stats\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec, so
+    # a child of a pytest that has grown to gigabytes would report the parent's peak.
+    code = ("from minialex.data import Sample, compute_stats\n"
+            "from minialex._memory import memory_use\n"
             "s = compute_stats([Sample(0, 'big0.png', 1), Sample(0, 'big1.png', 2)], num_workers=2)\n"
             "print([round(v * 255, 3) for v in s.mean])\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+            "print(int(memory_use()['peak_rss_mb']))\n")
     r = run_python_limited(code, cwd=tmp_path, megabytes=3000)
     assert r.returncode == 0, r.stderr
     mean, peak_mb = r.stdout.split("\n")[:2]

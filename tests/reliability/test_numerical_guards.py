@@ -129,7 +129,9 @@ def test_fastmath_is_used_exactly_where_the_docs_say():
     """docs/reliability.md lists every fastmath kernel by name; a new one must be listed (and
     checked for NaN propagation) or this fails."""
     found = sorted(_fastmath_functions())
-    assert found == [("batchnorm.py", "_grad_sums"), ("batchnorm.py", "_stats"),
+    assert found == [("batchnorm.py", "_channel_sq_dev"), ("batchnorm.py", "_channel_sum"),
+                     ("batchnorm.py", "_grad_sums"), ("batchnorm.py", "_sq_devs"),
+                     ("batchnorm.py", "_stats"), ("batchnorm.py", "_sums"),
                      ("conv_blocked.py", "_mask_copy_sum"), ("lrn.py", "_lrn_bwd"),
                      ("lrn.py", "_lrn_fwd"), ("lrn.py", "_neg_pow")], found
     doc = open(os.path.join(REPO, "docs", "reliability.md"), encoding="utf-8").read()
