@@ -48,34 +48,6 @@ def allreduce(payload):
     return out if comm.Get_rank() == 0 else None
 
 
-def _hook_reducer_if_needed(reducer, model, probe):
-    """Make sure `reducer.layer_done(module)` runs after every layer's backward.
-
-    The reducer is meant to hook the model's backward itself when attached. `probe()` runs one
-    backward; if that called layer_done not once, wrap the backward of every module owning
-    parameters so that it does (what attach does in the finished API). Returns True when the
-    reducer hooked itself."""
-    calls = []
-    original = reducer.layer_done
-
-    def counting(module):
-        calls.append(module)
-        return original(module)
-    reducer.layer_done = counting
-    probe()
-    reducer.layer_done = original
-    if calls:
-        return True
-    for _, module in model.named_modules():
-        if module._parameters:
-            def backward(grad_out, need_input_grad=True, _m=module, _b=module.backward):
-                g = _b(grad_out, need_input_grad=need_input_grad)
-                reducer.layer_done(_m)
-                return g
-            module.backward = backward
-    return False
-
-
 def train(payload):
     from benchmarks._common import set_threads
     from minialex import _random, models, nn, optim
@@ -88,45 +60,24 @@ def train(payload):
     local_n = global_n // w.size + (1 if w.rank < global_n % w.size else 0)
     _random.manual_seed(0)
     model = models.alexnet(num_classes=classes, variant=variant)
-    fallbacks = []
-    if hasattr(dist, "broadcast_parameters"):
-        dist.broadcast_parameters(model, w)
-    else:
-        fallbacks.append("broadcast_parameters")
-        w.broadcast_([p.data for p in model.parameters()])
-    reducer = dist.GradientReducer(w).attach(model)
+    dist.broadcast_parameters(model, w)              # every rank starts from rank 0's weights
+    reducer = dist.GradientReducer(w).attach(model)  # grads in one flat buffer, backward hooks
     loss_fn = nn.CrossEntropyLoss()
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.default_rng(1000 + w.rank)
     x = rng.standard_normal((local_n, 3, size, size), dtype=np.float32)
     y = (rng.integers(0, 1 << 30, local_n) % classes).astype(np.int64)
 
-    def scaled(grad):
-        if hasattr(reducer, "scale"):
-            return reducer.scale(grad, local_n, global_n)
-        return grad * np.float32(local_n / global_n)
-    if not hasattr(reducer, "scale"):
-        fallbacks.append("scale")
-
     def step():
         logits = model(x)
         loss = loss_fn(logits, y)
         opt.zero_grad()
-        model.backward(scaled(loss_fn.backward()))
+        model.backward(reducer.scale(loss_fn.backward(), local_n, global_n))  # share of the global mean
         reducer.finish()
         opt.step()
         return loss
 
-    def probe():  # the first warm-up step, with backward watched for the reducer's hooks
-        logits = model(x)
-        loss_fn(logits, y)
-        opt.zero_grad()
-        model.backward(scaled(loss_fn.backward()))
-        reducer.finish()
-        opt.step()
-    if not _hook_reducer_if_needed(reducer, model, probe):
-        fallbacks.append("backward hooks")
-    for _ in range(payload["warmup"] - 1):
+    for _ in range(payload["warmup"]):
         step()
     reducer.comm_seconds = reducer.wait_seconds = 0.0
     times = []
@@ -141,7 +92,7 @@ def train(payload):
     return dict(samples=times, processes=w.size, threads=payload["threads"], global_batch=global_n,
                 comm_s=float(np.mean([c for c, _ in counters])) / steps,
                 wait_s=float(np.mean([wt for _, wt in counters])) / steps,
-                buckets=len(reducer.buckets), loss=float(loss), fallbacks=fallbacks)
+                buckets=len(reducer.buckets), loss=float(loss))
 
 
 def main(argv):

@@ -157,15 +157,13 @@ def training(opts, libs):
                 out = launch(payload, procs, threads)
                 rec = results.setdefault((lib, variant, batch, procs, threads),
                                          dict(lib=lib, variant=variant, batch=batch, processes=procs,
-                                              threads=threads, samples=[], round_medians=[], comm=[], wait=[],
-                                              fallbacks=[]))
+                                              threads=threads, samples=[], round_medians=[], comm=[], wait=[]))
                 rec["samples"] += out["samples"]
                 rec["round_medians"].append(float(np.median(out["samples"])))
                 if "comm_s" in out:
                     rec["comm"].append(out["comm_s"])
                     rec["wait"].append(out["wait_s"])
                     rec["buckets"] = out["buckets"]
-                    rec["fallbacks"] = sorted(set(rec["fallbacks"]) | set(out["fallbacks"]))
     for rec in results.values():
         step = float(np.median(rec["samples"]))
         rec.update(step_s=step, images_s=rec["batch"] / step, best_images_s=rec["batch"] / min(rec["samples"]),
@@ -446,10 +444,6 @@ def run(opts, alternator=None):
     bus = four[0]["bus_gbs"] if four else ar_records[-1]["bus_gbs"]
     check_table, errors = model_check(process_timings, results, bus)
 
-    fallbacks = sorted({f for r in results.values() for f in r.get("fallbacks", [])})
-    if fallbacks:
-        notes.append("minialex.distributed lacks " + ", ".join(fallbacks)
-                     + ": the worker did the equivalent itself (benchmarks/_mpi_worker.py)")
     notes.append(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
                  f"{opts.dist_rounds} round(s), {1 if opts.quick else STEPS} timed step(s) after "
                  f"{1 if opts.quick else WARMUP} warm-up per launch; spread = range of the round medians / median")
