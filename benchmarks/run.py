@@ -30,7 +30,9 @@ from minialex.config import positive_int as _positive_int
 # Imported only when used: a worker child loads its own section alone, so the memory section's
 # torch child never carries Numba, nor its minialex child torch.
 SECTIONS = {"peak": "peak", "gemm": "gemm_suite", "scenes": "scenes", "layers": "layers", "step": "step",
-            "inference": "inference", "memory": "memory", "startup": "startup"}
+            "inference": "inference", "memory": "memory", "startup": "startup", "distributed": "distributed"}
+# Not in the default run: it launches mpiexec and torchrun jobs for about ten minutes (opt in by name).
+DEFAULT_SECTIONS = [name for name in SECTIONS if name != "distributed"]
 
 
 def section_module(name):
@@ -49,8 +51,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = _Parser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", nargs="+", default=[",".join(SECTIONS)], metavar="S",
-                   help="comma- or space-separated subset of " + ",".join(SECTIONS) + " (default: all)")
+    p.add_argument("--sections", nargs="+", default=[",".join(DEFAULT_SECTIONS)], metavar="S",
+                   help="comma- or space-separated subset of " + ",".join(SECTIONS)
+                        + " (default: all but distributed, which needs mpiexec)")
     p.add_argument("--batch", type=_positive_int, nargs="+", metavar="N",
                    help="batch sizes for gemm and layers (default 8 64) and step (default 8 32 64)")
     p.add_argument("--repeats", type=_positive_int, metavar="R", help="timed calls per row, median reported (default 5)")

@@ -141,3 +141,67 @@ def test_bad_options_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert run.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+# -- the distributed section (opt-in; needs mpi4py and mpiexec) -----------------------------------------
+
+def test_distributed_section_is_opt_in_and_skips_without_mpi(monkeypatch):
+    from benchmarks import distributed
+    assert "distributed" not in _opts().sections and "peak" in _opts().sections
+    assert _opts("--sections", "distributed").sections == ["distributed"]
+    monkeypatch.setattr(distributed, "unavailable", lambda: "mpi4py is not installed")
+    result = distributed.run(_opts("--sections", "distributed"))
+    assert result == dict(records=[], table="skipped: mpi4py is not installed", notes=[], failed=False)
+
+
+def _timing(fc_ready, backward, conv_bytes=4 << 20, fc_bytes=64 << 20):
+    """A two-layer timeline: an FC layer whose gradient is ready at fc_ready, then a conv."""
+    return dict(variant="toy", batch=8, forward_s=0.1, backward_s=backward, opt_s=0.0, fc_features=1000,
+                layers=[dict(name="classifier.1", kind="Linear", backward_s=fc_ready, grad_bytes=fc_bytes),
+                        dict(name="features.0", kind="Conv2d", backward_s=backward - fc_ready,
+                             grad_bytes=conv_bytes)])
+
+
+def test_cost_model_ring_and_overlap():
+    from benchmarks import distributed as d
+    gbit10 = 10e9 / 8
+    assert d.ring_allreduce_s(1e9, 1, gbit10) == 0.0
+    assert d.ring_allreduce_s(1e9, 4, gbit10, latency=0.0) == pytest.approx(1.5 * 1e9 / gbit10)
+    # FC gradients (64 MB, 0.1 s on the wire at N=2) ready early, 1 s of conv backward left: hidden
+    long = _timing(fc_ready=0.01, backward=1.0)
+    step, exposed = d.predict(long, 2, gbit10 * 1.2, latency=0.0)
+    assert exposed < 0.01 and step == pytest.approx(1.1 + exposed)
+    _, no_overlap = d.predict(long, 2, gbit10 * 1.2, "data parallel without overlap", latency=0.0)
+    assert no_overlap == pytest.approx((68 << 20) / (gbit10 * 1.2))
+    # a short backward cannot hide it; bf16 halves what is exposed
+    short = _timing(fc_ready=0.001, backward=0.002)
+    _, fp32 = d.predict(short, 2, gbit10, latency=0.0)
+    _, half = d.predict(short, 2, gbit10, "bf16 gradients", latency=0.0)
+    assert fp32 > 0.05 and half == pytest.approx(fp32 / 2, rel=0.05)
+    # one weird trick: no FC gradients move, but the activations grow with the global batch, so with N
+    fc_only = _timing(fc_ready=0.001, backward=0.002, conv_bytes=0)
+    _, at4 = d.predict(fc_only, 4, gbit10, "one weird trick", latency=0.0)
+    _, at16 = d.predict(fc_only, 16, gbit10, "one weird trick", latency=0.0)
+    assert at16 > 4 * at4 > 0
+
+
+@pytest.mark.skipif(__import__("benchmarks.distributed", fromlist=["x"]).unavailable() is not None,
+                    reason="needs mpi4py and mpiexec")
+def test_distributed_section_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "dist.json"
+    assert run.main(["--sections", "distributed", "--quick", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for title in ("a. All-reduce", "b. minialex training throughput", "d. Targets", "f. Cost model",
+                  "g. Predicted clusters"):
+        assert title in printed
+    records = json.loads(out.read_text())["sections"]["distributed"]["records"]
+    assert {(r["mb"], r["mode"]) for r in records["allreduce"]} == {
+        (mb, mode) for mb in (1, 4) for mode in ("Allreduce", "Iallreduce+Wait")}
+    assert all(r["bus_gbs"] > 0.01 for r in records["allreduce"])
+    ours = [r for r in records["training"] if r["lib"] == "minialex"]
+    assert {(r["processes"], r["threads"]) for r in ours} == {(1, 1), (1, 2), (2, 1)}
+    assert all(r["images_s"] > 0 for r in records["training"])
+    for r in ours:
+        if r["processes"] == 2:
+            assert r["comm_s"] > 0 and 0 <= r["wait_s"] and r["hidden"] <= 1
+    assert len(records["model_errors"]) == 2 and all(abs(e) < 10 for e in records["model_errors"])
