@@ -61,7 +61,8 @@ def train(payload):
     _random.manual_seed(0)
     model = models.alexnet(num_classes=classes, variant=variant)
     dist.broadcast_parameters(model, w)              # every rank starts from rank 0's weights
-    reducer = dist.GradientReducer(w).attach(model)  # grads in one flat buffer, backward hooks
+    # grads in one flat buffer, backward hooks; bf16 transport when asked
+    reducer = dist.GradientReducer(w, grad_dtype=payload.get("grad_dtype", "fp32")).attach(model)
     loss_fn = nn.CrossEntropyLoss()
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.default_rng(1000 + w.rank)

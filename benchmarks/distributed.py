@@ -37,6 +37,7 @@ TITLE = "Data-parallel training on MPI (2 processes on this machine, against PyT
 SIZES_MB = (1, 4, 16, 64, 256)
 QUICK_SIZES_MB = (1, 4)
 CONFIGS = ((1, 1), (1, 2), (2, 1))                       # (processes, threads per process)
+BF16 = "minialex bf16"   # minialex with gradients sent as bf16 (2-process rows only)
 CASES = (("cifar", 128), ("torchvision", 16), ("torchvision", 64))
 QUICK_CASES = (("cifar", 32), ("torchvision", 4))
 VARIANTS = {"cifar": dict(classes=10, size=32), "torchvision": dict(classes=1000, size=224)}
@@ -152,8 +153,12 @@ def training(opts, libs):
         for i, (variant, batch, procs, threads) in enumerate(order):
             first = libs if (r + i) % 2 == 0 else list(reversed(libs))
             for lib in first:
+                if lib == BF16 and procs == 1:   # gradient transport exists only between processes
+                    continue
                 payload = _train_payload(variant, batch, threads, opts)
-                launch = launch_minialex if lib == "minialex" else launch_ddp
+                if lib == BF16:
+                    payload["grad_dtype"] = "bf16"
+                launch = launch_ddp if lib == "torch" else launch_minialex
                 out = launch(payload, procs, threads)
                 rec = results.setdefault((lib, variant, batch, procs, threads),
                                          dict(lib=lib, variant=variant, batch=batch, processes=procs,
@@ -181,7 +186,7 @@ def throughput_table(results, lib):
             continue
         row = [rec["variant"], rec["batch"], f"{rec['processes']} x {rec['threads']}", f"{rec['step_s'] * 1e3:.0f}",
                fmt_num(rec["images_s"]), fmt_num(rec["best_images_s"]), f"{rec['spread'] * 100:.0f}%"]
-        if lib == "minialex":
+        if lib != "torch":
             distributed = rec["processes"] > 1
             row += [f"{rec['comm_s'] * 1e3:.1f}" if distributed else "–",
                     f"{rec['wait_s'] * 1e3:.1f}" if distributed else "–",
@@ -189,7 +194,7 @@ def throughput_table(results, lib):
         rows.append(row)
     header = ["variant", "global batch", "processes x threads", "ms/step (median)", "images/s", "best step: images/s",
               "spread"]
-    if lib == "minialex":
+    if lib != "torch":
         header += ["comm ms/step", "wait ms/step", "hidden"]
     return markdown_table(header, rows)
 
@@ -214,6 +219,11 @@ def ratio_rows(results):
         ours, ddp = rec("minialex", v, b, 2, 1), rec("torch", v, b, 2, 1)
         if ours and ddp:
             rows.append([f"torchvision {b}: minialex 2 x 1 / DDP 2 x 1", f"{ours['images_s'] / ddp['images_s']:.2f}x", ""])
+    for v, b in CASES + QUICK_CASES:
+        ours, half = rec("minialex", v, b, 2, 1), rec(BF16, v, b, 2, 1)
+        if ours and half:
+            rows.append([f"{v} {b}: 2 x 1 with bf16 gradients / float32 gradients",
+                         f"{half['images_s'] / ours['images_s']:.2f}x", ""])
     return rows
 
 
@@ -431,7 +441,7 @@ def run(opts, alternator=None):
     load_before = os.getloadavg()
     notes = []
     ar_records, ar_table = allreduce_bandwidth(opts)
-    libs = ["minialex", "torch"] if opts.have_torch else ["minialex"]
+    libs = ["minialex", BF16, "torch"] if opts.have_torch else ["minialex", BF16]
     if not opts.have_torch:
         notes.append("torch is not importable: no DDP rows")
     results = training(opts, libs)
@@ -450,6 +460,8 @@ def run(opts, alternator=None):
     tables = [("a. All-reduce of float32 buffers, 2 processes, in place, SUM", ar_table),
               ("b. minialex training throughput (comm = summed start-to-end time of the bucket all-reduces, "
                "wait = time in finish(), hidden = 1 - wait/comm)", throughput_table(results, "minialex"))]
+    tables.append(("b2. minialex with -grad_dtype bf16 (gradients sent as bfloat16, error feedback)",
+                   throughput_table(results, BF16)))
     if "torch" in libs:
         tables.append(("c. PyTorch DDP (gloo, torchrun, 127.0.0.1) throughput", throughput_table(results, "torch")))
     tables.append(("d. Targets", markdown_table(["ratio", "measured", "target"], ratio_rows(results))))
