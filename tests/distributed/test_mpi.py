@@ -218,3 +218,28 @@ def test_bf16_gradient_transport_stays_close_to_float32(samples, tmp_path):
     assert_close(a, b, rtol=5e-3)
     with pytest.raises(AssertionError):
         assert_close(a, b, rtol=1e-5)
+
+
+def test_eval_and_validation_are_sharded_and_summed(samples, tmp_path):
+    """`mpiexec -n 2 minialex eval` prints once what one process prints; validation during a
+    2-process run reports what one process's run reports."""
+    data = write_list(tmp_path / "l.list", samples[:16])
+    val = write_list(tmp_path / "v.list", samples[16:27])   # 11 images: shares of 6 and 5
+    one = mpi(0, ["train", "-list", data, "-val", val, "-epochs", 1, "-batchsize", 8, "-threads", 1,
+                  "-save", "one.npz", "-log", "one.jsonl", *COMMON], tmp_path)
+    two = mpi(2, ["train", "-list", data, "-val", val, "-epochs", 1, "-batchsize", 4, "-save", "two.npz",
+                  "-log", "two.jsonl", *COMMON], tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    import json
+    a = json.loads((tmp_path / "one.jsonl").read_text())
+    b = json.loads((tmp_path / "two.jsonl").read_text())
+    assert a["val_top1"] == b["val_top1"] and a["val_top5"] == b["val_top5"]
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    e1 = mpi(0, ["eval", "-list", val, "-load", "one.npz", "-batchsize", 4, "-workers", 0, "-threads", 1], tmp_path)
+    e2 = mpi(2, ["eval", "-list", val, "-load", "one.npz", "-batchsize", 2, "-workers", 0], tmp_path)
+    assert e1.returncode == 0 and e2.returncode == 0, e2.stderr
+    first = e1.stdout.splitlines()[0]
+    assert "11 images" in first
+    assert e2.stdout.count("11 images") == 1                    # rank 0 alone prints
+    assert e2.stdout.splitlines()[0].split("loss")[0] == first.split("loss")[0]   # counts and accuracies
+    assert e2.stdout.splitlines()[1:] == e1.stdout.splitlines()[1:]               # the confusion matrix
