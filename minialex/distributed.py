@@ -110,10 +110,6 @@ class World:
         """[value of rank 0, value of rank 1, ...] (small Python objects)."""
         return [value] if self.comm is None else self.comm.allgather(value)
 
-    def bcast(self, value):
-        """Rank 0's `value` on every process (a small Python object)."""
-        return value if self.comm is None else self.comm.bcast(value, root=0)
-
     def abort(self, code):
         """End every process of the job now (MPI_Abort); on one process, exit."""
         if self.comm is not None:

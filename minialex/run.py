@@ -66,7 +66,7 @@ def prepare_run(cfg: TrainConfig, world=None) -> Run:
 
     In a data-parallel run every process prepares its own run through this same code; an error
     on any of them stops them all before the first collective, and then they agree on the start:
-    the same lists, rank 0's weights and normalisation.
+    the same list bytes (so the same normalisation, measured alike) and rank 0's weights.
     """
     from . import distributed
     world = world or distributed.world()
@@ -115,7 +115,6 @@ def _join(run, world):
     for path, what in ((run.lists[0], "the training list"), (run.lists[1], "the validation list")):
         if path is not None:
             world.same_everywhere(distributed.file_digest(path), f"{what} {path} (bytes, SHA-256)")
-    run.normalization = world.bcast(run.normalization)
     distributed.broadcast_parameters(run.model, world)
     if run.cfg.sync_bn:
         from .nn.normalization import convert_sync_batchnorm
