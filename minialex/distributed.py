@@ -71,8 +71,13 @@ class World:
         return self.size > 1
 
     def default_threads(self):
-        """This node's cores shared out among the processes on it (at least one each)."""
-        return max(1, (os.cpu_count() or 1) // self.local_size)
+        """This node's cores shared out among the processes on it (at least one each). The cores
+        are those this process may run on (a batch system may give a job fewer than the node has)."""
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, cores // self.local_size)
 
     # -- collectives (all no-ops on one process) ------------------------------------------------
     def allreduce_(self, array, op="sum"):
