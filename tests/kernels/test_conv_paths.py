@@ -239,3 +239,20 @@ def test_the_table_has_a_catch_all_last_rule_per_phase():
         assert {r.path for r in rules} == set(plan.PATHS)
         assert rules[-1].needs == () and rules[-1].prefer == ()
     assert all(name in plan.REQUIREMENTS for r in plan.RULES for name in r.needs + r.prefer)
+
+
+def test_summary_shows_the_path_of_each_convolution(tmp_path):
+    from helpers import run_cli
+    from minialex import models
+    rows = models.summary(models.alexnet(variant="paper"), (1, 3, 227, 227), print_table=False, threads=2)
+    convs = [r for r in rows if r["layer"] == "Conv2d"]
+    # batch 1 on 2 threads: the grouped layers' backward has fewer images than threads
+    assert [r["paths"] for r in convs] == [("direct_split", "direct_split"), ("blocked", "batched"),
+                                           ("direct", "direct"), ("blocked", "batched"), ("blocked", "batched")]
+    assert all(r["paths"] is None for r in rows if r["layer"] != "Conv2d")
+    r = run_cli(["summary", "-batch", "8", "-threads", "2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "Conv2d" in line]
+    assert [line.split()[-3:] for line in lines] == [["direct_split", "/", "direct_split"],
+                                                      ["direct_split", "/", "direct"]] + [["direct", "/", "direct"]] * 3
+    assert "(8, 64, 55, 55)" in lines[0]

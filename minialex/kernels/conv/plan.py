@@ -16,6 +16,8 @@ import contextvars
 import os
 from typing import NamedTuple
 
+import numpy as np
+
 PATHS = ("direct", "direct_split", "blocked", "batched")
 PHASES = ("forward", "backward")
 ENV = "MINIALEX_CONV_PATH"
@@ -137,7 +139,7 @@ def route(call):
 
 def describe(phase, g, dtype, threads, need_dx=True, grads_float32=True):
     """The Call of a convolution with layout.Geometry g."""
-    return Call(phase, str(dtype), g.n, g.cin, g.cout, g.groups, (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw),
+    return Call(phase, np.dtype(dtype).name, g.n, g.cin, g.cout, g.groups, (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw),
                 g.oh * g.ow, int(threads), bool(need_dx), bool(grads_float32))
 
 
