@@ -256,3 +256,10 @@ def test_summary_shows_the_path_of_each_convolution(tmp_path):
     assert [line.split()[-3:] for line in lines] == [["direct_split", "/", "direct_split"],
                                                       ["direct_split", "/", "direct"]] + [["direct", "/", "direct"]] * 3
     assert "(8, 64, 55, 55)" in lines[0]
+
+
+def test_architecture_doc_shows_the_routing_table_as_it_is():
+    import os
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "architecture.md"), encoding="utf-8").read()
+    for line in plan.table():
+        assert "    " + line in doc, line

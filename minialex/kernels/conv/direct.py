@@ -80,8 +80,7 @@ def _micro_8x32_table(xp, b0, b1, b2, b3, b4, b5, b6, b7, table, k0, k1, vp, v_o
     # out[r, 32 lanes] (+)= sum over k in k0..k1 of xp[b_r + table[k]] * vp[v_off + (k - k0)*32 + lane]
     # (out rows at o_off + r*ldo). The one micro-kernel of this file: the channels-last and
     # the phase-split forwards (b_r: 8 pixels, table: weight columns, vp: packed weights) and
-    # the weight gradient (b_r: 8 weight rows, table: pixels, vp: packed dy). One table load
-    # per step costs nothing measurable against walking runs of Cin (0.99-1.03x, conv2-conv5).
+    # the weight gradient (b_r: 8 weight rows, table: pixels, vp: packed dy).
     c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
     c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
     c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
@@ -199,7 +198,7 @@ def _to_padded_nhwc(x, yr, relu, top, left, xp):
     # x: (N, C, H, W) -> xp: (N, H + 2*top, W + 2*left, C), zero outside ; relu: keep x only
     # where yr (the forward's rectified output, x's shape) is > 0 (a ReLU's backward)
     # One task per padded row; pixel by pixel, the channels are gathered from x's planes and
-    # written contiguously (writing channel by channel instead, strided, was 5-7x slower).
+    # written contiguously (strided channel-by-channel writes are much slower).
     n, c, h, w = x.shape
     hp, wp = xp.shape[1], xp.shape[2]
     for task in prange(n * hp):
@@ -255,7 +254,7 @@ def _weight_grad_kernel(xq, dyk, xo, poff, dwt, nthreads, counter):
     # DW_PIXEL_BLOCK, whose packed dy stays in cache while every weight row reuses it. The
     # micro-kernel is the forward's with the pixels as the reduction: 8 weight rows broadcast
     # from x (row r at xq[xo[p] + poff[r]]), the panel's dy loaded as the vectors; one flat
-    # loop over a block's pixels through xo (a loop per output row cost 10-20% on 13-pixel rows).
+    # loop over a block's pixels through xo (short output rows make a loop per row costly).
     npan, npix = dyk.shape[0], dyk.shape[1]
     cout = npan * PANEL
     dkf = dyk.reshape(-1)
