@@ -107,10 +107,13 @@ def _run_eval(a):
 
 def _summary_parser(sub):
     p = sub.add_parser("summary", help="layer table of a model",
-                       description="Print each layer's output shape, parameters and multiply-adds.")
+                       description="Print each layer's output shape, parameters and multiply-adds, and the "
+                                   "path each convolution takes forward and backward (from the routing table).")
     add_option(p, "arch", choices=ARCHS, default="torchvision", help="default torchvision")
     add_option(p, "bn", action="store_true", help="with batch normalisation")
     add_option(p, "classes", type=positive_int, default=1000, metavar="N", help="number of classes (default 1000)")
+    add_option(p, "batch", type=positive_int, default=1, metavar="N", help="batch size the paths are chosen for (default 1)")
+    add_option(p, "threads", type=positive_int, metavar="T", help="compute threads (default: all)")
     p.set_defaults(run=_run_summary)
 
 
@@ -118,7 +121,7 @@ def _run_summary(a):
     from . import models
     model = models.alexnet(num_classes=a.classes, variant=a.arch, batch_norm=a.bn)
     size = models.INPUT_SIZE[a.arch]
-    models.summary(model, (1, 3, size, size))
+    models.summary(model, (a.batch, 3, size, size), threads=a.threads)
     return 0
 
 

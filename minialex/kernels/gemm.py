@@ -217,7 +217,7 @@ def packed_a_size(m, k, mcb):
 
 @njit(cache=True)
 def pack_a_blocks(a, lda, ta, m0, m1, k, mcb, dst):
-    # op(A)[m0:m1, :k] packed once, block by block, for _gemm32_slab(..., dst, mcb) ; mcb: MC, or
+    # op(A)[m0:m1, :k] packed once, block by block, for gemm32_slab(..., dst, mcb) ; mcb: MC, or
     # SMALL_M for a slab that reads B in place ; dst: 64-byte aligned, packed_a_size(m1 - m0, k,
     # mcb) elements; block (ic, pc) of mcb x KC at ((ic // mcb) * nkb + pc // KC) * mcb * KC,
     # laid out as _pack_a32 writes it.
@@ -233,7 +233,7 @@ def pack_a_blocks(a, lda, ta, m0, m1, k, mcb, dst):
 
 
 @njit(cache=True)
-def _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, inplace,
+def gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, inplace,
                  apk, pk_mcb):
     # a, b: flat float32 operands (see _pack_a32/_pack_b32); c: flat C, row stride ldc
     # computes C[m0:m1, n0:n1] (+)= op(A)[m0:m1, :] @ op(B)[:, n0:n1]
@@ -302,11 +302,11 @@ def _gemm32_par(a, lda, ta, b, ldb, tb, c, ldc, m, n, k, accumulate, inplace, ns
         if split_n:
             hi = min(n, lo + step)
             if lo < hi:
-                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, 0, m, lo, hi, k, accumulate, inplace, np.empty(0, np.float32), 0)
+                gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, 0, m, lo, hi, k, accumulate, inplace, np.empty(0, np.float32), 0)
         else:
             hi = min(m, lo + step)
             if lo < hi:
-                _gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, lo, hi, 0, n, k, accumulate, inplace, np.empty(0, np.float32), 0)
+                gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, lo, hi, 0, n, k, accumulate, inplace, np.empty(0, np.float32), 0)
 
 
 @njit(cache=True)
@@ -500,7 +500,7 @@ def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
         if nslab > 1:
             _gemm32_par(af, lda, ta, bf, ldb, tb, cf, n, m, n, k, accumulate, inplace, nslab, split_n)
             return out
-    _gemm32_slab(af, lda, ta, bf, ldb, tb, cf, n, 0, m, 0, n, k, accumulate, inplace, _NO_PACKED_A, 0)
+    gemm32_slab(af, lda, ta, bf, ldb, tb, cf, n, 0, m, 0, n, k, accumulate, inplace, _NO_PACKED_A, 0)
     return out
 
 

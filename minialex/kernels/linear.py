@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.gemm import gemm
+from minialex.kernels.parallel import column_sums
 from minialex.kernels.simd import (LANES, prefetch, store_fence, vadd, vbroadcast, vfma, vload, vmul,
                                    vstore, vstore_nt)
 
@@ -29,28 +30,6 @@ def _fill_rows(y, b):
         row = y[i]
         for j in range(m):
             row[j] = b[j]
-
-
-@njit(parallel=True, cache=True)
-def column_sums(dy, db, accumulate):
-    # dy: (N, out) ; db: (out,) accumulated (or overwritten) ; each task owns one column block of db
-    # and sums its rows in order, so the result does not depend on the thread count
-    # (the bias gradient of Linear and of the direct convolution)
-    n, m = dy.shape
-    nblk = (m + 63) // 64
-    for blk in prange(nblk):
-        j0 = blk * 64
-        j1 = min(m, j0 + 64)
-        acc = np.zeros(j1 - j0, dtype=np.float64)
-        for i in range(n):
-            row = dy[i, j0:j1]
-            for j in range(j1 - j0):
-                acc[j] += row[j]
-        for j in range(j1 - j0):
-            if accumulate:
-                db[j0 + j] += acc[j]
-            else:
-                db[j0 + j] = acc[j]
 
 
 @njit(cache=True)

@@ -1,4 +1,4 @@
-"""Conv2d on our convolution kernels (kernels/conv.py picks the path for each call)."""
+"""Conv2d on our convolution kernels (kernels/conv/plan.py picks the path for each call)."""
 
 from ..kernels.conv import conv2d_backward, conv2d_forward
 from ..shapes import conv_output_size, pair

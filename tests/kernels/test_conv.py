@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-import minialex.kernels.conv as conv_mod
+import minialex.kernels.conv.batched as batched
 from helpers import assert_close, check_grads, record_im2col_chunks, to_torch
 from minialex.kernels.conv import (conv2d_backward, conv2d_backward_ref, conv2d_forward,
                                    conv2d_forward_ref)
@@ -101,7 +101,7 @@ def test_backward_accumulates_parameter_grads_and_can_skip_dx():
 
 
 def test_batch_chunking_gives_the_same_result(monkeypatch):
-    # the batched path (float64; float32 takes the blocked path in conv_blocked.py)
+    # the batched path (float64; float32 takes the blocked path)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((5, 3, 7, 7))
     w = rng.standard_normal((4, 3, 3, 3))
@@ -111,8 +111,8 @@ def test_batch_chunking_gives_the_same_result(monkeypatch):
     dw_full, db_full = np.zeros_like(w), np.zeros_like(b)
     dx_full = conv2d_backward(dy, x, w, dw_full, db_full, 2, 1, 1)
     # room for two images' columns per chunk, so the batch of 5 really is split
-    monkeypatch.setattr(conv_mod, "_COLS_BYTES", 27 * 16 * 8 * 2)
-    calls = record_im2col_chunks(monkeypatch, conv_mod)
+    monkeypatch.setattr(batched, "_COLS_BYTES", 27 * 16 * 8 * 2)
+    calls = record_im2col_chunks(monkeypatch, batched)
     np.testing.assert_allclose(conv2d_forward(x, w, b, 2, 1, 1), y_full, rtol=1e-6, atol=1e-6)
     assert [count for _, count, _ in calls] == [2, 2, 1]
     dw, db = np.zeros_like(w), np.zeros_like(b)
@@ -216,7 +216,7 @@ def test_blocked_float32_path_covers_row_blocks_image_groups_and_thread_splits(
     # block_cols 1024: whole images grouped per block; 40 and 7: images cut into row blocks
     # (of one row at 7); n=1 deals one image's rows out to the threads (backward then takes
     # the batched path), n=3 gives the threads unequal image counts
-    import minialex.kernels.conv_blocked as blocked
+    import minialex.kernels.conv.blocked as blocked
     threads(nthreads)
     monkeypatch.setattr(blocked, "BLOCK_COLS", block_cols)
     rng = np.random.default_rng(block_cols + nthreads)

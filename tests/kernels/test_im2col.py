@@ -3,7 +3,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from helpers import assert_close, check_grads
-from minialex.kernels.im2col import col2im, col2im_ref, im2col, im2col_ref
+from minialex.kernels.conv.im2col import col2im, col2im_ref, im2col, im2col_ref
 from minialex.shapes import conv_output_size
 
 geom = st.tuples(
@@ -71,7 +71,8 @@ def test_conv_output_size_follows_pytorch():
 def test_row_block_im2col_and_col2im_match_reference(g, seed, data):
     # one image's output rows oh0..oh1 placed at column offset off of a block whose leading
     # dimension leaves room for the 16-lane overrun im2col_rows documents
-    from minialex.kernels.im2col import col2im_rows, im2col_rows, padded_to_image
+    from minialex.kernels.conv.im2col import col2im_rows, im2col_rows
+    from minialex.kernels.conv.layout import padded_to_image
     _, c, h, w, kh, kw, s, p = g
     assume(_ok(h, w, kh, kw, p))
     oh_n, ow_n = conv_output_size(h, w, kh, kw, s, p)

@@ -77,9 +77,9 @@ def test_im2col_buffer_stays_under_its_cap(monkeypatch, n, cap_images):
     y_ref = conv.conv2d_forward_ref(x, w, None, 1, 1, 1)
     one_image = 3 * 3 * 3 * 9 * 9 * x.itemsize  # one image's columns in bytes
     cap = int(cap_images * one_image)
-    monkeypatch.setattr(conv, "_COLS_BYTES", cap)
+    monkeypatch.setattr(conv.batched, "_COLS_BYTES", cap)
     for run in ("forward", "backward"):
-        calls = record_im2col_chunks(monkeypatch, conv)
+        calls = record_im2col_chunks(monkeypatch, conv.batched)
         if run == "forward":
             y = conv.conv2d_forward(x, w, None, 1, 1, 1)
             np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)

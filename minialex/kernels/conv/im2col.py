@@ -1,23 +1,19 @@
-"""im2col / col2im: unfold image patches into GEMM columns and scatter them back.
+"""im2col / col2im: unfold image patches into GEMM columns and scatter them back (the
+blocked and batched convolution paths).
 
-Layout (shared with conv.py):
+Layout:
     cols[c*kh*kw + i*kw + j, n*OH*OW + oh*OW + ow] = x[n, c, oh*sh - ph + i, ow*sw - pw + j]
 with zeros where the tap falls into the padding. Rows are ordered channel-major, so the rows of
 one convolution group are a contiguous row block.
 
-Speed notes. Numba guards every signed index with a wrap-around select (``i < 0 ? i + n : i``)
-unless LLVM can prove the index non-negative, and that select stops the inner loop from
-vectorising. The inner loops therefore run over 0-based ``range`` counters into 1-D views whose
-start offset has already been applied. Each (n, c) plane is first copied into a zero-padded
-buffer whose columns are split by phase modulo the stride, so every (tap, output row) pair is
-one contiguous run with no padding tests, for stride 1 and stride 4 alike (measured on conv1 at
-batch 8: 4.3 ms single-threaded against 5.1 ms for per-row valid-range clipping).
+Inputs are read through a phase-split padded copy (conv/layout.py), so every (tap, output row)
+pair is one contiguous run with no padding tests, whatever the stride. Inner loops run over
+0-based counters into 1-D views whose offset is already applied: Numba's wrap-around select on
+signed indices would otherwise stop them vectorising.
 
-im2col_rows / col2im_rows are the serial float32 block versions the blocked convolution calls
-from inside its own parallel loop. They index flat buffers (no per-row numpy views: their
-reference counting cost more than the copies on small planes), fill the phase-split rows with
-no division by the stride, and move whole 16-lane vectors (1.7 ms for conv1's columns at
-batch 8, 0.4 ms for conv3's, one thread).
+im2col_rows / col2im_rows are the serial float32 block versions the blocked path calls from
+inside its own parallel loop: flat indices (per-row views cost more in reference counting than
+the copies on small planes) and whole 16-lane vectors.
 """
 import numpy as np
 from llvmlite import ir
@@ -26,6 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from minialex.kernels.simd import LANES, f32x16, vadd, vload, vstore, vzero
+from minialex.kernels.conv.layout import padded_to_image, split_copy, split_width
 from minialex.shapes import conv_output_size
 
 _lane_ty = ir.VectorType(ir.IntType(32), LANES)
@@ -58,69 +55,52 @@ def _vload_head(typingctx, arr, idx, n):
     return sig, codegen
 
 
-@njit(parallel=True, cache=True)
-def _im2col_kernel(x, cols, kh, kw, sh, sw, ph, pw, oh_n, ow_n):
-    # x: (N, C, H, W) ; cols: (C*kh*kw, N*OH*OW)
-    n_img, n_ch, h, w = x.shape
+@njit(cache=True)
+def _plane_taps(cols, buf, c, n, kh, kw, sh, sw, oh_n, ow_n, gather):
+    # the runs of one (c, n) plane: cols[(c*kh + i)*kw + j, n*plane + oh*OW + t] and the
+    # phase-split padded plane buf[oh*sh + i, j % sw, j // sw + t] ; gather: cols = buf (im2col),
+    # else buf += cols (col2im, taps added in (i, j) order)
     plane = oh_n * ow_n
-    hp = h + 2 * ph
-    # padded plane, columns split by phase (q % sw): tap j of output ow reads
-    # buf[oh*sh + i, j % sw, j // sw + ow], a contiguous run for every stride and no edge tests
-    wq = (w + 2 * pw + sw - 1) // sw + kw
+    for i in range(kh):
+        for j in range(kw):
+            r = j % sw
+            q0 = j // sw
+            row = cols[(c * kh + i) * kw + j, n * plane:(n + 1) * plane]
+            for oh in range(oh_n):
+                run = row[oh * ow_n:(oh + 1) * ow_n]
+                b = buf[oh * sh + i, r, q0:q0 + ow_n]
+                if gather:
+                    for t in range(ow_n):
+                        run[t] = b[t]
+                else:
+                    for t in range(ow_n):
+                        b[t] += run[t]
+
+
+@njit(parallel=True, cache=True)
+def _im2col_kernel(xq, cols, kh, kw, sh, sw, oh_n, ow_n):
+    # xq: (N, C, Hp, sw, Wq) phase-split padded x (layout.pad_split) ; cols: (C*kh*kw, N*OH*OW)
     # one (c, n) pair owns rows c*kh*kw.. and columns n*plane..: writes never overlap
+    n_img, n_ch = xq.shape[0], xq.shape[1]
     for task in prange(n_ch * n_img):
         c = task // n_img
         n = task - c * n_img
-        xp = x[n, c]
-        buf = np.zeros((hp, sw, wq), dtype=x.dtype)
-        for ih in range(h):
-            src = xp[ih]
-            dst = buf[ih + ph]
-            for iw in range(w):
-                q = iw + pw
-                dst[q % sw, q // sw] = src[iw]
-        for i in range(kh):
-            for j in range(kw):
-                r = j % sw
-                q0 = j // sw
-                row = cols[(c * kh + i) * kw + j, n * plane:(n + 1) * plane]
-                for oh in range(oh_n):
-                    d = row[oh * ow_n:(oh + 1) * ow_n]
-                    s = buf[oh * sh + i, r, q0:q0 + ow_n]
-                    for t in range(ow_n):
-                        d[t] = s[t]
+        _plane_taps(cols, xq[n, c], c, n, kh, kw, sh, sw, oh_n, ow_n, True)
 
 
 @njit(parallel=True, cache=True)
 def _col2im_kernel(cols, dx, kh, kw, sh, sw, ph, pw, oh_n, ow_n):
     # cols: (C*kh*kw, N*OH*OW) ; dx: (N, C, H, W), overwritten
-    n_img, n_ch, h, w = dx.shape
-    plane = oh_n * ow_n
-    hp = h + 2 * ph
-    wq = (w + 2 * pw + sw - 1) // sw + kw
     # scatter-add partitioned by (n, c) planes: each task owns one dx plane and accumulates
     # into a private padded, phase-split buffer (the transpose of the im2col gather)
+    n_img, n_ch, h, w = dx.shape
+    wq = split_width(w, pw, sw, kw)
     for task in prange(n_ch * n_img):
         c = task // n_img
         n = task - c * n_img
-        buf = np.zeros((hp, sw, wq), dtype=dx.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                r = j % sw
-                q0 = j // sw
-                row = cols[(c * kh + i) * kw + j, n * plane:(n + 1) * plane]
-                for oh in range(oh_n):
-                    s = row[oh * ow_n:(oh + 1) * ow_n]
-                    d = buf[oh * sh + i, r, q0:q0 + ow_n]
-                    for t in range(ow_n):
-                        d[t] += s[t]
-        dp = dx[n, c]
-        for ih in range(h):
-            src = buf[ih + ph]
-            dst = dp[ih]
-            for iw in range(w):
-                q = iw + pw
-                dst[iw] = src[q % sw, q // sw]
+        buf = np.zeros((h + 2 * ph, sw, wq), dtype=dx.dtype)
+        _plane_taps(cols, buf, c, n, kh, kw, sh, sw, oh_n, ow_n, False)
+        padded_to_image(buf.reshape(-1), dx[n, c:c + 1], ph, pw, sw, wq)
 
 
 @njit(cache=True)
@@ -172,7 +152,7 @@ def im2col_rows(xn, buf, cols, ld, off, oh0, oh1, kh, kw, sh, sw, ph, pw, ow_n):
     cols needs 16 elements of slack at its end.
     """
     cin, h, w = xn.shape
-    wq = (w + 2 * pw + sw - 1) // sw + kw
+    wq = split_width(w, pw, sw, kw)
     nrows = (oh1 - oh0 - 1) * sh + kh
     run = sw * wq
     nvec = (ow_n + LANES - 1) // LANES
@@ -199,8 +179,8 @@ def col2im_rows(cols, ld, off, acc, oh0, oh1, n_ch, kh, kw, sh, sw, hp, wq, ow_n
     elements of slack at its end.
     Each padded row sums its kh taps in registers and is read and written once per 16 lanes
     (lanes past the run add zero, so they rewrite acc unchanged). Adding tap by tap instead
-    re-read a vector that the previous tap had just stored one element to the left, a
-    store-to-load forwarding stall per run: 4.3 ms for conv4's col2im at batch 8.
+    re-reads a vector the previous tap has just stored one element to the left, a
+    store-to-load forwarding stall per run.
     """
     run = sw * wq
     r_lo = oh0 * sh
@@ -223,26 +203,6 @@ def col2im_rows(cols, ld, off, acc, oh0, oh1, n_ch, kh, kw, sh, sw, hp, wq, ow_n
                     vstore(acc, d + v, vadd(vload(acc, d + v), tot))
 
 
-@njit(cache=True)
-def padded_to_image(acc, dxn, ph, pw, sw, wq):
-    """dxn (C, H, W) = the interior of acc, a flat (C, Hp, sw, wq) padded, phase-split image."""
-    n_ch, h, w = dxn.shape
-    hp = h + 2 * ph
-    run = sw * wq
-    df = dxn.reshape(-1)
-    for c in range(n_ch):
-        for ih in range(h):
-            s_row = (c * hp + ih + ph) * run
-            d_row = (c * h + ih) * w
-            for r in range(sw):
-                m_lo = (pw - r + sw - 1) // sw if pw > r else 0
-                m_hi = min(wq, (w - 1 + pw - r) // sw + 1)
-                s = s_row + r * wq + m_lo
-                d = d_row + m_lo * sw + r - pw
-                for m in range(m_hi - m_lo):
-                    df[d + m * sw] = acc[s + m]
-
-
 def im2col(x, kh, kw, stride, padding, out=None):
     """Unfold patches of x into columns.
 
@@ -257,8 +217,8 @@ def im2col(x, kh, kw, stride, padding, out=None):
         out = np.empty(shape, dtype=x.dtype)
     elif out.shape != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous {shape} {x.dtype}, got {out.shape} {out.dtype}")
-    _im2col_kernel(np.ascontiguousarray(x), out, kh, kw, stride[0], stride[1],
-                   padding[0], padding[1], oh, ow)
+    xq = split_copy(np.ascontiguousarray(x), padding[0], padding[1], stride[1], kw)
+    _im2col_kernel(xq, out, kh, kw, stride[0], stride[1], oh, ow)
     return out
 
 

@@ -1,9 +1,7 @@
-"""float32 conv2d fused per cache block: im2col block -> GEMM -> bias/ReLU, one parallel region.
+"""Path `blocked`: float32 conv2d fused per cache block (im2col block -> GEMM -> bias/ReLU) in
+one parallel region; any groups, stride and channel counts.
 
-The batched path in conv.py writes a column matrix for a whole batch chunk (35 MB for AlexNet
-conv1 at batch 8), runs a parallel GEMM over it and reorders the result in separate parallel
-passes. On two cores most of that time was memory traffic and parallel-region hand-offs, not
-arithmetic. Here each thread walks its own blocks of output rows:
+Each thread walks its own blocks of output rows:
 
     forward   cols = im2col(block)           (K, width)       stays in L2/L3
               yb   = W @ cols                serial GEMM, same thread
@@ -16,27 +14,29 @@ A block is either a run of output rows of one image (large planes: conv1, conv2)
 whole images (small planes: conv3-5), about BLOCK_COLS columns either way. Backward gives each
 thread whole images so the input gradient has a single writer. Scratch buffers are kept per
 Python thread across calls, so their pages are not faulted in afresh on every call.
+Why: the batched path's column matrix for a whole chunk, a parallel GEMM over it and separate
+reorder passes spent most of their time on memory traffic and parallel hand-offs.
 """
 import threading
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from minialex.kernels.gemm import MC, NR, SMALL_M, _gemm32_slab, pack_a_blocks, packed_a_size
-from minialex.kernels.im2col import col2im_rows, im2col_rows, padded_to_image
+from minialex.kernels.conv import grads
+from minialex.kernels.conv.im2col import col2im_rows, im2col_rows
+from minialex.kernels.conv.layout import padded_to_image, split_width
+from minialex.kernels.gemm import MC, NR, SMALL_M, gemm32_slab, pack_a_blocks, packed_a_size
+from minialex.kernels.parallel import mask_copy_sum, sum_parts, take
 
 # Columns per block: wide enough that each block's GEMM calls (and the column block's own
 # packing) are a few percent of its arithmetic, narrow enough that the column block stays in
 # cache (the weights are packed once per call, not per block): at most
-# BLOCK_COLS columns and BLOCK_BYTES of columns (conv4's backward at batch 8, one thread:
-# 33.5 ms with 4-image blocks of 9.7 MB, 28 ms with 1-image blocks of 2.3 MB).
+# BLOCK_COLS columns and BLOCK_BYTES of columns.
 BLOCK_COLS = 1024
 BLOCK_BYTES = 5 * 1024 * 1024
 
 # Forward reads the column block in place (no packing) only for up to this many output
-# channels per group: measured equal at conv2's 192, packing 8-10% faster at 256 and 384.
+# channels per group (packing pays off above it).
 INPLACE_MAX_COUT = 192
 
 _local = threading.local()
@@ -110,61 +110,27 @@ def _plan(n, oh, ow, nthreads, block_cols, whole_images):
     return arr, np.array(units, dtype=np.int64), widest, rows
 
 
-@intrinsic
-def _take(typingctx, counter):
-    """Atomically counter[0] += 1, returning the old value: the next unit of work."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
-        return None
-    sig = types.int64(counter)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", ary.data, ir.Constant(ir.IntType(64), 1), "monotonic")
-
-    return sig, codegen
-
-
-@njit(fastmath={"reassoc", "nsz"}, cache=True)
-def _mask_copy_sum(src, yr, dst, relu):
-    # dst = src where yr > 0 (relu) else src; returns the float64 sum of dst (reassociated so
-    # the sum vectorises; the "<= 0" test is exact and lets a NaN output pass, as relu_backward)
-    acc = 0.0
-    if relu:
-        for p in range(src.size):
-            v = 0.0 if yr[p] <= 0.0 else src[p]
-            dst[p] = v
-            acc += v
-    else:
-        for p in range(src.size):
-            v = src[p]
-            dst[p] = v
-            acc += v
-    return acc
-
-
 @njit(parallel=True, cache=True)
-def _forward_kernel(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
-                    blocks, units, counter, ld, cols_ws, yb_ws, buf_ws):
+def _forward_kernel(x, w2f, wpk, wmcb, bias, relu, y3, geo, blocks, units, counter, ld, cols_ws, yb_ws, buf_ws):
     # x: (N, Cin, H, W) ; w2f: (Cout*K/g,) weights as rows of K/g ; bias: (Cout,) ; y3: (N, Cout, OH*OW)
-    # blocks: (nb, 4) of (n0, n1, r0, r1) ; units: see _plan ; counter: (1,) zero
+    # geo: layout.Geometry ; blocks: (nb, 4) of (n0, n1, r0, r1) ; units: see _plan ; counter: (1,) zero
     # cols_ws: (T, >= K*ld) ; yb_ws: (T, >= Cout*ld) ; buf_ws: (T, im2col_rows scratch)
     for t in prange(cols_ws.shape[0]):
         cols = cols_ws[t]
         yb = yb_ws[t]
         buf = buf_ws[t]
         while True:
-            u = _take(counter)
+            u = take(counter)
             if u >= units.size - 1:
                 break
-            _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
-                          blocks, units[u], units[u + 1], ld, cols, yb, buf)
+            _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, geo, blocks, units[u], units[u + 1], ld, cols, yb, buf)
 
 
 @njit(cache=True)
-def _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_n, groups,
-                  blocks, b_lo, b_hi, ld, cols, yb, buf):
+def _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, geo, blocks, b_lo, b_hi, ld, cols, yb, buf):
     # blocks b_lo..b_hi: unfold into cols, multiply into yb, add bias (and rectify) into y3
-    # wpk: every group's weights packed by _pack_weights in blocks of wmcb rows, gsize per group
+    # wpk: every group's weights packed by _pack_weights_gemm_blocks in blocks of wmcb rows, gsize per group
+    kh, kw, sh, sw, ph, pw, ow_n, groups = geo.kh, geo.kw, geo.sh, geo.sw, geo.ph, geo.pw, geo.ow, geo.groups
     cout = y3.shape[1]
     kg = w2f.size // cout
     cg = cout // groups
@@ -177,7 +143,7 @@ def _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_
         width = (n1 - n0) * run
         inplace = cg <= INPLACE_MAX_COUT and width >= NR
         for g in range(groups):
-            _gemm32_slab(w2f, kg, False, cols[g * kg * ld:], ld, False, yb, ld,
+            gemm32_slab(w2f, kg, False, cols[g * kg * ld:], ld, False, yb, ld,
                          g * cg, (g + 1) * cg, 0, width, kg, False, inplace, wpk[g * gsize:], wmcb)
         for n in range(n0, n1):
             for co in range(cout):
@@ -195,8 +161,7 @@ def _forward_unit(x, w2f, wpk, wmcb, bias, relu, y3, kh, kw, sh, sw, ph, pw, ow_
 
 @njit(parallel=True, cache=True)
 def _backward_kernel(dy3, yr3, relu, x, wtf, wtpk, dw2f, accumulate, dw_parts, db_parts, dx, need_dx,
-                     kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, units, counter, ld,
-                     cols_ws, dyb_ws, buf_ws, acc_ws):
+                     geo, blocks, units, ld, cols_ws, dyb_ws, buf_ws, acc_ws):
     # dy3, yr3: (N, Cout, OH*OW) ; x, dx: (N, Cin, H, W) ; dw2f: (Cout*K/g,) rows of K/g
     # wtf: (groups*K/g*Cout/g,) each group's weights transposed to (K/g, Cout/g)
     # thread 0 accumulates dW into dw2f, thread t > 0 into dw_parts[t-1] (summed afterwards)
@@ -214,8 +179,7 @@ def _backward_kernel(dy3, yr3, relu, x, wtf, wtpk, dw2f, accumulate, dw_parts, d
         # with the same seed and thread count would differ in the last bits.
         for u in range(t, units.size - 1, nthr):
             _backward_unit(dy3, yr3, relu, x, wtf, wtpk, dwt, add, db_parts[t], dx, need_dx,
-                           kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, units[u], units[u + 1],
-                           ld, cols_ws[t], dyb_ws[t], buf_ws[t], acc_ws[t])
+                           geo, blocks, units[u], units[u + 1], ld, cols_ws[t], dyb_ws[t], buf_ws[t], acc_ws[t])
             add = True
         if not add:
             dwt[:] = 0.0  # this thread got no work: its share of dW is zero
@@ -223,15 +187,16 @@ def _backward_kernel(dy3, yr3, relu, x, wtf, wtpk, dw2f, accumulate, dw_parts, d
 
 @njit(cache=True)
 def _backward_unit(dy3, yr3, relu, x, wtf, wtpk, dwt, add, db, dx, need_dx,
-                   kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups, blocks, b_lo, b_hi,
-                   ld, cols, dyb, buf, acc):
+                   geo, blocks, b_lo, b_hi, ld, cols, dyb, buf, acc):
     # blocks b_lo..b_hi: dW (+)= into dwt, db += into db (float64), dx of their images
+    kh, kw, sh, sw, ph, pw, oh_n, ow_n, groups = (geo.kh, geo.kw, geo.sh, geo.sw, geo.ph, geo.pw,
+                                                  geo.oh, geo.ow, geo.groups)
     cout = dy3.shape[1]
     n_ch, h, w = x.shape[1], x.shape[2], x.shape[3]
     kg = wtf.size // cout
     cg = cout // groups
     hp = h + 2 * ph
-    wq = (w + 2 * pw + sw - 1) // sw + kw
+    wq = split_width(w, pw, sw, kw)
     img_acc = n_ch * hp * sw * wq
     for bi in range(b_lo, b_hi):
         n0, n1, r0, r1 = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2], blocks[bi, 3]
@@ -242,21 +207,20 @@ def _backward_unit(dy3, yr3, relu, x, wtf, wtpk, dwt, add, db, dx, need_dx,
                 src = dy3[n, co, r0 * ow_n:r1 * ow_n]
                 yr = yr3[n, co, r0 * ow_n:r1 * ow_n]
                 dst = dyb[co * ld + (n - n0) * run:co * ld + (n - n0 + 1) * run]
-                db[co] += _mask_copy_sum(src, yr, dst, relu)
+                db[co] += mask_copy_sum(src, yr, dst, relu)
             im2col_rows(x[n], buf, cols, ld, (n - n0) * run, r0, r1, kh, kw, sh, sw, ph, pw, ow_n)
         for g in range(groups):
-            _gemm32_slab(dyb[g * cg * ld:], ld, False, cols[g * kg * ld:], ld, True,
+            gemm32_slab(dyb[g * cg * ld:], ld, False, cols[g * kg * ld:], ld, True,
                          dwt[g * cg * kg:], kg, 0, cg, 0, kg, width, add, False, wtpk[:0], 0)
         add = True
         if not need_dx:
             continue
         # the columns are consumed: reuse the buffer for their gradient. The block of dy
         # is small and in cache, so it is read in place however many rows K/g has, and
-        # the weights come pre-transposed: packing a transposed A is a scalar gather
-        # (measured on conv2 at batch 8, one thread: 21.7 ms -> 16.3 ms).
+        # the weights come pre-transposed: packing a transposed A is a scalar gather.
         gsize = wtpk.size // groups
         for g in range(groups):
-            _gemm32_slab(wtf[g * kg * cg:], cg, False, dyb[g * cg * ld:], ld, False,
+            gemm32_slab(wtf[g * kg * cg:], cg, False, dyb[g * cg * ld:], ld, False,
                          cols[g * kg * ld:], ld, 0, kg, 0, width, cg, False, width >= NR,
                          wtpk[g * gsize:], SMALL_M)
         for n in range(n0, n1):
@@ -269,21 +233,7 @@ def _backward_unit(dy3, yr3, relu, x, wtf, wtpk, dwt, add, db, dx, need_dx,
 
 
 @njit(parallel=True, cache=True)
-def _sum_parts(dst, parts):
-    # dst (+)= sum of the rows of parts, in column stripes so each thread owns its stripe
-    size = dst.size
-    step = 4096
-    for s in prange((size + step - 1) // step):
-        lo = s * step
-        hi = min(size, lo + step)
-        for r in range(parts.shape[0]):
-            src = parts[r]
-            for i in range(lo, hi):
-                dst[i] += src[i]
-
-
-@njit(parallel=True, cache=True)
-def _pack_weights(a, rows, k, groups, mcb, dst):
+def _pack_weights_gemm_blocks(a, rows, k, groups, mcb, dst):
     # a: (groups*rows*k,) each group's (rows, k) operand ; dst: (groups * gsize,) packed for the
     # GEMM slab (pack_a_blocks), one group per task
     gsize = dst.size // groups
@@ -295,59 +245,53 @@ def _packed(a, rows, k, groups, mcb):
     """The weights as every column block's GEMM reads them, packed once per call (not per block)."""
     gsize = packed_a_size(rows, k, mcb)
     dst = _scratch("wpk", 1, groups * gsize)[0, :groups * gsize]
-    _pack_weights(a, rows, k, groups, mcb, dst)
+    _pack_weights_gemm_blocks(a, rows, k, groups, mcb, dst)
     return dst
 
 
-def _geometry(x, w, stride, padding):
-    n, cin, h, wd = x.shape
-    cout, cin_g, kh, kw = w.shape
-    (sh, sw), (ph, pw) = stride, padding
-    oh = (h + 2 * ph - kh) // sh + 1
-    ow = (wd + 2 * pw - kw) // sw + 1
-    return n, cin, h, wd, cout, cin_g * kh * kw, kh, kw, sh, sw, ph, pw, oh, ow
+def _scratch_rows(g, rows):
+    """Per-thread scratch for im2col_rows' phase-split input rows of a block of `rows` output rows."""
+    return ((rows - 1) * g.sh + g.kh) * g.sw * split_width(g.w, g.pw, g.sw, g.kw) + 16
 
 
-def forward(x, w, b, stride, padding, groups, relu, nthreads):
-    """conv2d_forward for float32 (arguments already checked and normalised by conv.py)."""
-    n, cin, h, wd, cout, kg, kh, kw, sh, sw, ph, pw, oh, ow = _geometry(x, w, stride, padding)
-    blocks, units, widest, rows = _plan(n, oh, ow, nthreads, _block_cols(cin * kh * kw), False)
+def forward(x, w, b, g, relu, nthreads):
+    """Path `blocked`, forward: y = conv2d(x, w, b) (rectified when relu), float32."""
+    kg = g.cin_g * g.kh * g.kw
+    cout, groups = g.cout, g.groups
+    blocks, units, widest, rows = _plan(g.n, g.oh, g.ow, nthreads, _block_cols(g.cin * g.kh * g.kw), False)
     ld = _leading_dim(widest)
-    wq = (wd + 2 * pw + sw - 1) // sw + kw
-    cols = _scratch("cols", nthreads, cin * kh * kw * ld + 16)
+    cols = _scratch("cols", nthreads, g.cin * g.kh * g.kw * ld + 16)
     yb = _scratch("out", nthreads, cout * ld)
-    buf = _scratch("rows", nthreads, ((rows - 1) * sh + kh) * sw * wq + 16)
+    buf = _scratch("rows", nthreads, _scratch_rows(g, rows))
     bias = np.zeros(cout, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    y = np.empty((n, cout, oh, ow), dtype=np.float32)
+    y = np.empty((g.n, cout, g.oh, g.ow), dtype=np.float32)
     w2f = np.ascontiguousarray(w).reshape(-1)
     # row blocks as the slab takes them: SMALL_M when it reads the columns in place
     wmcb = SMALL_M if cout // groups <= INPLACE_MAX_COUT else MC
     _forward_kernel(x, w2f, _packed(w2f, cout // groups, kg, groups, wmcb), wmcb, bias, relu,
-                    y.reshape(n, cout, oh * ow), kh, kw, sh, sw, ph, pw, ow, groups,
-                    blocks, units, np.zeros(1, np.int64), ld, cols, yb, buf)
+                    y.reshape(g.n, cout, g.oh * g.ow), g, blocks, units, np.zeros(1, np.int64), ld, cols, yb, buf)
     return y
 
 
-def backward(dy, x, w, dw2, stride, padding, groups, accumulate, need_dx, relu_out, nthreads):
-    """conv2d_backward for float32 with at least one image per thread.
-
-    dw2: C-contiguous (Cout, K/g) float32 view of dW, accumulated into (overwritten when not
-    accumulate). Returns (dx or None, db as float64 (Cout,)).
-    """
-    n, cin, h, wd, cout, kg, kh, kw, sh, sw, ph, pw, oh, ow = _geometry(x, w, stride, padding)
+def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
+    """Path `blocked`, backward (float32, at least one image per thread): dW (+)= into dw,
+    db (+)= into db (or None); returns dx, or None when not need_dx."""
+    n, cin, cout, groups = g.n, g.cin, g.cout, g.groups
+    kg = g.cin_g * g.kh * g.kw
     if n < nthreads:
         raise ValueError(f"blocked conv backward needs at least one image per thread ({n} < {nthreads})")
-    blocks, units, widest, rows = _plan(n, oh, ow, nthreads, _block_cols(cin * kh * kw), True)
+    dw2, in_place = grads.weight_rows(dw, np.float32)
+    blocks, units, widest, rows = _plan(n, g.oh, g.ow, nthreads, _block_cols(cin * g.kh * g.kw), True)
     ld = _leading_dim(widest)
-    wq = (wd + 2 * pw + sw - 1) // sw + kw
     images = int(max(blocks[:, 1] - blocks[:, 0]))
-    cols = _scratch("cols", nthreads, cin * kh * kw * ld + 16)
+    cols = _scratch("cols", nthreads, cin * g.kh * g.kw * ld + 16)
     dyb = _scratch("out", nthreads, cout * ld)
-    buf = _scratch("rows", nthreads, ((rows - 1) * sh + kh) * sw * wq + 16)
-    acc = _scratch("acc", nthreads, images * cin * (h + 2 * ph) * sw * wq + 16)
+    buf = _scratch("rows", nthreads, _scratch_rows(g, rows))
+    wq = split_width(g.w, g.pw, g.sw, g.kw)
+    acc = _scratch("acc", nthreads, images * cin * (g.h + 2 * g.ph) * g.sw * wq + 16)
     parts = _scratch("dw", max(1, nthreads - 1), cout * kg)
-    db = np.empty((nthreads, cout), dtype=np.float64)
-    plane = oh * ow
+    db_parts = np.empty((nthreads, cout), dtype=np.float64)
+    plane = g.oh * g.ow
     dy3 = dy.reshape(n, cout, plane)
     yr3 = dy3 if relu_out is None else np.ascontiguousarray(relu_out).reshape(n, cout, plane)
     dx = np.empty(x.shape, dtype=np.float32) if need_dx else np.empty((1, 1, 1, 1), np.float32)
@@ -357,8 +301,9 @@ def backward(dy, x, w, dw2, stride, padding, groups, accumulate, need_dx, relu_o
     # the transposed weights are only read for the input gradient
     wtpk = _packed(wtf, kg, cout // groups, groups, SMALL_M) if need_dx else np.zeros(0, np.float32)
     _backward_kernel(dy3, yr3, relu_out is not None, x, wtf, wtpk, dwf,
-                     accumulate, parts, db, dx, need_dx, kh, kw, sh, sw, ph, pw, oh, ow, groups,
-                     blocks, units, np.zeros(1, np.int64), ld, cols, dyb, buf, acc)
+                     accumulate and in_place, parts, db_parts, dx, need_dx, g,
+                     blocks, units, ld, cols, dyb, buf, acc)
     if nthreads > 1:
-        _sum_parts(dwf, parts[:nthreads - 1, :cout * kg])
-    return (dx if need_dx else None), db.sum(axis=0)
+        sum_parts(dwf, parts[:nthreads - 1, :cout * kg])
+    grads.store(dw, dw2, in_place, db, db_parts.sum(axis=0), accumulate)
+    return dx if need_dx else None

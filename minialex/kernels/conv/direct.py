@@ -1,87 +1,43 @@
-"""float32 stride-1 convolution computed directly on padded copies of its inputs, no im2col.
+"""The direct paths: float32, groups 1, output channels in panels of 32, no im2col.
 
-For a stride-1 convolution the columns im2col would build are rows of the input itself: in a
-zero-padded channels-last copy xp (N, Hp, Wp, Cin), output pixel (n, oh, ow) and tap (i, j)
-read the Cin contiguous values at xp[n, oh + i, ow + j, :]. So the GEMM
+One micro-kernel (_micro_8x32_table) multiplies 8 broadcast input values (any 8 addresses,
+given by a table of offsets) into two 16-lane vectors of 32 output channels' weights, its
+accumulators kept in registers over the whole reduction. Every path here is that kernel on a
+different table:
 
-    out[p, co] = sum over taps t, channels ci of xp[base(p) + off(t) + ci] * w[co, ci, t]
+- path `direct` (stride 1): forward on a zero-padded channels-last copy xp (N, Hp, Wp, Cin),
+  where output pixel (n, oh, ow) and tap (i, j) read Cin contiguous values at xp[n, oh + i,
+  ow + j]; weights packed [panel of 32][tap][Cin][32]. Backward: the input gradient is the same
+  kernel on dy padded by k - 1 - padding with the weights flipped and their channel axes
+  swapped; the weight gradient is the kernel with the pixels as the reduction (8 weight rows
+  broadcast from a phase-split copy of x, against dy packed [panel][pixel][32], one writer per
+  panel so the result does not depend on the thread count); the bias gradient is the column
+  sums of the channels-last dy.
+- path `direct_split` (any stride): forward from a phase-split padded copy of x (layout.py):
+  8 consecutive output pixels read 8 adjacent elements for each weight column whatever the
+  stride, and the 8 x 32 tile, bias added and rectified, is transposed into NCHW in registers.
+  Backward of a layer whose input gradient nobody needs (conv1): the weight gradient above,
+  with dy packed straight from NCHW and its bias gradient summed in the same pass.
 
-runs with its "A" operand read in place: the 8x32 micro-kernel below broadcasts one input
-value for each of 8 output pixels (any 8, even across rows and images) and multiplies it into
-two 16-lane vectors of 32 output channels' weights, packed once per call as
-[channel panel of 32][tap][Cin][32]. Nothing is unfolded, nothing is packed per block, and the
-accumulators stay in registers for the whole reduction (K = taps x Cin), so the C tile is
-written once. On AlexNet's conv2-conv5 at batch 8 the kernel runs at 111-113 GFLOP/s on one
-core and 206-227 on two (90-97% of the FMA peak) where im2col + GEMM reached 150-170.
-
-Backward, with dy masked by the ReLU when the layer was fused with one:
-- input gradient: the same kernel on dy padded by k - 1 - padding, with the weights flipped
-  and their channel axes swapped (so the panels are input channels);
-- weight gradient: the same micro-kernel shape with the pixels as the reduction: 8 input
-  channels broadcast along rows of a padded NCHW copy of x, against dy packed
-  [output-channel panel][pixel][32]; each panel has one writer, so the result does not depend
-  on the thread count;
-- bias gradient: column sums of the channels-last dy (linear.column_sums).
-
-The weight gradient takes any stride: x is copied zero-padded with its columns split by phase
-(column m*s + ph at [ph][m]), so a stride-s window's tap j walks xq[j % s][ow + j // s], one
-element per output pixel as at stride 1, and each block of 8 weight rows is given by a table of
-offsets (8 channels at one tap for conv2-conv5, 8 consecutive (c, i, j) for conv1's 3
-channels). A first layer, whose input gradient nobody needs, gets its weight and bias
-gradients here (weight_grad) with dy packed straight from NCHW: conv1 backward at batch 8
-8.4 -> 7.2 ms, at batch 64 67 -> 60 ms (im2col + GEMM before).
-
-Strided forward (conv1, forward_split): the same phase-split copy serves the forward. A tile of
-8 consecutive output pixels of one image reads, for each weight column (c, i, j), 8 adjacent
-elements xq[c, oh*s + i, j % s, ow + j // s ...], so the micro-kernel runs unchanged on a
-table of column offsets, and its 8 x 32 tile, bias added and rectified, is transposed in
-registers into the NCHW output: no column matrix and no channels-last copies. conv1 forward
-at batch 8: 7.4 -> 6.3 ms (im2col + GEMM before; the NHWC direct kernel took 9.3). conv2's
-forward takes it too (SPLIT_MIN_PLANE).
-
-conv.py sends here float32 convolutions with groups 1 and output channels in multiples of 32:
-AlexNet's conv2-conv5 (stride 1, input channels in 32s for the backward) and conv1. NCHW
-arrays come in and go out; each channels-last copy costs one pass, which also adds the bias
-and rectifies (forward) or applies the ReLU mask (backward).
+Why: no column matrix is built or packed per block, and the C tile is written once; the
+measurements are in docs/performance.md.
 """
 import functools
 
 import numpy as np
 from numba import njit, prange
 
-from minialex.kernels.conv_blocked import _mask_copy_sum, _take
+from minialex.kernels.conv.layout import column_offsets, pixel_offsets, split_copy
 from minialex.kernels.gemm import store_tile_8x32
-from minialex.kernels.linear import column_sums
+from minialex.kernels.parallel import column_sums, mask_copy_sum, take
 from minialex.kernels.simd import vadd, vbroadcast, vfma, vload, vrelu, vstore, vtranspose_8x16, vzero
 
 PANEL = 32        # output channels per micro-tile (two 16-lane vectors)
 PIXELS = 8        # output pixels per micro-tile
-DW_PIXEL_BLOCK = 1024  # pixels per step of the weight gradient (packed dy: 128 KB, in L2; 512 was
-# 1-7% slower on conv1-conv5 at batch 8 and 64, 192 (dy in L1) 2-6% slower still)
+DW_PIXEL_BLOCK = 1024  # pixels per step of the weight gradient (packed dy: 128 KB, in L2)
 CHUNK_TILES = 8  # micro-tiles of pixels a thread takes at once (it loops over every panel)
 PACK_RUN = 4096  # pixels per step of _pack_dy_nchw: a whole conv1 plane, 32 channels in a 512 KB
-# scratch (two read streams at a time; 128-pixel runs, 64 streams, took twice as long at batch 64)
-# Stride-1 forwards with at least this many output pixels per image take forward_split (NCHW
-# tiles) instead of forward (channels-last): conv2's 729 ran 1.03-1.07x faster that way at
-# batch 1, 8 and 64, conv3-conv5's 169 0.91-0.97x (their last tile of 8 is mostly empty, and
-# the NHWC path's tiles run across images).
-SPLIT_MIN_PLANE = 400
-
-
-def supported(x, w, stride, groups, padding):
-    """Whether conv.py sends this forward here: float32, stride 1, groups 1, Cout a multiple of
-    32, padding below the kernel size. (forward() itself takes any stride.)"""
-    kh, kw = w.shape[2], w.shape[3]
-    return (x.dtype == np.float32 and w.dtype == np.float32 and tuple(stride) == (1, 1) and groups == 1
-            and w.shape[0] % PANEL == 0 and padding[0] < kh and padding[1] < kw)
-
-
-def supported_backward(x, w, stride, groups, padding):
-    """Whether the direct backward serves it: as the forward, and Cin a multiple of 32 too (the
-    input gradient's panels; the weight gradient's panels are output channels)."""
-    kh, kw = w.shape[2], w.shape[3]
-    return (x.dtype == np.float32 and w.dtype == np.float32 and tuple(stride) == (1, 1) and groups == 1
-            and w.shape[1] % PANEL == 0 and w.shape[0] % PANEL == 0 and padding[0] < kh and padding[1] < kw)
+# scratch (two read streams at a time)
 
 
 @njit(parallel=True, cache=True)
@@ -100,7 +56,7 @@ def _direct_kernel(xp, hp, wpd, cin, wpk, koff, out, oh_n, ow_n, sh, sw, npix, n
     for _ in prange(nthreads):
         b = np.empty(PIXELS, dtype=np.int64)
         while True:
-            ch = _take(counter)
+            ch = take(counter)
             if ch >= nchunks:
                 break
             t0 = ch * CHUNK_TILES
@@ -124,8 +80,7 @@ def _micro_8x32_table(xp, b0, b1, b2, b3, b4, b5, b6, b7, table, k0, k1, vp, v_o
     # out[r, 32 lanes] (+)= sum over k in k0..k1 of xp[b_r + table[k]] * vp[v_off + (k - k0)*32 + lane]
     # (out rows at o_off + r*ldo). The one micro-kernel of this file: the channels-last and
     # the phase-split forwards (b_r: 8 pixels, table: weight columns, vp: packed weights) and
-    # the weight gradient (b_r: 8 weight rows, table: pixels, vp: packed dy). One table load
-    # per step costs nothing measurable against walking runs of Cin (0.99-1.03x, conv2-conv5).
+    # the weight gradient (b_r: 8 weight rows, table: pixels, vp: packed dy).
     c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
     c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
     c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
@@ -179,7 +134,7 @@ def _store_tile_nchw(tile, bias, relu, y, y_off, plane, valid):
 
 @njit(parallel=True, cache=True)
 def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, n_img, oh_n, ow_n, nthreads, counter):
-    # xq: phase-split padded x (flat, see _pad_split) ; koff: (K,) offset of each weight column
+    # xq: phase-split padded x (flat, see layout.pad_split) ; koff: (K,) offset of each weight column
     # from an output pixel's base n*step_n + oh*step_oh + ow ; wpk: (Cout/32 * K * 32,) weights
     # packed [panel][column][32] ; bias: (Cout,) ; y: (N*Cout*OH*OW,) NCHW output.
     # Tiles of 8 consecutive pixels of one image are taken in chunks of CHUNK_TILES from
@@ -195,7 +150,7 @@ def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, n_img, oh_n, ow
         b = np.empty(CHUNK_TILES * PIXELS, dtype=np.int64)
         tile = np.empty(PIXELS * PANEL + 16, dtype=np.float32)
         while True:
-            ch = _take(counter)
+            ch = take(counter)
             if ch >= nchunks:
                 break
             t0 = ch * CHUNK_TILES
@@ -219,7 +174,7 @@ def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, n_img, oh_n, ow
 
 
 @njit(parallel=True, cache=True)
-def _pack_weights(w, flip, dst):
+def _pack_weights_taps(w, flip, dst):
     # w: (Cout, Cin, kh, kw) ; dst: (P/32, kh*kw, Q, 32) with, for the forward (flip False),
     # P = Cout, Q = Cin: dst[pp, i*kw + j, q, l] = w[pp*32 + l, q, i, j] ; for the input gradient
     # (flip True), P = Cin, Q = Cout and the taps reversed: w[q, pp*32 + l, kh-1-i, kw-1-j]
@@ -243,7 +198,7 @@ def _to_padded_nhwc(x, yr, relu, top, left, xp):
     # x: (N, C, H, W) -> xp: (N, H + 2*top, W + 2*left, C), zero outside ; relu: keep x only
     # where yr (the forward's rectified output, x's shape) is > 0 (a ReLU's backward)
     # One task per padded row; pixel by pixel, the channels are gathered from x's planes and
-    # written contiguously (writing channel by channel instead, strided, was 5-7x slower).
+    # written contiguously (strided channel-by-channel writes are much slower).
     n, c, h, w = x.shape
     hp, wp = xp.shape[1], xp.shape[2]
     for task in prange(n * hp):
@@ -299,14 +254,14 @@ def _weight_grad_kernel(xq, dyk, xo, poff, dwt, nthreads, counter):
     # DW_PIXEL_BLOCK, whose packed dy stays in cache while every weight row reuses it. The
     # micro-kernel is the forward's with the pixels as the reduction: 8 weight rows broadcast
     # from x (row r at xq[xo[p] + poff[r]]), the panel's dy loaded as the vectors; one flat
-    # loop over a block's pixels through xo (a loop per output row cost 10-20% on 13-pixel rows).
+    # loop over a block's pixels through xo (short output rows make a loop per row costly).
     npan, npix = dyk.shape[0], dyk.shape[1]
     cout = npan * PANEL
     dkf = dyk.reshape(-1)
     cf = dwt.reshape(-1)
     for _ in prange(nthreads):
         while True:
-            pan = _take(counter)
+            pan = take(counter)
             if pan >= npan:
                 break
             for p_lo in range(0, npix, DW_PIXEL_BLOCK):
@@ -315,14 +270,6 @@ def _weight_grad_kernel(xq, dyk, xo, poff, dwt, nthreads, counter):
                     _micro_8x32_table(xq, poff[p0], poff[p0 + 1], poff[p0 + 2], poff[p0 + 3], poff[p0 + 4],
                                       poff[p0 + 5], poff[p0 + 6], poff[p0 + 7], xo, p_lo, p_hi,
                                       dkf, (pan * npix + p_lo) * PANEL, cf, p0 * cout + pan * PANEL, cout, p_lo > 0)
-
-
-@functools.lru_cache(maxsize=16)
-def _pixel_offsets(n, oh, ow, step_n, step_oh):
-    """(N*OH*OW,) base offset n*step_n + oh*step_oh + ow of each output pixel in a phase-split
-    padded x. Cached: one per layer shape and batch size."""
-    nn, hh, ww = np.meshgrid(np.arange(n), np.arange(oh), np.arange(ow), indexing="ij")
-    return (nn * step_n + hh * step_oh + ww).astype(np.int64).ravel()
 
 
 @functools.lru_cache(maxsize=32)
@@ -334,7 +281,7 @@ def _weight_rows(cin, kh, kw, hp, s, wq):
     (Cout, K) weight. With Cin a multiple of 8 a block of 8 rows is 8 channels at one tap (8
     planes, as conv2-conv5 were first written), else 8 consecutive (c, i, j) (conv1's 3
     channels). Cached: one set per layer shape."""
-    poff_k = _column_offsets(cin, kh, kw, hp, s, wq)  # in column order k
+    poff_k = column_offsets(cin, kh, kw, hp, s, wq)  # in column order k
     k = poff_k.size
     if cin % PIXELS == 0:
         c, tap = np.divmod(np.arange(k), kh * kw)
@@ -388,7 +335,7 @@ def _pack_dy_nchw(dy3, yr3, relu, dyk, dbp):
             run = min(PACK_RUN, plane - p0)
             for lane in range(PANEL):
                 co = pan * PANEL + lane
-                dbp[b, co] += _mask_copy_sum(dy3[b, co, p0:p0 + run], yr3[b, co, p0:p0 + run],
+                dbp[b, co] += mask_copy_sum(dy3[b, co, p0:p0 + run], yr3[b, co, p0:p0 + run],
                                              scratch[lane * PACK_RUN:lane * PACK_RUN + run], relu)
             d0 = (pan * npix + b * plane + p0) * PANEL
             full = run - run % 16
@@ -398,41 +345,6 @@ def _pack_dy_nchw(dy3, yr3, relu, dyk, dbp):
             for p in range(full, run):
                 for lane in range(PANEL):
                     dkf[d0 + p * PANEL + lane] = scratch[lane * PACK_RUN + p]
-
-
-@njit(parallel=True, cache=True)
-def _pad_split(x, top, left, s, xq):
-    # x: (N, C, H, W) -> xq: (N, C, H + 2*top, s, Wq): padded row r, column m*s + ph of x
-    # zero-padded (rows top.., columns left..) at xq[n, c, r, ph, m], zero outside. Splitting
-    # the columns by phase makes a stride-s window's taps j walk xq[..., j % s, ow + j // s]
-    # one element per output pixel; for s = 1 it is the plain padded NCHW copy.
-    n, c, h, w = x.shape
-    hp, wq = xq.shape[2], xq.shape[4]
-    for task in prange(n * c):
-        b = task // c
-        ch = task - b * c
-        dst = xq[b, ch]
-        src = x[b, ch]
-        for r in range(hp):
-            ih = r - top
-            if ih < 0 or ih >= h:
-                dst[r, :, :] = 0.0
-                continue
-            row = src[ih]
-            if s == 1:  # the plain padded copy: contiguous, vectorised
-                d = dst[r, 0]
-                for m in range(left):
-                    d[m] = 0.0
-                for m in range(w):
-                    d[left + m] = row[m]
-                for m in range(left + w, wq):
-                    d[m] = 0.0
-                continue
-            for ph in range(s):
-                d = dst[r, ph]
-                for m in range(wq):
-                    iw = m * s + ph - left
-                    d[m] = row[iw] if 0 <= iw < w else 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -450,20 +362,15 @@ def _store_weight_grad(dwt, rowof, dw2, accumulate):
                 d[k] = v
 
 
-def _weight_grad(x, dyk, dw, kh, kw, stride, padding, oh, ow, accumulate, nthreads):
+def _weight_grad(x, dyk, dw, g, accumulate, nthreads):
     """dW (+)= into dw (Cout, Cin, kh, kw) from dy packed as dyk (_pack_dy's layout)."""
-    n, cin, h, wd = x.shape
-    cout = dw.shape[0]
-    (sh, sw), (ph, pw) = stride, padding
-    hp = max(h + 2 * ph, (oh - 1) * sh + kh)
-    wq = -(-max(wd + 2 * pw, (ow - 1) * sw + kw) // sw)
-    xq = np.empty((n, cin, hp, sw, wq), dtype=np.float32)
-    _pad_split(x, ph, pw, sw, xq)
-    poff, rowof = _weight_rows(cin, kh, kw, hp, sw, wq)
-    dwt = np.empty((poff.size, cout), dtype=np.float32)
-    _weight_grad_kernel(xq.reshape(-1), dyk, _pixel_offsets(n, oh, ow, cin * hp * sw * wq, sh * sw * wq), poff, dwt,
-                        nthreads, np.zeros(1, np.int64))
-    _store_weight_grad(dwt, rowof, dw.reshape(cout, -1), accumulate)
+    xq = split_copy(x, g.ph, g.pw, g.sw, 0)
+    hp, wq = xq.shape[2], xq.shape[4]
+    poff, rowof = _weight_rows(g.cin, g.kh, g.kw, hp, g.sw, wq)
+    dwt = np.empty((poff.size, g.cout), dtype=np.float32)
+    xo = pixel_offsets(g.n, g.oh, g.ow, g.cin * hp * g.sw * wq, g.sh * g.sw * wq)
+    _weight_grad_kernel(xq.reshape(-1), dyk, xo, poff, dwt, nthreads, np.zeros(1, np.int64))
+    _store_weight_grad(dwt, rowof, dw.reshape(g.cout, -1), accumulate)
 
 
 def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
@@ -479,146 +386,80 @@ def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     return out
 
 
-def forward(x, w, b, stride, padding, relu, nthreads):
-    """conv2d_forward for float32, groups 1, Cout a multiple of 32 (see supported)."""
-    n, cin, h, wd = x.shape
-    cout, _, kh, kw = w.shape
-    (sh, sw), (ph, pw) = stride, padding
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    y = np.empty((n, cout, oh, ow), dtype=np.float32)
-    if n == 0 or oh <= 0 or ow <= 0:
-        return y
-    xp = np.empty((n, h + 2 * ph, wd + 2 * pw, cin), dtype=np.float32)
-    _to_padded_nhwc(x, x, False, ph, pw, xp)
+def forward(x, w, b, g, relu, nthreads):
+    """Path `direct`, forward: y = conv2d(x, w, b) (rectified when relu) through channels-last
+    copies; float32, groups 1, Cout a multiple of 32 (plan.py says when)."""
+    n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
+    y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
+    xp = np.empty((n, g.h + 2 * g.ph, g.w + 2 * g.pw, cin), dtype=np.float32)
+    _to_padded_nhwc(x, x, False, g.ph, g.pw, xp)
     wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
-    _pack_weights(np.ascontiguousarray(w), False, wpk)
-    out = _run(xp, wpk, kh, kw, n * oh * ow, oh, ow, sh, sw, cout, nthreads)
+    _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
+    out = _run(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, g.sh, g.sw, cout, nthreads)
     bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, oh * ow))
+    _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
     return y
 
 
-@functools.lru_cache(maxsize=32)
-def _column_offsets(cin, kh, kw, hp, s, wq):
-    """(K,) offset of weight column k = (c*kh + i)*kw + j (the weight's own order) in a
-    phase-split padded image, from an output pixel's base."""
-    c, i, j = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
-    c, i, j = c.ravel(), i.ravel(), j.ravel()
-    return (c * (hp * s * wq) + i * (s * wq) + (j % s) * wq + j // s).astype(np.int64)
-
-
-def supported_split(x, w, stride, groups, padding):
-    """Whether conv.py sends this forward to forward_split: float32, groups 1, Cout a multiple of
-    32, padding below the kernel size, any stride (conv1)."""
-    kh, kw = w.shape[2], w.shape[3]
-    return (x.dtype == np.float32 and w.dtype == np.float32 and groups == 1 and w.shape[0] % PANEL == 0
-            and padding[0] < kh and padding[1] < kw)
-
-
-def forward_split(x, w, b, stride, padding, relu, nthreads):
-    """conv2d_forward for float32, groups 1, Cout a multiple of 32, any stride, NCHW in and out:
-    the micro-kernel broadcasts 8 consecutive output pixels' inputs from a phase-split padded
-    copy of x (8 adjacent elements, whatever the stride) and its 8 x 32 tile, bias added and
-    rectified, is transposed into y in registers: no channels-last copies, no column matrix."""
-    n, cin, h, wd = x.shape
-    cout, _, kh, kw = w.shape
-    (sh, sw), (ph, pw) = stride, padding
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    y = np.empty((n, cout, oh, ow), dtype=np.float32)
-    if n == 0 or oh <= 0 or ow <= 0:
-        return y
-    hp = max(h + 2 * ph, (oh - 1) * sh + kh)
-    wq = -(-max(wd + 2 * pw, (ow - 1) * sw + kw) // sw)
-    xq = np.empty((n, cin, hp, sw, wq), dtype=np.float32)
-    _pad_split(x, ph, pw, sw, xq)
+def forward_split(x, w, b, g, relu, nthreads):
+    """Path `direct_split`, forward: as forward, any stride, NCHW in and out: 8 consecutive
+    output pixels' inputs come from a phase-split padded copy of x and the 8 x 32 tile, bias
+    added and rectified, is transposed into y in registers."""
+    n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
+    y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
+    xq = split_copy(x, g.ph, g.pw, g.sw, 0)
+    hp, wq = xq.shape[2], xq.shape[4]
     k = cin * kh * kw
     # [panel][column][32]: a copy, no arithmetic
     wpk = np.ascontiguousarray(w.reshape(cout // PANEL, PANEL, k).transpose(0, 2, 1))
     bias = np.zeros(cout, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    _split_kernel(xq.reshape(-1), cin * hp * sw * wq, sh * sw * wq, _column_offsets(cin, kh, kw, hp, sw, wq),
-                  wpk.reshape(-1), bias, relu, y.reshape(-1), n, oh, ow, nthreads, np.zeros(1, np.int64))
+    _split_kernel(xq.reshape(-1), cin * hp * g.sw * wq, g.sh * g.sw * wq, column_offsets(cin, kh, kw, hp, g.sw, wq),
+                  wpk.reshape(-1), bias, relu, y.reshape(-1), n, g.oh, g.ow, nthreads, np.zeros(1, np.int64))
     return y
 
 
-def backward(dy, x, w, dw, db, padding, accumulate, need_dx, relu_out, nthreads):
-    """conv2d_backward for float32, stride 1, groups 1, Cin and Cout multiples of 32 (see
-    supported_backward): dW (+)= into dw (Cout, Cin, kh, kw), db (+)= into db (or None);
-    returns dx, or None when not need_dx.
+def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
+    """Path `direct`, backward (stride 1, Cin and Cout multiples of 32): dW (+)= into dw,
+    db (+)= into db (or None); returns dx, or None when not need_dx.
 
     dy (masked by relu_out > 0 when given) is laid out once as a padded NHWC array: the input
     gradient convolves it with the flipped, transposed weights, the bias gradient sums its
     columns, and its panels of 32 channels, copied pixel by pixel, feed the weight gradient.
     """
-    n, cout, oh, ow = dy.shape
-    _, cin, kh, kw = w.shape
-    h, wd = x.shape[2], x.shape[3]
-    if dy.size == 0:  # an empty batch: zero gradients (or nothing to add)
-        if not accumulate:
-            dw[...] = 0
-            if db is not None:
-                db[...] = 0
-        return np.zeros(x.shape, dtype=np.float32) if need_dx else None
-    ph, pw = padding
-    qh, qw = kh - 1 - ph, kw - 1 - pw
-    dyp = np.empty((n, oh + 2 * qh, ow + 2 * qw, cout), dtype=np.float32)
+    n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
+    qh, qw = kh - 1 - g.ph, kw - 1 - g.pw
+    dyp = np.empty((n, g.oh + 2 * qh, g.ow + 2 * qw, cout), dtype=np.float32)
     yr = dy if relu_out is None else np.ascontiguousarray(relu_out)
     _to_padded_nhwc(dy, yr, relu_out is not None, qh, qw, dyp)
     dx = None
     if need_dx:
-        dx = np.empty((n, cin, h, wd), dtype=np.float32)
+        dx = np.empty((n, cin, g.h, g.w), dtype=np.float32)
         wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
-        _pack_weights(np.ascontiguousarray(w), True, wpk)
-        out = _run(dyp, wpk, kh, kw, n * h * wd, h, wd, 1, 1, cin, nthreads)
-        _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, h * wd))
-    dyk = np.empty((cout // PANEL, n * oh * ow, PANEL), dtype=np.float32)
-    _pack_dy(dyp, qh, qw, oh, ow, dyk)
-    _weight_grad(x, dyk, dw, kh, kw, (1, 1), padding, oh, ow, accumulate, nthreads)
+        _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
+        out = _run(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, 1, 1, cin, nthreads)
+        _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
+    dyk = np.empty((cout // PANEL, n * g.oh * g.ow, PANEL), dtype=np.float32)
+    _pack_dy(dyp, qh, qw, g.oh, g.ow, dyk)
+    _weight_grad(x, dyk, dw, g, accumulate, nthreads)
     if db is not None:
         column_sums(dyp.reshape(-1, cout), db, accumulate)  # its zero padding adds nothing
     return dx
 
 
-def supported_weight_grad(x, w, groups, dw, db):
-    """Whether weight_grad serves a backward that needs no input gradient: float32, groups 1,
-    Cout a multiple of 32, any stride and Cin (AlexNet's conv1), contiguous float32 dw."""
-    return (x.dtype == np.float32 and w.dtype == np.float32 and groups == 1 and w.shape[0] % PANEL == 0
-            and dw.flags.c_contiguous and dw.dtype == np.float32 and (db is None or db.dtype == np.float32))
-
-
-def weight_grad(dy, x, w, dw, db, stride, padding, accumulate, relu_out, nthreads):
-    """dW (+)= into dw and db (+)= into db (or None) of a convolution whose input gradient is
-    not wanted (the first layer), any stride: dy, masked by relu_out > 0 when given, is packed
-    straight from NCHW (its bias gradient summed in the same pass) and the weight-gradient
-    kernel reads x through a phase-split padded copy, so no column matrix is built."""
-    n, cout, oh, ow = dy.shape
-    kh, kw = w.shape[2], w.shape[3]
-    if dy.size == 0:
-        if not accumulate:
-            dw[...] = 0
-            if db is not None:
-                db[...] = 0
-        return None
-    dy3 = np.ascontiguousarray(dy).reshape(n, cout, oh * ow)
-    yr3 = dy3 if relu_out is None else np.ascontiguousarray(relu_out).reshape(n, cout, oh * ow)
-    dyk = np.empty((cout // PANEL, n * oh * ow, PANEL), dtype=np.float32)
+def backward_split(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
+    """Path `direct_split`, backward without the input gradient (the first layer), any stride:
+    dW (+)= into dw and db (+)= into db (or None). dy, masked by relu_out > 0 when given, is
+    packed straight from NCHW with its bias gradient summed in the same pass. Returns None."""
+    if need_dx:
+        raise ValueError("the direct_split backward computes no input gradient (need_dx=False only)")
+    n, cout, plane = g.n, g.cout, g.oh * g.ow
+    dy3 = np.ascontiguousarray(dy).reshape(n, cout, plane)
+    yr3 = dy3 if relu_out is None else np.ascontiguousarray(relu_out).reshape(n, cout, plane)
+    dyk = np.empty((cout // PANEL, n * plane, PANEL), dtype=np.float32)
     dbp = np.empty((n, cout), dtype=np.float64)
     _pack_dy_nchw(dy3, yr3, relu_out is not None, dyk, dbp)
-    _weight_grad(x, dyk, dw, kh, kw, stride, padding, oh, ow, accumulate, nthreads)
+    _weight_grad(x, dyk, dw, g, accumulate, nthreads)
     if db is not None:
         total = dbp.sum(axis=0)
         db[...] = (db + total) if accumulate else total
     return None
-
-
-def conv2d_direct_ref(x, w, padding):
-    """NumPy reference twin of the direct computation (stride 1): the same NHWC sums, plainly."""
-    n, cin, h, wd = x.shape
-    cout, _, kh, kw = w.shape
-    ph, pw = padding
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))).transpose(0, 2, 3, 1)
-    oh, ow = h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
-    out = np.zeros((n, oh, ow, cout), dtype=np.float64)
-    for i in range(kh):
-        for j in range(kw):
-            out += np.einsum("nhwc,oc->nhwo", xp[:, i:i + oh, j:j + ow, :], w[:, :, i, j])
-    return out.transpose(0, 3, 1, 2)

@@ -1,0 +1,131 @@
+"""Geometry of a convolution and the layouts its paths share, written once: the output size,
+the phase-split padded copy of an input and the offset tables that walk it.
+
+Phase split: a zero-padded row whose column m*s + r (r < s, the phase) is stored at [r][m].
+A stride-s window's tap j then walks [j % s][ow + j // s], one element per output pixel
+whatever the stride, so every path reads strided windows as contiguous runs; for s = 1 it is
+the plain padded copy.
+"""
+import functools
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from minialex.shapes import conv_output_size, pair
+
+
+class Geometry(NamedTuple):
+    """Sizes of one convolution call (all ints, so kernels take it as one argument)."""
+    n: int
+    cin: int
+    h: int
+    w: int
+    cout: int
+    cin_g: int   # input channels per group
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    oh: int
+    ow: int
+    groups: int
+
+
+def geometry(x_shape, w_shape, stride, padding, groups):
+    """The Geometry of a convolution of an (N, Cin, H, W) input with (Cout, Cin/g, kh, kw) weights."""
+    n, cin, h, wd = x_shape
+    cout, cin_g, kh, kw = w_shape
+    (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    oh, ow = conv_output_size(h, wd, kh, kw, (sh, sw), (ph, pw))
+    return Geometry(int(n), int(cin), int(h), int(wd), int(cout), int(cin_g), int(kh), int(kw),
+                    sh, sw, ph, pw, oh, ow, int(groups))
+
+
+@njit(cache=True)
+def split_width(w, pw, sw, slack):
+    """Columns per phase of a row of width w padded by pw on each side and split by phase sw,
+    plus `slack` spare zero columns (the unfolding reads whole 16-lane vectors from these rows
+    and takes kw spare columns; the direct paths read single elements and take none)."""
+    return (w + 2 * pw + sw - 1) // sw + slack
+
+
+@njit(parallel=True, cache=True)
+def pad_split(x, top, left, s, xq):
+    # x: (N, C, H, W) -> xq: (N, C, H + 2*top, s, Wq): padded row r, column m*s + ph of x
+    # zero-padded (rows top.., columns left..) at xq[n, c, r, ph, m], zero outside.
+    n, c, h, w = x.shape
+    hp, wq = xq.shape[2], xq.shape[4]
+    for task in prange(n * c):
+        b = task // c
+        ch = task - b * c
+        dst = xq[b, ch]
+        src = x[b, ch]
+        for r in range(hp):
+            ih = r - top
+            if ih < 0 or ih >= h:
+                dst[r, :, :] = 0.0
+                continue
+            row = src[ih]
+            if s == 1:  # the plain padded copy: contiguous, vectorised
+                d = dst[r, 0]
+                for m in range(left):
+                    d[m] = 0.0
+                for m in range(w):
+                    d[left + m] = row[m]
+                for m in range(left + w, wq):
+                    d[m] = 0.0
+                continue
+            for ph in range(s):
+                d = dst[r, ph]
+                for m in range(wq):
+                    iw = m * s + ph - left
+                    d[m] = row[iw] if 0 <= iw < w else 0.0
+
+
+@njit(cache=True)
+def padded_to_image(acc, dxn, ph, pw, sw, wq):
+    """dxn (C, H, W) = the interior of acc, a flat (C, Hp, sw, wq) padded, phase-split image
+    (the inverse of pad_split for one image)."""
+    n_ch, h, w = dxn.shape
+    hp = h + 2 * ph
+    run = sw * wq
+    df = dxn.reshape(-1)
+    for c in range(n_ch):
+        for ih in range(h):
+            s_row = (c * hp + ih + ph) * run
+            d_row = (c * h + ih) * w
+            for r in range(sw):
+                m_lo = (pw - r + sw - 1) // sw if pw > r else 0
+                m_hi = min(wq, (w - 1 + pw - r) // sw + 1)
+                s = s_row + r * wq + m_lo
+                d = d_row + m_lo * sw + r - pw
+                for m in range(m_hi - m_lo):
+                    df[d + m * sw] = acc[s + m]
+
+
+def split_copy(x, ph, pw, sw, slack):
+    """x (N, C, H, W) as a new phase-split padded array (N, C, H + 2*ph, sw, Wq)."""
+    n, c, h, w = x.shape
+    xq = np.empty((n, c, h + 2 * ph, sw, split_width(w, pw, sw, slack)), dtype=x.dtype)
+    pad_split(x, ph, pw, sw, xq)
+    return xq
+
+
+@functools.lru_cache(maxsize=32)
+def column_offsets(cin, kh, kw, hp, s, wq):
+    """(K,) offset of weight column k = (c*kh + i)*kw + j (the weight's own order) in a
+    phase-split padded image (C, hp, s, wq), from an output pixel's base. Cached per layer."""
+    c, i, j = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
+    c, i, j = c.ravel(), i.ravel(), j.ravel()
+    return (c * (hp * s * wq) + i * (s * wq) + (j % s) * wq + j // s).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def pixel_offsets(n, oh, ow, step_n, step_oh):
+    """(N*OH*OW,) base offset n*step_n + oh*step_oh + ow of each output pixel in a phase-split
+    padded x. Cached: one per layer shape and batch size."""
+    nn, hh, ww = np.meshgrid(np.arange(n), np.arange(oh), np.arange(ow), indexing="ij")
+    return (nn * step_n + hh * step_oh + ww).astype(np.int64).ravel()

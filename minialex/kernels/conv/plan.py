@@ -1,0 +1,154 @@
+"""Which path computes a convolution: the routing table, the one place that decides.
+
+A path is named by what it is (see each module's docstring):
+    direct        float32 micro-kernel on channels-last copies (stride 1)        direct.py
+    direct_split  the same micro-kernel on a phase-split copy (any stride)        direct.py
+    blocked       float32 im2col block -> GEMM -> bias/ReLU per cache block       blocked.py
+    batched       im2col + GEMM over chunks of the batch, any dtype               batched.py
+
+RULES is read top to bottom for the call's phase; the first rule whose requirements all hold
+is taken. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
+adds when it is also the faster choice. The reasons and measurements behind each rule are in
+docs/performance.md.
+"""
+import contextlib
+import contextvars
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+PATHS = ("direct", "direct_split", "blocked", "batched")
+PHASES = ("forward", "backward")
+ENV = "MINIALEX_CONV_PATH"
+
+# Stride-1 forwards with at least this many output pixels per image take direct_split (NCHW
+# tiles) instead of direct (channels-last): conv2's 729 is faster that way, conv3-5's 169 not.
+SPLIT_MIN_PLANE = 400
+PANEL = 32  # output (and, for the direct backward, input) channels per micro-tile
+
+
+class Call(NamedTuple):
+    """What the plan looks at in one convolution call."""
+    phase: str          # "forward" or "backward"
+    dtype: str          # of x and w: "float32", "float64"
+    batch: int
+    cin: int
+    cout: int
+    groups: int
+    kernel: tuple       # (kh, kw)
+    stride: tuple       # (sh, sw)
+    padding: tuple      # (ph, pw)
+    plane: int          # output pixels per image, OH*OW
+    threads: int
+    need_dx: bool = True
+    grads_float32: bool = True   # backward: dw C-contiguous float32, db float32 or None
+
+
+# name -> (holds(call), what the call has instead, for the refusal message)
+REQUIREMENTS = {
+    "float32": (lambda c: c.dtype == "float32", lambda c: f"dtype {c.dtype}"),
+    "groups 1": (lambda c: c.groups == 1, lambda c: f"groups {c.groups}"),
+    "Cout in 32s": (lambda c: c.cout % PANEL == 0, lambda c: f"Cout {c.cout}"),
+    "Cin in 32s": (lambda c: c.cin % PANEL == 0, lambda c: f"Cin {c.cin}"),
+    "stride 1": (lambda c: tuple(c.stride) == (1, 1), lambda c: f"stride {tuple(c.stride)}"),
+    "padding < kernel": (lambda c: c.padding[0] < c.kernel[0] and c.padding[1] < c.kernel[1],
+                         lambda c: f"padding {tuple(c.padding)}, kernel {tuple(c.kernel)}"),
+    "no dx": (lambda c: not c.need_dx, lambda c: "the input gradient is wanted"),
+    "float32 grads": (lambda c: c.grads_float32, lambda c: "dw/db not C-contiguous float32"),
+    "batch >= threads": (lambda c: c.batch >= c.threads, lambda c: f"batch {c.batch} < {c.threads} threads"),
+    f"plane < {SPLIT_MIN_PLANE}": (lambda c: c.plane < SPLIT_MIN_PLANE, lambda c: f"plane {c.plane}"),
+}
+
+
+class Rule(NamedTuple):
+    phase: str
+    path: str
+    needs: tuple        # what the path can compute
+    prefer: tuple = ()  # when routing also takes it
+
+
+RULES = (
+    # phase       path            needs                                                   prefer
+    Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
+         (f"plane < {SPLIT_MIN_PLANE}",)),
+    Rule("forward", "direct_split", ("float32", "groups 1", "Cout in 32s", "padding < kernel")),
+    Rule("forward", "blocked", ("float32",)),
+    Rule("forward", "batched", ()),
+    Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
+                                "padding < kernel", "float32 grads")),
+    Rule("backward", "direct_split", ("float32", "groups 1", "Cout in 32s", "no dx", "float32 grads")),
+    Rule("backward", "blocked", ("float32", "batch >= threads")),
+    Rule("backward", "batched", ()),
+)
+
+_forced = contextvars.ContextVar("minialex_conv_path", default=None)
+
+
+def _rule(phase, path):
+    if phase not in PHASES:
+        raise ValueError(f"conv phase must be one of {PHASES}, got {phase!r}")
+    if path not in PATHS:
+        raise ValueError(f"conv path must be one of {PATHS}, got {path!r}")
+    return next(r for r in RULES if r.phase == phase and r.path == path)
+
+
+def broken(path, call):
+    """The requirements of `path` that `call` breaks, each with what the call has instead."""
+    rule = _rule(call.phase, path)
+    return [f"{name} ({REQUIREMENTS[name][1](call)})" for name in rule.needs
+            if not REQUIREMENTS[name][0](call)]
+
+
+def accepts(path, call):
+    """Whether `path` can compute `call` (forced, whether or not routing would choose it)."""
+    return not broken(path, call)
+
+
+def forced():
+    """The path forced by force_path(), else by the MINIALEX_CONV_PATH environment variable, else None."""
+    return _forced.get() or os.environ.get(ENV) or None
+
+
+@contextlib.contextmanager
+def force_path(path):
+    """Every convolution in the block takes `path`; one it does not accept raises ValueError."""
+    _rule("forward", path)
+    token = _forced.set(path)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def route(call):
+    """The path `call` takes: the forced one (ValueError if it refuses the call), else the first
+    rule of the table for the call's phase whose needs and preferences all hold."""
+    path = forced()
+    if path is not None:
+        why = broken(path, call)
+        if why:
+            raise ValueError(f"conv path {path!r} forced, but the {call.phase} of this call breaks "
+                             f"its rule: {', '.join(why)}")
+        return path
+    for rule in RULES:
+        if rule.phase == call.phase and all(REQUIREMENTS[n][0](call) for n in rule.needs + rule.prefer):
+            return rule.path
+    raise AssertionError("the last rule of each phase takes every call")
+
+
+def describe(phase, g, dtype, threads, need_dx=True, grads_float32=True):
+    """The Call of a convolution with layout.Geometry g."""
+    return Call(phase, np.dtype(dtype).name, g.n, g.cin, g.cout, g.groups, (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw),
+                g.oh * g.ow, int(threads), bool(need_dx), bool(grads_float32))
+
+
+def table():
+    """The routing table as text lines (for docs and `python -m minialex summary`)."""
+    lines = [f"{'phase':<9}{'path':<14}needs (and, to be chosen, prefers)"]
+    for r in RULES:
+        text = ", ".join(r.needs) or "anything"
+        if r.prefer:
+            text += " (prefers " + ", ".join(r.prefer) + ")"
+        lines.append(f"{r.phase:<9}{r.path:<14}{text}")
+    return lines
