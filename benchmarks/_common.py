@@ -127,10 +127,13 @@ def machine_info(threads):
     import numba
     info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu_model(),
                 cores=os.cpu_count(), threads=threads, python=sys.version.split()[0],
-                numpy=np.__version__, numba=numba.__version__, torch=None)
+                numpy=np.__version__, numba=numba.__version__, torch=None, onnxruntime=None)
     if torch_available():
         import torch
         info["torch"] = torch.__version__
+    from . import onnxruntime_peer
+    if onnxruntime_peer.available():
+        info["onnxruntime"] = onnxruntime_peer.version()
     return info
 
 
@@ -156,6 +159,9 @@ def set_threads(lib, threads):
     elif lib == "torch":
         import torch
         torch.set_num_threads(threads)
+    elif lib == "onnxruntime":
+        from . import onnxruntime_peer
+        onnxruntime_peer.set_threads(threads)
 
 
 def max_rel_error(ours, ref):

@@ -23,30 +23,45 @@ from ._common import (LOOSE_FACTOR, RTOL, compare_outputs, fmt_ms, fmt_num, fmt_
                       set_threads, time_samples, worker_env)
 
 LIBS = ("minialex", "torch")
+# What each peer needs installed, and the note shown without it.
+MISSING = {"torch": "torch is not importable: no torch timings, and nothing to check our results against",
+           "onnxruntime": "onnx or onnxruntime is not importable: the onnxruntime columns stay empty "
+                          "(pip install onnx onnxruntime)"}
 HEADER = ["case", "batch", "pass", "ours ms", "torch ms", "ours GFLOP/s", "torch GFLOP/s", "torch/ours", "check"]
 
 
-def check_cases(build, cases, rtol=RTOL):
-    """Compare minialex with torch on every case, in this process: [{name, batch, phase, ok, rel_err, error}]."""
+def check_cases(build, cases, rtol=RTOL, peers=("torch",)):
+    """Compare minialex with every library of `peers` on every case, in this process:
+    [{name, batch, peer, phase, ok, rel_err, error}]."""
     out = []
     for case in cases:
         key = dict(name=case["name"], batch=case["batch"])
         try:
             bench = build(case, "minialex")
             ours = bench.outputs()
-            ref = build(case, "torch").outputs()
         except Exception as e:  # a kernel that raises is as wrong as one that miscomputes
-            out.append(dict(key, phase="all", ok=False, rel_err=None, error=f"{type(e).__name__}: {e}"))
+            out.append(dict(key, peer="minialex", phase="all", ok=False, rel_err=None,
+                            error=f"{type(e).__name__}: {e}"))
             continue
-        for phase, expected in ref.items():
-            ok, err, worst = compare_outputs(ours.get(phase, []), expected, rtol, bench.loose.get(phase, ()))
-            names = bench.labels.get(phase, [])
-            where = names[worst] if worst is not None and worst < len(names) else f"output {worst}"
-            limit = rtol
-            if worst in bench.loose.get(phase, ()):
-                where += " (norm-wise)"
-                limit = LOOSE_FACTOR * rtol
-            out.append(dict(key, phase=phase, ok=ok, rel_err=err, limit=limit, worst=where, error=None))
+        for peer in peers:
+            try:
+                ref = build(case, peer).outputs()
+            except Exception as e:
+                out.append(dict(key, peer=peer, phase="all", ok=False, rel_err=None,
+                                error=f"{peer}: {type(e).__name__}: {e}"))
+                continue
+            for phase, expected in ref.items():
+                ok, err, worst = compare_outputs(ours.get(phase, []), expected, rtol, bench.loose.get(phase, ()))
+                names = bench.labels.get(phase, [])
+                where = names[worst] if worst is not None and worst < len(names) else f"output {worst}"
+                limit = rtol
+                if worst in bench.loose.get(phase, ()):
+                    where += " (norm-wise)"
+                    limit = LOOSE_FACTOR * rtol
+                if peer != "torch":
+                    where = f"{where} against {peer}"
+                out.append(dict(key, peer=peer, phase=phase, ok=ok, rel_err=err, limit=limit, worst=where,
+                                error=None))
     return out
 
 
@@ -76,9 +91,10 @@ def worker(module, payload):
     """Child side: run the check or the timings the parent asked for; returns JSON-able results."""
     threads = payload["threads"]
     if payload["action"] == "check":
-        for lib in LIBS:
+        peers = payload.get("peers", ["torch"])
+        for lib in ["minialex", *peers]:
             set_threads(lib, threads)
-        return check_cases(module.build, payload["cases"], payload.get("rtol", RTOL))
+        return check_cases(module.build, payload["cases"], payload.get("rtol", RTOL), peers)
     set_threads(payload["lib"], threads)
     return time_cases(module.build, payload["cases"], payload["lib"], payload["repeats"], payload["warmup"])
 
@@ -102,17 +118,27 @@ class Alternator:
         return list(libs) if self.flip else list(reversed(libs))
 
 
-def run_cases(section, cases, opts, alternator=None):
-    """Check and time `cases` of `section` in child processes; returns the section's result dict."""
+def available_peers(opts, peers):
+    """The libraries of `peers` installed here, and a note for each missing one."""
+    have = dict(torch=opts.have_torch, onnxruntime=getattr(opts, "have_onnxruntime", False))
+    return [p for p in peers if have[p]], [MISSING[p] for p in peers if not have[p]]
+
+
+def run_cases(section, cases, opts, alternator=None, peers=("torch",)):
+    """Check and time `cases` of `section` in child processes; returns the section's result dict.
+
+    `peers` are the libraries ours is checked against and timed beside ("torch", and for
+    inference "onnxruntime"); each record gets `<peer>_s`, `<peer>_best_s`, and the ratio
+    peer ms / our ms (torch's as "ratio", the others' as "<peer>_ratio").
+    """
     alternator = alternator or Alternator()
-    notes, failed = [], False
-    libs = ["minialex", "torch"] if opts.have_torch else ["minialex"]
+    failed = False
+    present, notes = available_peers(opts, peers)
+    libs = ["minialex", *present]
     checks = {}
-    if opts.have_torch:
-        for r in _child(section, dict(action="check", cases=cases), LIBS, opts.threads):
+    if present:
+        for r in _child(section, dict(action="check", cases=cases, peers=present), libs, opts.threads):
             checks.setdefault((r["name"], r["batch"]), []).append(r)
-    else:
-        notes.append("torch is not importable: no torch timings, and nothing to check our results against")
 
     def bad(case):
         return any(not r["ok"] for r in checks.get((case["name"], case["batch"]), []))
@@ -147,19 +173,34 @@ def run_cases(section, cases, opts, alternator=None):
         phases = [p for (n, b, p, lib) in timed if (n, b) == key and lib == "minialex"]
         for phase in phases:
             ours = timed[key + (phase, "minialex")]
-            peer = timed.get(key + (phase, "torch"))
-            check = next((r for r in found if r["phase"] == phase), None)
-            status = "OK" if check else "unchecked"
-            rec = dict(case=case["name"], batch=case["batch"], phase=phase, status=status,
+            checked = {r["peer"]: r for r in found if r["phase"] == phase}
+            check = checked.get("torch")
+            rec = dict(case=case["name"], batch=case["batch"], phase=phase,
+                       status="OK" if checked else "unchecked",
                        rel_err=check["rel_err"] if check else None, flops=ours["flops"],
-                       ours_s=ours["median_s"], ours_best_s=ours["best_s"],
-                       torch_s=peer["median_s"] if peer else None, torch_best_s=peer["best_s"] if peer else None)
+                       ours_s=ours["median_s"], ours_best_s=ours["best_s"])
+            for peer in peers:
+                timing = timed.get(key + (phase, peer))
+                rec[f"{peer}_s"] = timing["median_s"] if timing else None
+                rec[f"{peer}_best_s"] = timing["best_s"] if timing else None
+                rec[f"{peer}_gflops"] = ours["flops"] / timing["median_s"] / 1e9 if ours["flops"] and timing else None
+                rec["ratio" if peer == "torch" else f"{peer}_ratio"] = (
+                    timing["median_s"] / rec["ours_s"] if timing else None)
+                if peer != "torch":
+                    rec[f"{peer}_rel_err"] = checked[peer]["rel_err"] if peer in checked else None
             rec["ours_gflops"] = ours["flops"] / ours["median_s"] / 1e9 if ours["flops"] else None
-            rec["torch_gflops"] = ours["flops"] / peer["median_s"] / 1e9 if ours["flops"] and peer else None
-            rec["ratio"] = rec["torch_s"] / rec["ours_s"] if peer else None
             records.append(rec)
             rows.append([case["name"], case["batch"], phase, fmt_ms(rec["ours_s"]), fmt_ms(rec["torch_s"]),
                          fmt_num(rec["ours_gflops"]), fmt_num(rec["torch_gflops"]),
-                         fmt_ratio(rec["torch_s"], rec["ours_s"]),
-                         f"OK ({rec['rel_err']:.1e})" if check else status])
+                         fmt_ratio(rec["torch_s"], rec["ours_s"]), check_cell(rec, peers)])
     return dict(records=records, table=markdown_table(HEADER, rows), notes=notes, failed=failed)
+
+
+def check_cell(rec, peers=("torch",)):
+    """The check column: the status with the error against each peer that was checked."""
+    if rec["status"] != "OK":
+        return rec["status"]
+    errors = [f"{rec['rel_err']:.1e}"] if rec["rel_err"] is not None else []
+    errors += [f"{p} {rec[p + '_rel_err']:.1e}" for p in peers
+               if p != "torch" and rec.get(p + "_rel_err") is not None]
+    return f"OK ({', '.join(errors)})"

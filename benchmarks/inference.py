@@ -1,7 +1,8 @@
 """Inference of torchvision's AlexNet in eval mode: batch-1 latency and batch-64 throughput.
 
-torch runs under torch.no_grad(), as a deployment would; both networks hold the same weights
-and the check compares the logits.
+Two peers: torch under torch.no_grad(), as a deployment would, and onnxruntime (float32) running
+our model as minialex's own ONNX exporter writes it (onnxruntime_peer.py; optional). All hold the
+same weights and the check compares each peer's logits with ours.
 """
 from . import harness
 from .ops import Bench
@@ -9,6 +10,7 @@ from .step import forward_flops, images_table, model_and_data
 
 TITLE = "Inference, eval mode (torchvision AlexNet, 224×224)"
 PHASE = "forward (eval)"
+PEERS = ("torch", "onnxruntime")
 
 
 def cases(opts):
@@ -23,6 +25,13 @@ def build(case, lib):
     if lib == "minialex":
         def forward():
             return model(x)
+    elif lib == "onnxruntime":
+        from . import onnxruntime_peer
+        run_session = onnxruntime_peer.session(model, case["size"])
+        del model
+
+        def forward():
+            return run_session(x)
     else:
         import torch
         from tests.torch_reference import torch_model_like
@@ -39,4 +48,4 @@ def build(case, lib):
 
 
 def run(opts, alternator=None):
-    return images_table(harness.run_cases("inference", cases(opts), opts, alternator))
+    return images_table(harness.run_cases("inference", cases(opts), opts, alternator, PEERS), peers=PEERS)

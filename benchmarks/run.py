@@ -9,8 +9,9 @@ one warm-up call, as the median of --repeats calls (of all --rounds children, ea
 children alternating with the other's, for the sections that compare with torch); a row's ratio is torch ms / our ms, so above
 1 means we are faster. Before anything is timed our results are compared with torch's; a
 mismatch marks its row FAILED, leaves it untimed and makes the exit status 1. torch is
-optional: without it the torch columns stay empty and nothing is checked. Bad options: one line
-on stderr, exit status 2.
+optional: without it the torch columns stay empty and nothing is checked. The inference section
+also runs our model exported to ONNX in onnxruntime, checked and timed the same way (its columns
+stay empty without onnx and onnxruntime). Bad options: one line on stderr, exit status 2.
 """
 import argparse
 import importlib
@@ -23,7 +24,7 @@ if __package__ in (None, ""):
     # run as a script (python benchmarks/run.py): make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, onnxruntime_peer  # noqa: E402
 from benchmarks._common import RTOL, machine_info, torch_available  # noqa: E402
 from minialex.config import positive_int as _positive_int
 
@@ -97,13 +98,16 @@ def parse_options(argv):
     a.warmup = 1
     # not in a worker: importing torch there would put it beside Numba in a minialex child
     a.have_torch = False if a.worker else torch_available()
+    a.have_onnxruntime = False if a.worker else onnxruntime_peer.available()
     return a
 
 
 def header_line(info, opts):
     torch_v = info["torch"] or "not installed"
+    ort_v = info.get("onnxruntime") or "not installed"
     return (f"minialex benchmarks, {info['date']}; CPU: {info['cpu']} ({info['cores']} logical); "
             f"threads: {info['threads']}; numpy {info['numpy']}, numba {info['numba']}, torch {torch_v}, "
+            f"onnxruntime {ort_v}, "
             f"Python {info['python']}; median of {opts.repeats} after {opts.warmup} warm-up"
             + (f", pooled over {opts.rounds} rounds alternating with torch" if opts.rounds > 1 else "")
             + (" (--quick)" if opts.quick else ""))

@@ -113,20 +113,27 @@ def build(case, lib):
     return Bench([(PHASE, step, flops)], outputs, labels, loose)
 
 
-def images_table(result, header_first=("case", "batch")):
-    """Replace the harness's table by one with images per second, for whole-model sections."""
+def images_table(result, header_first=("case", "batch"), peers=("torch",)):
+    """Replace the harness's table by one with images per second, for whole-model sections;
+    a peer beyond torch (inference's onnxruntime) adds its ms, img/s and ratio columns."""
+    extra = [p for p in peers if p != "torch"]
     rows = []
     for r in result["records"]:
         if r["status"] == "FAILED":
-            rows.append([r["case"], r["batch"], "–", "–", "–", "–", "–", "–", f"FAILED: {r['detail']}"])
+            rows.append([r["case"], r["batch"], *["–"] * (6 + 3 * len(extra)), f"FAILED: {r['detail']}"])
             continue
         ips = r["batch"] / r["ours_s"]
         tips = r["batch"] / r["torch_s"] if r["torch_s"] else None
         r["ours_images_s"], r["torch_images_s"] = ips, tips
-        check = f"OK ({r['rel_err']:.1e})" if r["status"] == "OK" else r["status"]
-        rows.append([r["case"], r["batch"], fmt_ms(r["ours_s"]), fmt_ms(r["torch_s"]), fmt_num(ips),
-                     fmt_num(tips), fmt_num(r["ours_gflops"]), fmt_ratio(r["torch_s"], r["ours_s"]), check])
-    header = [*header_first, "ours ms", "torch ms", "ours img/s", "torch img/s", "ours GFLOP/s", "torch/ours",
+        for p in extra:
+            r[f"{p}_images_s"] = r["batch"] / r[f"{p}_s"] if r[f"{p}_s"] else None
+        rows.append([r["case"], r["batch"], fmt_ms(r["ours_s"]), fmt_ms(r["torch_s"]),
+                     *[fmt_ms(r[f"{p}_s"]) for p in extra], fmt_num(ips), fmt_num(tips),
+                     *[fmt_num(r[f"{p}_images_s"]) for p in extra], fmt_num(r["ours_gflops"]),
+                     fmt_ratio(r["torch_s"], r["ours_s"]), *[fmt_ratio(r[f"{p}_s"], r["ours_s"]) for p in extra],
+                     harness.check_cell(r, peers)])
+    header = [*header_first, "ours ms", "torch ms", *[f"{p} ms" for p in extra], "ours img/s", "torch img/s",
+              *[f"{p} img/s" for p in extra], "ours GFLOP/s", "torch/ours", *[f"{p}/ours" for p in extra],
               "check"]
     result["table"] = markdown_table(header, rows)
     return result
