@@ -205,3 +205,70 @@ def test_distributed_section_quick_end_to_end(tmp_path, capsys):
         if r["processes"] == 2:
             assert r["comm_s"] > 0 and 0 <= r["wait_s"] and r["hidden"] <= 1
     assert len(records["model_errors"]) == 2 and all(abs(e) < 10 for e in records["model_errors"])
+
+
+# -- onnxruntime, the inference section's second peer ----------------------------------------------------
+
+TINY_NET = dict(name="cifar tiny", variant="cifar", batch=2, size=32, classes=10)
+
+
+def _in_process_children(monkeypatch, section):
+    monkeypatch.setattr(harness, "_child",
+                        lambda name, payload, libs, threads: harness.worker(section, dict(payload, threads=threads)))
+
+
+def test_onnxruntime_peer_checks_our_logits_and_catches_a_wrong_one(monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from benchmarks import inference
+    (good,) = harness.check_cases(inference.build, [TINY_NET], peers=["onnxruntime"])
+    assert good["ok"] and good["peer"] == "onnxruntime" and good["rel_err"] < 1e-5, good
+    # our classifier's last layer goes wrong; onnxruntime runs the exported weights, so it must disagree
+    from minialex.nn import linear
+    right = linear.linear_forward
+    monkeypatch.setattr(linear, "linear_forward", lambda x, w, b: right(x, w, b) * np.float32(1.5))
+    (bad,) = harness.check_cases(inference.build, [TINY_NET], peers=["onnxruntime"])
+    assert not bad["ok"] and "against onnxruntime" in bad["worst"] and bad["rel_err"] > 0.1
+
+
+def test_inference_section_reports_onnxruntime_beside_torch_in_child_processes():
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from benchmarks import inference
+    from benchmarks.step import images_table
+    opts = _opts()
+    result = images_table(harness.run_cases("inference", [TINY_NET], opts, peers=inference.PEERS),
+                          peers=inference.PEERS)
+    assert not result["failed"], result["table"]
+    (rec,) = result["records"]
+    assert rec["status"] == "OK" and rec["onnxruntime_s"] > 0 and rec["onnxruntime_rel_err"] < 1e-5
+    assert rec["onnxruntime_ratio"] == pytest.approx(rec["onnxruntime_s"] / rec["ours_s"])
+    assert rec["onnxruntime_images_s"] == pytest.approx(2 / rec["onnxruntime_s"])
+    header = result["table"].splitlines()[0]
+    assert "| torch ms | onnxruntime ms |" in header and "| torch/ours | onnxruntime/ours |" in header
+    assert f"onnxruntime {rec['onnxruntime_rel_err']:.1e})" in result["table"]
+    assert not any("onnxruntime" in n for n in result["notes"])
+
+
+def test_without_onnxruntime_its_columns_stay_empty_with_a_note(monkeypatch):
+    from benchmarks import inference
+    from benchmarks.step import images_table
+    _in_process_children(monkeypatch, inference)
+    opts = _opts("--repeats", "1")
+    opts.have_torch, opts.have_onnxruntime = False, False
+    result = images_table(harness.run_cases("inference", [TINY_NET], opts, peers=inference.PEERS),
+                          peers=inference.PEERS)
+    (rec,) = result["records"]
+    assert rec["status"] == "unchecked" and rec["ours_s"] > 0
+    assert rec["onnxruntime_s"] is None and rec["onnxruntime_ratio"] is None and rec["torch_s"] is None
+    assert any("onnxruntime is not importable" in n and "pip install onnx onnxruntime" in n for n in result["notes"])
+    row = result["table"].splitlines()[2]
+    assert row.startswith("| cifar tiny | 2 |") and row.endswith("| – | – | unchecked |")
+    assert len(row.split("|")) == len(result["table"].splitlines()[0].split("|"))
+
+
+def test_other_sections_keep_torch_as_their_only_peer(monkeypatch):
+    _in_process_children(monkeypatch, types.SimpleNamespace(build=ops.build))
+    result = harness.run_cases("layers", TINY[1:2], _opts())
+    assert all("onnxruntime_s" not in r for r in result["records"])
+    assert not any("onnxruntime" in n for n in result["notes"])
