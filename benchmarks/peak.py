@@ -1,21 +1,26 @@
-"""Peak float32 FMA throughput of this CPU as Numba reaches it, the yardstick for every GFLOP/s.
+"""Peak float32 FMA throughput of this CPU as Numba reaches it, the yardstick for every GFLOP/s,
+and beside it the bf16 dot-product peak (`vdpbf16ps`, 32 multiply-adds per instruction against the
+FMA's 16): the arithmetic ceiling a bf16 layer could reach, from the same run.
 
 Each thread keeps ACCUMULATORS independent 16-lane vectors and updates each with one fused
 multiply-add per iteration: enough chains in flight to hide the FMA latency on two FMA pipes,
 few enough to stay in registers. Nothing is loaded or stored in the loop, so this is the
 arithmetic ceiling; a GEMM at 80-90% of it is doing well. Measured with 1 and with the
-requested number of threads, in a child process that imports only Numba.
+requested number of threads, in a child process that imports only Numba. The bf16 probe has the
+same shape; it runs only where the CPU flags list avx512_bf16, after checking its result on known
+values.
 """
 import json
 
 import numpy as np
 from numba import njit, prange
 
-from minialex.kernels.simd import LANES, vfma, vhsum, vsplat
+from minialex.kernels.simd import LANES, vfma, vhsum, vsplat, vstore, vzero
+from minialex.kernels.simd_bf16 import bload, bsplat_pair, has_avx512_bf16, vdpbf16
 
 from ._common import markdown_table, run_worker, set_threads, time_call, worker_env
 
-TITLE = "Peak FMA throughput (Numba, float32)"
+TITLE = "Peak throughput (Numba): float32 FMA and bf16 dot product"
 ACCUMULATORS = 12
 
 
@@ -50,20 +55,77 @@ def _fma_threads(nthreads, iters, out):
         out[t] = _fma_chains(iters, np.float32(1e-3 * (t + 1)))
 
 
-def probe(threads, iters, repeats):
-    """(median GFLOP/s, best GFLOP/s) with `threads` threads, each running `iters` iterations."""
+# cache=True keeps the inline assembly: a second process loads it from the cache, exact
+@njit(cache=True)
+def _bf16_chains(iters, seed):
+    # 12 independent chains: acc += a . b pairwise, 32 multiply-adds each; the sums grow linearly
+    # (10^7 iterations of 2 * seed stay far below float32's range)
+    bits = np.uint32(np.float32(seed).view(np.uint32)) >> 16
+    a = bsplat_pair(np.uint32((bits << 16) | bits))
+    b = bsplat_pair(np.uint32(0x3F803F80))   # bf16 1.0 in both halves
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = vzero()
+    for _ in range(iters):
+        c0 = vdpbf16(c0, a, b)
+        c1 = vdpbf16(c1, a, b)
+        c2 = vdpbf16(c2, a, b)
+        c3 = vdpbf16(c3, a, b)
+        c4 = vdpbf16(c4, a, b)
+        c5 = vdpbf16(c5, a, b)
+        c6 = vdpbf16(c6, a, b)
+        c7 = vdpbf16(c7, a, b)
+        c8 = vdpbf16(c8, a, b)
+        c9 = vdpbf16(c9, a, b)
+        c10 = vdpbf16(c10, a, b)
+        c11 = vdpbf16(c11, a, b)
+    return vhsum(c0) + vhsum(c1) + vhsum(c2) + vhsum(c3) + vhsum(c4) + vhsum(c5) + \
+        vhsum(c6) + vhsum(c7) + vhsum(c8) + vhsum(c9) + vhsum(c10) + vhsum(c11)
+
+
+@njit(parallel=True, cache=True)
+def _bf16_threads(nthreads, iters, out):
+    for t in prange(nthreads):
+        out[t] = _bf16_chains(iters, np.float32(1e-3 * (t + 1)))
+
+
+@njit(cache=True)
+def _bf16_dot(a, b, out):
+    # a, b: (32,) uint16 bf16 patterns ; out: (16,) float32 <- one vdpbf16ps from zero
+    vstore(out, 0, vdpbf16(vzero(), bload(a, 0), bload(b, 0)))
+
+
+def check_bf16():
+    """Raise unless one vdpbf16ps gives 2*3 + 2*3 = 12 in every lane for bf16 2.0 and 3.0 pairs."""
+    two, three = np.full(32, 0x4000, np.uint16), np.full(32, 0x4040, np.uint16)
+    out = np.zeros(16, np.float32)
+    _bf16_dot(two, three, out)
+    if not (out == 12.0).all():
+        raise RuntimeError(f"bf16 probe: vdpbf16ps gave {out.tolist()} for 2*3 + 2*3, not 12")
+
+
+def probe(threads, iters, repeats, kind="fp32"):
+    """(median GFLOP/s, best GFLOP/s) with `threads` threads, each running `iters` iterations of
+    12 float32 FMAs ("fp32", 16 multiply-adds each) or 12 vdpbf16ps ("bf16", 32 each)."""
     set_threads("minialex", threads)
     out = np.zeros(threads, dtype=np.float32)
-    med, best = time_call(lambda: _fma_threads(threads, iters, out), repeats, warmup=1)
+    fn, per_instr = (_fma_threads, LANES) if kind == "fp32" else (_bf16_threads, 2 * LANES)
+    med, best = time_call(lambda: fn(threads, iters, out), repeats, warmup=1)
     if not np.isfinite(out).all():
-        raise RuntimeError("FMA probe produced non-finite sums")
-    flops = 2.0 * LANES * ACCUMULATORS * iters * threads
+        raise RuntimeError(f"{kind} peak probe produced non-finite sums")
+    flops = 2.0 * per_instr * ACCUMULATORS * iters * threads
     return flops / med / 1e9, flops / best / 1e9
 
 
 def worker(payload):
-    return [dict(threads=t, **dict(zip(("gflops", "gflops_best"), probe(t, payload["iters"], payload["repeats"]))))
-            for t in payload["thread_counts"]]
+    bf16 = has_avx512_bf16()
+    if bf16:
+        check_bf16()
+    rows = []
+    for t in payload["thread_counts"]:
+        r = dict(threads=t, **dict(zip(("gflops", "gflops_best"), probe(t, payload["iters"], payload["repeats"]))))
+        if bf16:
+            r.update(zip(("bf16_gflops", "bf16_gflops_best"), probe(t, payload["iters"], payload["repeats"], "bf16")))
+        rows.append(r)
+    return rows
 
 
 def run(opts, alternator=None):
@@ -74,8 +136,18 @@ def run(opts, alternator=None):
     env = worker_env("minialex", max(counts))
     payload = dict(section="peak", thread_counts=counts, iters=iters, repeats=max(opts.repeats, 3))
     res = run_worker("benchmarks.run", ["--worker", json.dumps(payload)], env)
-    rows = [[r["threads"], f"{r['gflops']:.1f}", f"{r['gflops_best']:.1f}", f"{r['gflops'] / r['threads']:.1f}"]
-            for r in res]
-    table = markdown_table(["threads", "GFLOP/s (median)", "GFLOP/s (best)", "per thread"], rows)
+    rows = []
+    for r in res:
+        rows.append(["float32 FMA", r["threads"], f"{r['gflops']:.1f}", f"{r['gflops_best']:.1f}",
+                     f"{r['gflops'] / r['threads']:.1f}", "1.00x"])
+        if "bf16_gflops" in r:
+            r["bf16_ratio"] = r["bf16_gflops"] / r["gflops"]
+            rows.append(["bf16 dot (vdpbf16ps)", r["threads"], f"{r['bf16_gflops']:.1f}", f"{r['bf16_gflops_best']:.1f}",
+                         f"{r['bf16_gflops'] / r['threads']:.1f}", f"{r['bf16_ratio']:.2f}x"])
+        else:
+            rows.append(["bf16 dot (vdpbf16ps)", r["threads"], "not supported by this CPU", "", "", ""])
+    table = markdown_table(["instruction", "threads", "GFLOP/s (median)", "GFLOP/s (best)", "per thread",
+                            "vs float32 (median)"], rows)
     return dict(records=res, table=table, failed=False,
-                notes=[f"{ACCUMULATORS} independent {LANES}-lane FMA chains per thread, no memory traffic"])
+                notes=[f"{ACCUMULATORS} independent {LANES}-lane accumulator chains per thread, no memory traffic; "
+                       "2 flops per multiply-add: 16 per FMA, 32 per vdpbf16ps"])

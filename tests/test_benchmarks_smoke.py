@@ -128,6 +128,23 @@ def test_suite_entry_point_runs_peak_and_writes_json(tmp_path, capsys):
     assert report["failed"] is False and report["machine"]["numba"]
 
 
+def test_peak_reports_bf16_beside_float32_or_says_it_is_unsupported(monkeypatch):
+    from benchmarks import peak
+    from minialex.kernels.simd_bf16 import has_avx512_bf16
+    monkeypatch.setattr(peak, "run_worker", lambda module, args, env: peak.worker(json.loads(args[1])))
+    result = peak.run(_opts())
+    if has_avx512_bf16():
+        assert all(r["bf16_gflops"] > 0.1 and r["bf16_ratio"] > 0 for r in result["records"])
+        assert result["table"].count("vdpbf16ps") == 2 and "not supported" not in result["table"]
+    # without the flag nothing of bf16 is executed and each row says why
+    monkeypatch.setattr(peak, "has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(peak, "_bf16_threads", None)
+    monkeypatch.setattr(peak, "_bf16_dot", None)
+    result = peak.run(_opts())
+    assert all("bf16_gflops" not in r for r in result["records"])
+    assert result["table"].count("not supported by this CPU") == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sections", "peak,nope"], "unknown section 'nope'"),
     (["--threads", "0"], "must be at least 1"),
