@@ -142,8 +142,9 @@ def run(opts, alternator=None):
                      f"{r['gflops'] / r['threads']:.1f}", "1.00x"])
         if "bf16_gflops" in r:
             r["bf16_ratio"] = r["bf16_gflops"] / r["gflops"]
-            rows.append(["bf16 dot (vdpbf16ps)", r["threads"], f"{r['bf16_gflops']:.1f}", f"{r['bf16_gflops_best']:.1f}",
-                         f"{r['bf16_gflops'] / r['threads']:.1f}", f"{r['bf16_ratio']:.2f}x"])
+            rows.append(["bf16 dot (vdpbf16ps)", r["threads"], f"{r['bf16_gflops']:.1f}",
+                         f"{r['bf16_gflops_best']:.1f}", f"{r['bf16_gflops'] / r['threads']:.1f}",
+                         f"{r['bf16_ratio']:.2f}x"])
         else:
             rows.append(["bf16 dot (vdpbf16ps)", r["threads"], "not supported by this CPU", "", "", ""])
     table = markdown_table(["instruction", "threads", "GFLOP/s (median)", "GFLOP/s (best)", "per thread",
