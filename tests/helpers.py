@@ -145,18 +145,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["-arch", "cifar", "-batchsize", "8", "-threads", "1", "-workers", "1", "-seed", "5"]
 
 
+def cli_env(**extra):
+    """The environment a command-line child runs in: this checkout first on the path, 2 threads."""
+    return dict(os.environ, NUMBA_NUM_THREADS="2",
+                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), **extra)
+
+
 def run_cli(args, cwd, timeout=120, env=None):
     """`python -m minialex ARGS` as a user runs it; a hang fails the test through the timeout."""
-    full_env = dict(os.environ, NUMBA_NUM_THREADS="2",
-                    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd,
+                          env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def popen_cli(args, cwd, **kw):
-    env = dict(os.environ, NUMBA_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "minialex", *map(str, args)], cwd=cwd, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -16,18 +16,14 @@ import pytest
 from minialex.checkpoint import load_checkpoint
 from minialex.data import demo_dataset, read_list
 
+from helpers import cli_env, write_list
+
 pytest.importorskip("mpi4py", reason="data-parallel training needs mpi4py (pip install 'minialex[mpi]')")
 # The mpich wheel puts mpiexec beside the interpreter, which need not be on PATH.
 MPIEXEC = shutil.which("mpiexec") or shutil.which("mpiexec", path=os.path.dirname(sys.executable))
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["-arch", "cifar", "-workers", "0", "-seed", "3"]
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-                NUMBA_NUM_THREADS="2")
 
 
 def mpi(n, args, cwd, timeout=240):
@@ -35,22 +31,17 @@ def mpi(n, args, cwd, timeout=240):
     command = [sys.executable, "-m", "minialex", *map(str, args)]
     if n:
         command = [MPIEXEC, "-n", str(n), *command]
-    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def start(n, args, cwd):
     return subprocess.Popen([MPIEXEC, "-n", str(n), sys.executable, "-m", "minialex", *map(str, args)],
-                            cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def samples():
     return read_list(demo_dataset().train_list)
-
-
-def write_list(path, samples):
-    path.write_text("".join(f"{s.label} {s.path}\n" for s in samples))
-    return path
 
 
 def weights(path):
@@ -136,7 +127,7 @@ def test_lists_that_differ_between_processes_are_refused(samples, tmp_path):
     command = [sys.executable, "-m", "minialex", "train", "-epochs", 1, "-batchsize", 4, *COMMON]
     r = subprocess.run([MPIEXEC, "-n", "1", *map(str, command), "-list", "a.list", ":",
                         "-n", "1", *map(str, command), "-list", "b.list"],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 2, r.stderr
     line = one_error_line(r)
     assert "the training list" in line and "differs between processes: rank 1" in line, line
