@@ -69,7 +69,7 @@ def run_eval(list_path, weights, batch_size=32, workers=2, threads=None):
     world = distributed.world()
 
     def prepare():
-        set_threads(threads if threads is not None or not world.distributed else world.default_threads())
+        set_threads(threads, world)
         ckpt = load_checkpoint(weights)
         samples = check_images_exist(read_list(list_path, len(ckpt.class_names)), list_path)
         return ckpt, model_from_checkpoint(ckpt), samples

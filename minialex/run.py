@@ -81,10 +81,7 @@ def prepare_run(cfg: TrainConfig, world=None) -> Run:
 
 def _prepare_here(cfg, world):
     """The part of the set-up each process does alone (and where anything can fail)."""
-    threads = cfg.threads
-    if threads is None and world.distributed:
-        threads = world.default_threads()
-    set_threads(threads)
+    set_threads(cfg.threads, world)
     if cfg.resume:   # before -save, which defaults to it
         check_input_file(cfg.resume, "checkpoint", CheckpointError)
     cfg = replace(cfg, save=cfg.save if cfg.save is not None else (cfg.resume or "alexnet.npz"))
@@ -186,8 +183,11 @@ def _resumed(cfg, world):
 
 # -- the pieces they share --------------------------------------------------------------------------
 
-def set_threads(threads):
-    """numba.set_num_threads(threads), checked against what Numba was started with."""
+def set_threads(threads, world=None):
+    """numba.set_num_threads(threads), checked against what Numba was started with. Without
+    -threads, a process of a data-parallel `world` takes its share of its node's cores."""
+    if threads is None and world is not None and world.distributed:
+        threads = world.default_threads()
     if threads is None:
         return
     import numba
