@@ -56,7 +56,7 @@ DOT_MAX_M = 8  # A·Bᵀ with at most this many rows (an FC layer at small batch
 
 
 @njit(cache=True)
-def _aligned_f32(n):
+def aligned_f32(n):
     """A float32 buffer of n elements whose data pointer is 64-byte aligned."""
     raw = np.empty(n + 16, dtype=np.float32)
     off = ((64 - raw.ctypes.data % 64) % 64) // 4
@@ -242,9 +242,9 @@ def gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, i
     prepacked = pk_mcb > 0
     mcb = pk_mcb if prepacked else (SMALL_M if inplace else MC)
     nkb = (k + KC - 1) // KC
-    abuf = _aligned_f32(MR if prepacked else mcb * KC)
-    bbuf = _aligned_f32(KC * (NR if inplace else NC))
-    tile = _aligned_f32(MR * NR)
+    abuf = aligned_f32(MR if prepacked else mcb * KC)
+    bbuf = aligned_f32(KC * (NR if inplace else NC))
+    tile = aligned_f32(MR * NR)
     for jc in range(n0, n1, NC):
         nc = min(NC, n1 - jc)
         nfull = nc - nc % NR if inplace else 0  # columns read in place

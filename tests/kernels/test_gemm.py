@@ -181,7 +181,7 @@ def test_rejects_bad_arguments(bad):
 
 def test_packed_buffers_are_64_byte_aligned():
     for n in (1, 7, 100, 3000):
-        buf = gemm_mod._aligned_f32(n)
+        buf = gemm_mod.aligned_f32(n)
         assert buf.shape == (n,) and buf.ctypes.data % 64 == 0
 
 

@@ -1,21 +1,23 @@
 """2-D convolution (PyTorch Conv2d semantics, groups included, no dilation).
 
 conv2d_forward / conv2d_backward check their arguments, handle an empty batch, ask plan.route
-which path computes the call and run it; the paths (direct.py, blocked.py, batched.py) share
-geometry and layouts through layout.py. force_path(name) (or the MINIALEX_CONV_PATH environment
+which path computes the call and run it; the paths (direct.py, blocked.py, batched.py,
+winograd.py) share geometry and layouts through layout.py. A backward routed to winograd gets
+its input gradient from winograd.py and its weight and bias gradients from the path the plan
+routes the same call without dx to. force_path(name) (or the MINIALEX_CONV_PATH environment
 variable) makes every call take one path, for tests. The _ref twins are plain NumPy sums.
 """
 import numba
 import numpy as np
 
-from minialex.kernels.conv import batched, blocked, direct, plan
+from minialex.kernels.conv import batched, blocked, direct, plan, winograd
 from minialex.kernels.conv.layout import geometry
 from minialex.kernels.conv.plan import force_path
 from minialex.shapes import conv_output_size, pair
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv2d_forward_ref", "conv2d_backward_ref", "force_path"]
 
-_FORWARD = {"direct": direct.forward, "direct_split": direct.forward_split,
+_FORWARD = {"winograd": winograd.forward, "direct": direct.forward, "direct_split": direct.forward_split,
             "blocked": blocked.forward, "batched": batched.forward}
 _BACKWARD = {"direct": direct.backward, "direct_split": direct.backward_split,
              "blocked": blocked.backward, "batched": batched.backward}
@@ -75,7 +77,12 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
                 db[...] = 0
         return np.zeros_like(x) if need_dx else None
     nthreads = numba.get_num_threads()
-    path = plan.route(plan.describe("backward", g, x.dtype, nthreads, need_dx, _grads_float32(dw, db)))
+    call = plan.describe("backward", g, x.dtype, nthreads, need_dx, _grads_float32(dw, db))
+    path = plan.route(call)
+    if path == "winograd":
+        weights_path = plan.route_unforced(plan.weight_grad_call(call))
+        _BACKWARD[weights_path](dy, x, w, dw, db, g, accumulate, False, relu_out, nthreads)
+        return winograd.input_grad(dy, w, g, relu_out, nthreads)
     return _BACKWARD[path](dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads)
 
 

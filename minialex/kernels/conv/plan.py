@@ -5,6 +5,8 @@ A path is named by what it is (see each module's docstring):
     direct_split  the same micro-kernel on a phase-split copy (any stride)        direct.py
     blocked       float32 im2col block -> GEMM -> bias/ReLU per cache block       blocked.py
     batched       im2col + GEMM over chunks of the batch, any dtype               batched.py
+    winograd      F(2x2, 3x3) minimal filtering: forward and input gradient        winograd.py
+                  (its weight gradient takes the path routed for the call without dx)
 
 RULES is read top to bottom for the call's phase; the first rule whose requirements all hold
 is taken. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
@@ -18,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-PATHS = ("direct", "direct_split", "blocked", "batched")
+PATHS = ("winograd", "direct", "direct_split", "blocked", "batched")
 PHASES = ("forward", "backward")
 ENV = "MINIALEX_CONV_PATH"
 
@@ -55,10 +57,16 @@ REQUIREMENTS = {
     "padding < kernel": (lambda c: c.padding[0] < c.kernel[0] and c.padding[1] < c.kernel[1],
                          lambda c: f"padding {tuple(c.padding)}, kernel {tuple(c.kernel)}"),
     "no dx": (lambda c: not c.need_dx, lambda c: "the input gradient is wanted"),
+    "dx wanted": (lambda c: c.need_dx, lambda c: "no input gradient is wanted"),
+    "3x3": (lambda c: tuple(c.kernel) == (3, 3), lambda c: f"kernel {tuple(c.kernel)}"),
+    "padding 1": (lambda c: tuple(c.padding) == (1, 1), lambda c: f"padding {tuple(c.padding)}"),
     "float32 grads": (lambda c: c.grads_float32, lambda c: "dw/db not C-contiguous float32"),
     "batch >= threads": (lambda c: c.batch >= c.threads, lambda c: f"batch {c.batch} < {c.threads} threads"),
     f"plane < {SPLIT_MIN_PLANE}": (lambda c: c.plane < SPLIT_MIN_PLANE, lambda c: f"plane {c.plane}"),
 }
+
+
+WINOGRAD = ("float32", "groups 1", "3x3", "stride 1", "padding 1")
 
 
 class Rule(NamedTuple):
@@ -70,11 +78,13 @@ class Rule(NamedTuple):
 
 RULES = (
     # phase       path            needs                                                   prefer
+    Rule("forward", "winograd", WINOGRAD),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
          (f"plane < {SPLIT_MIN_PLANE}",)),
     Rule("forward", "direct_split", ("float32", "groups 1", "Cout in 32s", "padding < kernel")),
     Rule("forward", "blocked", ("float32",)),
     Rule("forward", "batched", ()),
+    Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads")),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                 "padding < kernel", "float32 grads")),
     Rule("backward", "direct_split", ("float32", "groups 1", "Cout in 32s", "no dx", "float32 grads")),
@@ -131,6 +141,17 @@ def route(call):
             raise ValueError(f"conv path {path!r} forced, but the {call.phase} of this call breaks "
                              f"its rule: {', '.join(why)}")
         return path
+    return route_unforced(call)
+
+
+def weight_grad_call(call):
+    """The call whose route computes the weight gradient when the winograd path computes the
+    input gradient: the same backward without dx (never winograd, whatever is forced)."""
+    return call._replace(need_dx=False)
+
+
+def route_unforced(call):
+    """The path the table gives `call`, ignoring any forced path."""
     for rule in RULES:
         if rule.phase == call.phase and all(REQUIREMENTS[n][0](call) for n in rule.needs + rule.prefer):
             return rule.path
