@@ -14,8 +14,8 @@ def conv_paths(conv, input_shape, threads, first):
     g = geometry(input_shape, conv.weight.data.shape, conv.stride, conv.padding, conv.groups)
     if g.n == 0:
         return "-", "-"
-    return (plan.route(plan.describe("forward", g, np.float32, threads)),
-            plan.route(plan.describe("backward", g, np.float32, threads, need_dx=not first)))
+    return (plan.label(plan.describe("forward", g, np.float32, threads)),
+            plan.label(plan.describe("backward", g, np.float32, threads, need_dx=not first)))
 
 
 def summary(model, input_shape, file=None, print_table=True, threads=None):

@@ -104,6 +104,13 @@ def check_backward(path, c, y_ref=None):
 @st.composite
 def cases(draw, path, phase):
     """A Case that `path` accepts in `phase`, small enough to run in milliseconds."""
+    if path == "winograd":      # float32, groups 1, 3x3, stride 1, padding 1; any channels and plane
+        n, cin, cout = draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
+        case = Case(n, cin, cout, draw(st.integers(1, 12)), draw(st.integers(1, 12)), (3, 3), (1, 1), (1, 1), 1,
+                    np.float32, draw(st.booleans()), draw(st.booleans()), True, draw(st.booleans()),
+                    draw(st.sampled_from([1, 2])), draw(st.integers(0, 2**31)))
+        assert plan.accepts(path, case.call(phase)), plan.broken(path, case.call(phase))
+        return case
     direct = path in ("direct", "direct_split")
     groups = 1 if direct else draw(st.integers(1, 3))
     cout = draw(st.sampled_from([32, 64])) if direct else groups * draw(st.integers(1, 6))
@@ -204,10 +211,16 @@ def test_route_of_alexnet_layers():
     assert plan.route(_alexnet_call(conv["conv1"], "forward", 8, 2)) == "direct_split"
     assert plan.route(_alexnet_call(conv["conv1"], "backward", 8, 2, need_dx=False)) == "direct_split"
     assert plan.route(_alexnet_call(conv["conv2"], "forward", 8, 2)) == "direct_split"   # plane 729
-    for name in ("conv2", "conv3", "conv4", "conv5"):
-        assert plan.route(_alexnet_call(conv[name], "backward", 8, 2)) == "direct"
+    assert plan.route(_alexnet_call(conv["conv2"], "backward", 8, 2)) == "direct"
     for name in ("conv3", "conv4", "conv5"):
-        assert plan.route(_alexnet_call(conv[name], "forward", 8, 2)) == "direct"       # plane 169
+        for phase in plan.PHASES:   # the 3x3 layers, plane 169: winograd, its weight gradient direct
+            assert plan.route(_alexnet_call(conv[name], phase, 8, 2)) == "winograd"
+        assert plan.label(_alexnet_call(conv[name], "backward", 8, 2)) == "winograd+direct"
+        assert plan.route(_alexnet_call(conv[name], "backward", 8, 2, need_dx=False)) == "direct"
+    # the cifar model's 3x3 layers (6x6 plane): winograd forward, direct backward
+    cifar = ("cifar conv4", 128, 192, 6, 3, 1, 1, 1)
+    assert plan.route(_alexnet_call(cifar, "forward", 128, 2)) == "winograd"
+    assert plan.route(_alexnet_call(cifar, "backward", 128, 2)) == "direct"
     # grouped layers: blocked with an image per thread, batched below that; float64: batched
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "forward", 1, 2)) == "blocked"
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "backward", 2, 2)) == "blocked"
@@ -223,14 +236,24 @@ def test_forced_path_by_environment_and_unknown_names(monkeypatch):
     assert plan.route(call) == "batched"
     with force_path("blocked"):          # the context manager wins over the environment
         assert plan.route(call) == "blocked"
-    monkeypatch.setenv(plan.ENV, "winograd")
-    with pytest.raises(ValueError, match="winograd"):
+    monkeypatch.setenv(plan.ENV, "fft")
+    with pytest.raises(ValueError, match="fft"):
         plan.route(call)
     monkeypatch.delenv(plan.ENV)
     with pytest.raises(ValueError, match="nope"):
         with force_path("nope"):
             pass
-    assert plan.route(call) == "direct"
+    assert plan.route(call) == "winograd"
+
+
+def test_winograd_forced_on_a_call_without_dx_refuses_it_and_routing_never_takes_it():
+    call = _alexnet_call(ALEXNET[3], "backward", 8, 2, need_dx=False)
+    assert "dx wanted" in " ".join(plan.broken("winograd", call))
+    with force_path("winograd"):
+        with pytest.raises(ValueError, match="dx wanted"):
+            plan.route(call)
+        # the weight gradient beside a forced winograd input gradient is routed, not forced
+        assert plan.route_unforced(plan.weight_grad_call(call._replace(need_dx=True))) == "direct"
 
 
 def test_the_table_has_a_catch_all_last_rule_per_phase():
@@ -248,13 +271,14 @@ def test_summary_shows_the_path_of_each_convolution(tmp_path):
     convs = [r for r in rows if r["layer"] == "Conv2d"]
     # batch 1 on 2 threads: the grouped layers' backward has fewer images than threads
     assert [r["paths"] for r in convs] == [("direct_split", "direct_split"), ("blocked", "batched"),
-                                           ("direct", "direct"), ("blocked", "batched"), ("blocked", "batched")]
+                                           ("winograd", "winograd+direct"), ("blocked", "batched"),
+                                           ("blocked", "batched")]
     assert all(r["paths"] is None for r in rows if r["layer"] != "Conv2d")
     r = run_cli(["summary", "-batch", "8", "-threads", "2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if "Conv2d" in line]
     assert [line.split()[-3:] for line in lines] == [["direct_split", "/", "direct_split"],
-                                                      ["direct_split", "/", "direct"]] + [["direct", "/", "direct"]] * 3
+                                                      ["direct_split", "/", "direct"]] + [["winograd", "/", "winograd+direct"]] * 3
     assert "(8, 64, 55, 55)" in lines[0]
 
 

@@ -27,6 +27,11 @@ ENV = "MINIALEX_CONV_PATH"
 # Stride-1 forwards with at least this many output pixels per image take direct_split (NCHW
 # tiles) instead of direct (channels-last): conv2's 729 is faster that way, conv3-5's 169 not.
 SPLIT_MIN_PLANE = 400
+# Winograd is taken where it measured faster than direct (docs/performance.md): forward with at
+# least this many input and output channels (AlexNet's conv3-5, the cifar model's 3x3 layers),
+# backward also needing a plane of at least WINOGRAD_MIN_PLANE (13x13 yes, 6x6 no).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_PLANE = 100
 PANEL = 32  # output (and, for the direct backward, input) channels per micro-tile
 
 
@@ -60,6 +65,9 @@ REQUIREMENTS = {
     "dx wanted": (lambda c: c.need_dx, lambda c: "no input gradient is wanted"),
     "3x3": (lambda c: tuple(c.kernel) == (3, 3), lambda c: f"kernel {tuple(c.kernel)}"),
     "padding 1": (lambda c: tuple(c.padding) == (1, 1), lambda c: f"padding {tuple(c.padding)}"),
+    f"channels >= {WINOGRAD_MIN_CHANNELS}": (lambda c: min(c.cin, c.cout) >= WINOGRAD_MIN_CHANNELS,
+                                             lambda c: f"Cin {c.cin}, Cout {c.cout}"),
+    f"plane >= {WINOGRAD_MIN_PLANE}": (lambda c: c.plane >= WINOGRAD_MIN_PLANE, lambda c: f"plane {c.plane}"),
     "float32 grads": (lambda c: c.grads_float32, lambda c: "dw/db not C-contiguous float32"),
     "batch >= threads": (lambda c: c.batch >= c.threads, lambda c: f"batch {c.batch} < {c.threads} threads"),
     f"plane < {SPLIT_MIN_PLANE}": (lambda c: c.plane < SPLIT_MIN_PLANE, lambda c: f"plane {c.plane}"),
@@ -78,13 +86,14 @@ class Rule(NamedTuple):
 
 RULES = (
     # phase       path            needs                                                   prefer
-    Rule("forward", "winograd", WINOGRAD),
+    Rule("forward", "winograd", WINOGRAD, (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
          (f"plane < {SPLIT_MIN_PLANE}",)),
     Rule("forward", "direct_split", ("float32", "groups 1", "Cout in 32s", "padding < kernel")),
     Rule("forward", "blocked", ("float32",)),
     Rule("forward", "batched", ()),
-    Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads")),
+    Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
+         (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                 "padding < kernel", "float32 grads")),
     Rule("backward", "direct_split", ("float32", "groups 1", "Cout in 32s", "no dx", "float32 grads")),
@@ -156,6 +165,14 @@ def route_unforced(call):
         if rule.phase == call.phase and all(REQUIREMENTS[n][0](call) for n in rule.needs + rule.prefer):
             return rule.path
     raise AssertionError("the last rule of each phase takes every call")
+
+
+def label(call):
+    """The route of `call` as shown to users: a winograd backward names its weight gradient's path."""
+    path = route(call)
+    if path == "winograd" and call.phase == "backward":
+        return f"winograd+{route_unforced(weight_grad_call(call))}"
+    return path
 
 
 def describe(phase, g, dtype, threads, need_dx=True, grads_float32=True):
