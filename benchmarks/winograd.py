@@ -1,16 +1,19 @@
-"""Winograd F(2x2,3x3) and F(4x4,3x3) on AlexNet's conv3-conv5: numerical error and speed.
+"""The winograd convolution path on AlexNet's 3x3 layers: float32 error, and speed against the
+direct path and PyTorch.
 
-    python -m benchmarks.winograd --errors            # float32 error against the float64 reference
-    python -m benchmarks.winograd --timing --rounds 4 # against the direct path and PyTorch
+    python -m benchmarks.winograd --errors             # float32 error against the float64 reference
+    python -m benchmarks.winograd --timing --rounds 4  # winograd, direct and torch, same run
 
 Errors: max and mean over elements of |ours - ref|, divided by the largest |ref| of that tensor,
-for the output, the input gradient and the weight gradient; the float32 direct path
-(conv2d_forward / conv2d_backward) is listed beside the two tiles for scale.
+for the output, the input gradient and the weight gradient (the plan's criterion: max within
+1e-5). Rows: the float32 paths `winograd` (F(2x2,3x3)) and `direct` forced through
+minialex.kernels.conv, and F(4x4,3x3) computed in float32 by the algorithm's NumPy twin with
+its matrices (the tile the plan does not take; its weight gradient is not computed).
 
 Timing: each library runs in its own process per round (their OpenMP pools disturb one another
-on two cores), the order alternating between rounds; each cell is the median over rounds of
-each round's median. On a shared machine the spread between rounds is large: read ratios, and
-repeat before trusting a difference under about 20%.
+on two cores), the order alternating between rounds; in our process the two paths alternate
+call by call, so their ratio sees the same machine. Each cell is the median over rounds of each
+round's median.
 """
 import argparse
 import json
@@ -22,7 +25,15 @@ from ._common import markdown_table, run_worker, set_threads, time_call, worker_
 
 LAYERS = [("conv3", 192, 384), ("conv4", 384, 256), ("conv5", 256, 256)]
 PLANE = 13
-TILES = (2, 4)
+CRITERION = 1e-5
+
+# F(4x4, 3x3) (Lavin & Gray, 2016; points 0, 1, -1, 2, -2, inf)
+BT4 = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64)
+AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
 
 def _rel(ours, ref):
@@ -31,29 +42,42 @@ def _rel(ours, ref):
     return float(diff.max()) / scale, float(diff.mean()) / scale
 
 
+def _accepts(path, x, w, need_dx):
+    from minialex.kernels.conv import plan
+    from minialex.kernels.conv.layout import geometry
+    g = geometry(x.shape, w.shape, 1, 1, 1)
+    return all(plan.accepts(path, plan.describe(phase, g, x.dtype, 2, need_dx)) for phase in plan.PHASES)
+
+
 def _case_errors(n, cin, cout, h, w, rng):
-    """{method: (out max, out mean, dx max, dx mean, dw max, dw mean)} for one random case."""
-    from minialex.kernels.conv import winograd as wg
+    """{method: (y max, y mean, dx max, dx mean, dw max, dw mean)} for one random case."""
     from minialex.kernels.conv import (conv2d_backward, conv2d_backward_ref, conv2d_forward,
-                                       conv2d_forward_ref)
-    x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
-    wt = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)  # He-like
-    b = rng.standard_normal(cout).astype(np.float32) * 0.1
+                                       conv2d_forward_ref, force_path, winograd)
+    x = np.maximum(rng.standard_normal((n, cin, h, w)), 0).astype(np.float32)   # after a ReLU
+    wt = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)  # He
+    b = (rng.standard_normal(cout) * 0.1).astype(np.float32)
     dy = rng.standard_normal((n, cout, h, w)).astype(np.float32)
     x64, w64, dy64 = x.astype(np.float64), wt.astype(np.float64), dy.astype(np.float64)
     y_ref = conv2d_forward_ref(x64, w64, b.astype(np.float64), 1, 1, 1)
     dw_ref = np.zeros_like(w64)
     dx_ref = conv2d_backward_ref(dy64, x64, w64, dw_ref, None, 1, 1, 1)
     res = {}
-    dw = np.zeros_like(wt)
-    dx = conv2d_backward(dy, x, wt, dw, None, 1, 1, 1, accumulate=False)
-    res["direct"] = (*_rel(conv2d_forward(x, wt, b, 1, 1, 1), y_ref), *_rel(dx, dx_ref), *_rel(dw, dw_ref))
-    for tile in TILES:
-        ww = wg.transform_weights(wt, tile)
-        res[f"F({tile}x{tile},3x3)"] = (*_rel(wg.winograd_forward(x, ww, b, tile), y_ref),
-                                        *_rel(wg.winograd_backward_data(dy, ww, tile), dx_ref),
-                                        *_rel(wg.winograd_backward_weight(dy, x, tile), dw_ref))
+    for name, paths in (("winograd", ("winograd",)), ("direct (else blocked, batched)", ("direct", "blocked", "batched"))):
+        path = next(p for p in paths if _accepts(p, x, wt, need_dx=True))
+        dw = np.zeros_like(wt)
+        with force_path(path):
+            y = conv2d_forward(x, wt, b, 1, 1, 1)
+            dx = conv2d_backward(dy, x, wt, dw, None, 1, 1, 1)
+        res[name] = (*_rel(y, y_ref), *_rel(dx, dx_ref), *_rel(dw, dw_ref))
+    y4 = winograd.winograd_forward_ref(x, wt, b, BT4, G4, AT4)
+    dx4 = winograd.winograd_forward_ref(dy, np.ascontiguousarray(wt[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), None,
+                                        BT4, G4, AT4)
+    res["F(4x4) twin"] = (*_rel(y4, y_ref), *_rel(dx4, dx_ref), float("nan"), float("nan"))
     return res
+
+
+def _fmt(v):
+    return "-" if np.isnan(v) else f"{v:.1e}"
 
 
 def errors(batch=8, random_cases=6, seed=0):
@@ -63,74 +87,85 @@ def errors(batch=8, random_cases=6, seed=0):
     bound = {}
     for name, cin, cout in LAYERS:
         for method, e in _case_errors(batch, cin, cout, PLANE, PLANE, rng).items():
-            rows.append([name, batch, method, *(f"{v:.1e}" for v in e)])
-            bound[method] = max(bound.get(method, 0.0), e[0], e[2], e[4])
+            rows.append([name, batch, method, *map(_fmt, e)])
+            bound[method] = np.nanmax([bound.get(method, 0.0), e[0], e[2], e[4]])
     worst = {}
     for _ in range(random_cases):
         n = int(rng.integers(1, 5))
         cin, cout = int(rng.integers(1, 300)), int(rng.integers(1, 300))
         h, w = int(rng.integers(1, 30)), int(rng.integers(1, 30))
         for method, e in _case_errors(n, cin, cout, h, w, rng).items():
-            worst[method] = np.maximum(worst.get(method, 0.0), e)
-            bound[method] = max(bound[method], e[0], e[2], e[4])
+            worst[method] = np.fmax(worst.get(method, np.array(e)), e)
+            bound[method] = np.nanmax([bound[method], e[0], e[2], e[4]])
     for method, e in worst.items():
-        rows.append([f"random ({random_cases} shapes, worst)", "1-4", method, *(f"{v:.1e}" for v in e)])
+        rows.append([f"random ({random_cases} shapes, worst)", "1-4", method, *map(_fmt, e)])
     header = ["layer", "batch", "method", "y max", "y mean", "dx max", "dx mean", "dw max", "dw mean"]
-    verdict = ", ".join(f"{m}: {'within' if v <= 1e-5 else 'NOT within'} 1e-5 (worst {v:.1e})"
+    verdict = ", ".join(f"{m}: {'within' if v <= CRITERION else 'NOT within'} {CRITERION:g} (worst {v:.1e})"
                         for m, v in bound.items())
     return markdown_table(header, rows) + "\n\n" + verdict
 
 
 # -- timing ------------------------------------------------------------------------------------
 
-def _ops(lib, n, cin, cout):
-    """{op name: callable} for one layer at batch n, for lib 'torch' or 'minialex'."""
+def _data(n, cin, cout):
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((n, cin, PLANE, PLANE)).astype(np.float32)
-    w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+    x = np.maximum(rng.standard_normal((n, cin, PLANE, PLANE)), 0).astype(np.float32)
+    w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
     b = np.zeros(cout, np.float32)
     dy = rng.standard_normal((n, cout, PLANE, PLANE)).astype(np.float32)
-    if lib == "torch":
-        import torch
-        import torch.nn.functional as F
-        tx, tw, tb, tdy = (torch.from_numpy(a) for a in (x, w, b, dy))
-        args = ([cout], [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    return x, w, b, dy
 
-        def bwd(mask):
-            return lambda: torch.ops.aten.convolution_backward(tdy, tx, tw, *args, mask)
-        with torch.no_grad():
-            return {"forward": lambda: F.conv2d(tx, tw, tb, padding=1),
-                    "input grad": bwd([True, False, False]),
-                    "weight grad": bwd([False, True, True]),
-                    "backward": bwd([True, True, True])}
-    from minialex.kernels.conv import winograd as wg
-    from minialex.kernels.conv import conv2d_backward, conv2d_forward
+
+def _torch_ops(n, cin, cout):
+    import torch
+    import torch.nn.functional as F
+    tx, tw, tb, tdy = (torch.from_numpy(a) for a in _data(n, cin, cout))
+    args = ([cout], [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    with torch.no_grad():
+        return {"forward": lambda: F.conv2d(tx, tw, tb, padding=1),
+                "backward": lambda: torch.ops.aten.convolution_backward(tdy, tx, tw, *args, [True, True, True])}
+
+
+def _our_ops(n, cin, cout, path):
+    from minialex.kernels.conv import conv2d_backward, conv2d_forward, force_path
+    x, w, b, dy = _data(n, cin, cout)
     dw, db = np.zeros_like(w), np.zeros_like(b)
-    ops = {"direct forward": lambda: conv2d_forward(x, w, b, 1, 1, 1),
-           "direct weight grad": lambda: conv2d_backward(dy, x, w, dw, db, 1, 1, 1, need_dx=False),
-           "direct backward": lambda: conv2d_backward(dy, x, w, dw, db, 1, 1, 1)}
-    for t in TILES:
-        ww = wg.transform_weights(w, t)
-        ops[f"F{t} weights"] = lambda t=t: wg.transform_weights(w, t)
-        ops[f"F{t} forward"] = lambda t=t, ww=ww: wg.winograd_forward(x, ww, b, t)
-        ops[f"F{t} input grad"] = lambda t=t, ww=ww: wg.winograd_backward_data(dy, ww, t)
-        ops[f"F{t} weight grad"] = lambda t=t: wg.winograd_backward_weight(dy, x, t)
-    return ops
+
+    def forward():
+        with force_path(path):
+            conv2d_forward(x, w, b, 1, 1, 1)
+
+    def backward():
+        with force_path(path):
+            conv2d_backward(dy, x, w, dw, db, 1, 1, 1)
+    return {"forward": forward, "backward": backward}
 
 
 def _worker(lib, threads, batches, repeats):
     set_threads(lib, threads)
+    if lib == "minialex":
+        from minialex._memory import keep_freed_memory
+        keep_freed_memory()
     out = []
     for n in batches:
         for name, cin, cout in LAYERS:
-            for op, fn in _ops(lib, n, cin, cout).items():
-                med, _ = time_call(fn, repeats)
-                out.append(dict(layer=name, batch=n, op=op, ms=med * 1e3))
+            if lib == "torch":
+                for op, fn in _torch_ops(n, cin, cout).items():
+                    out.append(dict(layer=name, batch=n, lib="torch", op=op, ms=time_call(fn, repeats)[0] * 1e3))
+                continue
+            ops = {path: _our_ops(n, cin, cout, path) for path in ("winograd", "direct")}
+            for op in ("forward", "backward"):
+                samples = {path: [] for path in ops}
+                for _ in range(repeats):         # alternate the paths call by call
+                    for path in ops:
+                        samples[path].append(time_call(ops[path][op], 1)[0])
+                for path, s in samples.items():
+                    out.append(dict(layer=name, batch=n, lib=path, op=op, ms=float(np.median(s)) * 1e3))
     print(json.dumps(out))
 
 
 def timing(rounds=4, threads=2, batches=(8, 64), repeats=5):
-    """Markdown table: median ms of each op, per layer and batch, and the ratios."""
+    """Markdown table: median ms of forward and backward per layer and batch, and the ratios."""
     libs = ["minialex", "torch"]
     samples = {}
     for r in range(rounds):
@@ -138,31 +173,21 @@ def timing(rounds=4, threads=2, batches=(8, 64), repeats=5):
             res = run_worker("benchmarks.winograd", ["--worker", lib, str(threads), str(repeats),
                                                      *map(str, batches)], worker_env(lib, threads))
             for e in res:
-                samples.setdefault((e["layer"], e["batch"], lib, e["op"]), []).append(e["ms"])
+                samples.setdefault((e["layer"], e["batch"], e["lib"], e["op"]), []).append(e["ms"])
     med = {k: float(np.median(v)) for k, v in samples.items()}
     spread = max(max(v) / min(v) for v in samples.values()) if rounds > 1 else 1.0
     rows = []
     for n in batches:
         for name, _, _ in LAYERS:
-            def g(lib, op):
-                return med[(name, n, lib, op)]
-            for t in TILES:
-                fw, dx, dwt, tw = (g("minialex", f"F{t} {o}") for o in ("forward", "input grad", "weight grad", "weights"))
-                step = tw + fw + dx + dwt
-                t_step = g("torch", "forward") + g("torch", "backward")
-                d_step = g("minialex", "direct forward") + g("minialex", "direct backward")
-                rows.append([name, n, f"F({t}x{t})", f"{tw:.2f}",
-                             f"{fw:.2f} / {g('minialex', 'direct forward'):.2f} / {g('torch', 'forward'):.2f}",
-                             f"{dx:.2f} / - / {g('torch', 'input grad'):.2f}",
-                             f"{dwt:.2f} / {g('minialex', 'direct weight grad'):.2f} / {g('torch', 'weight grad'):.2f}",
-                             f"{step:.2f} / {d_step:.2f} / {t_step:.2f}",
-                             f"{d_step / step:.2f}x", f"{t_step / step:.2f}x"])
-    header = ["layer", "batch", "tile", "weight transform ms", "forward ms (wino / direct / torch)",
-              "input grad ms (wino / - / torch)", "weight grad ms (wino / direct / torch)",
-              "step ms (wino / direct / torch)", "direct / wino", "torch / wino"]
+            for op in ("forward", "backward"):
+                wi, di, to = (med[(name, n, lib, op)] for lib in ("winograd", "direct", "torch"))
+                rows.append([name, n, op, f"{wi:.2f}", f"{di:.2f}", f"{to:.2f}", f"{di / wi:.2f}x",
+                             f"{to / wi:.2f}x", f"{to / di:.2f}x"])
+    header = ["layer", "batch", "op", "winograd ms", "direct ms", "torch ms", "direct/winograd",
+              "torch/winograd", "torch/direct"]
     note = (f"{rounds} rounds, {threads} threads, medians; largest max/min ratio of one cell over the "
-            f"rounds: {spread:.2f} (shared, noisy machine). 'step' = weight transform + forward + input "
-            "grad + weight grad for Winograd, forward + backward (both gradients) for direct and torch.")
+            f"rounds: {spread:.2f}. backward = input, weight and bias gradients (winograd: its input "
+            "gradient beside the direct weight gradient).")
     return markdown_table(header, rows) + "\n\n" + note
 
 
