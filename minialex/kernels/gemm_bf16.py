@@ -45,9 +45,8 @@ from .simd_bf16 import bbroadcast, bload, bpack, bround_load, bstore, has_avx512
 KCP = 192       # k pairs per packed block (384 k): a 32-column B micro-panel is 24 KiB, in L1
 KC = 2 * KCP    # depth per packed block; even, so no pair straddles two blocks
 MC = 192        # rows of A per packed block:     192 x 384 x 2 B = 144 KiB, in L2
-NC = 1024       # columns of B per packed block:  384 x 1024 x 2 B = 768 KiB
+NC = 2048        # columns of B per packed block:  384 x 2048 x 2 B = 1.5 MiB, in L3
 C_PREFETCH_AT = 16   # k pairs before the end of a micro-kernel call to prefetch its C tile
-PACK_PREFETCH = 64   # elements ahead along each memory row while packing a k-along-rows operand
 FLT_MIN = 2.0 ** -126   # smallest normal float32: below it the instruction flushes to zero
 
 
@@ -91,7 +90,7 @@ def _pair(x_even, x_odd):
 def _pack_b(b, ldb, tb, pc, kc, j_lo, j_hi, dst, scr):
     # b: op(B)[k, j] = b[k*ldb + j] (tb False) or b[j*ldb + k] (tb True), float32
     # dst: uint32 pairs, [panel of 32 columns][kcp][32] ; columns j_lo..j_hi zero-padded to 32s,
-    # k pc..pc+kc zero-padded to kcp = ceil(kc / 2) pairs ; scr: 512 aligned uint32 of scratch
+    # k pc..pc+kc zero-padded to kcp = ceil(kc / 2) pairs ; scr: NR*KCP aligned uint32 of scratch
     kcp = (kc + 1) // 2
     dstf = dst.view(np.float32)
     scrf = scr.view(np.float32)
@@ -115,16 +114,17 @@ def _pack_b(b, ldb, tb, pc, kc, j_lo, j_hi, dst, scr):
                     bstore(dst, d, bpack(vload(b, s), vzero()))
                     bstore(dst, d + 16, bpack(vload(b, s + 16), vzero()))
                 continue
-            # k runs along memory rows: round 32 k (16 pairs) of each of the 32 columns into
-            # scr, then four 8 x 16 register transposes of 32-bit pairs
-            while 2 * pp0 + 32 <= kc:
-                for jj in range(NR):
-                    s = (j0 + jj) * ldb + pc + 2 * pp0
-                    prefetch(b, s + PACK_PREFETCH)
-                    bstore(scr, jj * 16, bround_load(b, s))
+            # k runs along memory rows: round each column's whole run of k into scr (row jj
+            # at jj*KCP; one long read per memory row, which streams faster than hopping
+            # between rows 32 k at a time), then 8 x 16 register transposes of 32-bit pairs
+            pp0 = (kc // 32) * 16
+            for jj in range(NR):
+                s = (j0 + jj) * ldb + pc
+                for p in range(0, 2 * pp0, 32):
+                    bstore(scr, jj * KCP + p // 2, bround_load(b, s + p))
+            for pp in range(0, pp0, 16):
                 for g in range(4):
-                    vtranspose_8x16(scrf, 8 * g * 16, 16, dstf, base + pp0 * NR + 8 * g, NR)
-                pp0 += 16
+                    vtranspose_8x16(scrf, 8 * g * KCP + pp, KCP, dstf, base + pp * NR + 8 * g, NR)
         for pp in range(pp0, kcp):
             p = pc + 2 * pp
             odd = 2 * pp + 1 < kc
@@ -155,12 +155,15 @@ def _pack_a(a, lda, ta, ic, mc, pc, kc, dst, scr):
         q += 1
         pp0 = 0
         if h == MR and not ta:
-            # k runs along memory rows: 8 rows x 16 pairs rounded into scr, one transpose
-            while 2 * pp0 + 32 <= kc:
-                for r in range(MR):
-                    bstore(scr, r * 16, bround_load(a, (i0 + r) * lda + pc + 2 * pp0))
-                vtranspose_8x16(scrf, 0, 16, dstf, base + pp0 * MR, MR)
-                pp0 += 16
+            # k runs along memory rows: each row's run of k rounded into scr (row r at r*KCP),
+            # then one 8 x 16 register transpose per 16 pairs
+            pp0 = (kc // 32) * 16
+            for r in range(MR):
+                s = (i0 + r) * lda + pc
+                for p in range(0, 2 * pp0, 32):
+                    bstore(scr, r * KCP + p // 2, bround_load(a, s + p))
+            for pp in range(0, pp0, 16):
+                vtranspose_8x16(scrf, pp, KCP, dstf, base + pp * MR, MR)
         for pp in range(pp0, kcp):
             p = pc + 2 * pp
             odd = 2 * pp + 1 < kc
@@ -224,7 +227,7 @@ def _bf16_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate):
     abuf = _aligned_u32(MC * KCP)
     bbuf = _aligned_u32(NC * KCP)
     b16 = bbuf.view(np.uint16)
-    scr = _aligned_u32(NR * 16)
+    scr = _aligned_u32(NR * KCP)
     tile = _aligned_u32(MR * NR).view(np.float32)
     for jc in range(n0, n1, NC):
         nc = min(NC, n1 - jc)
