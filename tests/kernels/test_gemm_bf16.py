@@ -132,14 +132,14 @@ def test_block_edges(threads, path, m, n, k, trans_a, trans_b):
     _check(path, a, b, trans_a, trans_b, True, rng)
 
 
-# (name, M, N, K, trans_a, trans_b) at batch 8: convolutions as im2col GEMMs (forward, the
-# backward forms of conv4), fc6 forward x · Wᵀ
+# (name, M, N, K, trans_a, trans_b) at batch 8, torchvision's AlexNet as benchmarks/_common.py lists
+# it: convolutions as im2col GEMMs (forward, and conv4's backward forms), fc6 forward x · Wᵀ
 ALEXNET = [
-    ("conv3 forward", 384, 8 * 169, 2304, False, False),
-    ("conv4 forward", 384, 8 * 169, 3456, False, False),
-    ("conv5 forward", 256, 8 * 169, 3456, False, False),
-    ("conv4 backward-data", 3456, 8 * 169, 384, True, False),
-    ("conv4 backward-weight", 384, 3456, 8 * 169, False, True),
+    ("conv3 forward", 384, 8 * 169, 192 * 9, False, False),
+    ("conv4 forward", 256, 8 * 169, 384 * 9, False, False),
+    ("conv5 forward", 256, 8 * 169, 256 * 9, False, False),
+    ("conv4 backward-data", 384 * 9, 8 * 169, 256, True, False),
+    ("conv4 backward-weight", 256, 384 * 9, 8 * 169, False, True),
     ("fc6 forward", 8, 4096, 9216, False, True),
 ]
 
