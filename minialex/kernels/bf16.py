@@ -12,8 +12,9 @@ from numba import njit, prange
 
 
 @njit(inline="always")
-def _round(bits):
-    # bits: the uint32 pattern of a float32 -> its bf16 pattern (uint32 in 0..0xFFFF)
+def round_bits(bits):
+    """The bf16 pattern (a uint32 in 0..0xFFFF) of the float32 whose uint32 pattern is bits, as
+    described above; njit code only (the packing of kernels.gemm_bf16 rounds with it too)."""
     if (bits & 0x7F800000) == 0x7F800000 and (bits & 0x007FFFFF) != 0:
         return (bits >> 16) | 0x0040   # NaN: keep sign and payload's top, make it quiet
     return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -25,7 +26,7 @@ def _round_feedback(g, residual, out):
     n = g.shape[0]
     for i in prange(n):
         v = g[i] + residual[i]
-        q = _round(np.uint32(np.float32(v).view(np.uint32)))
+        q = round_bits(np.uint32(np.float32(v).view(np.uint32)))
         out[i] = np.uint16(q)
         w = np.uint32(q << 16).view(np.float32)
         d = v - w
@@ -44,7 +45,7 @@ def _add(a, b):
     # a, b: (n,) uint16 ; b <- bf16(widen(a) + widen(b)). Serial: MPI calls it on pieces.
     for i in range(a.shape[0]):
         s = np.uint32(np.uint32(a[i]) << 16).view(np.float32) + np.uint32(np.uint32(b[i]) << 16).view(np.float32)
-        b[i] = np.uint16(_round(np.uint32(np.float32(s).view(np.uint32))))
+        b[i] = np.uint16(round_bits(np.uint32(np.float32(s).view(np.uint32))))
 
 
 def bf16_round_feedback(g, residual, out):

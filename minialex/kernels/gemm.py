@@ -460,6 +460,11 @@ def _check(a, b, out, trans_a, trans_b):
     return m, n, k
 
 
+# Public names for the kernels that take gemm's operands the same way (kernels.gemm_bf16).
+flat_operand = _flat
+check_operands = _check
+
+
 def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     """out = op(a) @ op(b) (out += ... when accumulate); op = transpose when trans_*.
 

@@ -98,3 +98,101 @@ def vdpbf16(typingctx, acc, a, b):
         return builder.call(asm, list(args))
 
     return sig, codegen
+
+
+# -- packing: float32 -> bf16 in registers, stores ------------------------------------------------
+# Used by kernels.gemm_bf16 to round operands while packing them. The rounding is kernels.bf16's
+# (round to nearest even, a NaN stays a quiet NaN with its sign), lane-wise in integer arithmetic.
+
+def _round_lanes(builder, v):
+    # v: <16 x float> -> <16 x i32>, each lane the bf16 pattern (0..0xFFFF) of its float32
+    bits = builder.bitcast(v, _i32x16)
+
+    def splat(x):
+        return ir.Constant(_i32x16, [x] * 16)
+
+    lsb = builder.and_(builder.lshr(bits, splat(16)), splat(1))
+    rounded = builder.lshr(builder.add(builder.add(bits, splat(0x7FFF)), lsb), splat(16))
+    is_nan = builder.icmp_unsigned(">", builder.and_(bits, splat(0x7FFFFFFF)), splat(0x7F800000))
+    quiet = builder.or_(builder.lshr(bits, splat(16)), splat(0x0040))
+    return builder.select(is_nan, quiet, rounded)
+
+
+def _is_array_of(ty, dtype):
+    return isinstance(ty, types.Array) and ty.dtype == dtype
+
+
+@intrinsic
+def bpack(typingctx, lo, hi):
+    """Round two f32x16 to bf16 and interleave them: pair i = (lo[i], hi[i]), i.e. 32-bit lane i
+    holds bf16(lo[i]) in its low half and bf16(hi[i]) in its high half."""
+    if not (lo == f32x16 and hi == f32x16):
+        return None
+    sig = bf16x32(lo, hi)
+
+    def codegen(context, builder, signature, args):
+        r_lo = _round_lanes(builder, args[0])
+        r_hi = _round_lanes(builder, args[1])
+        return builder.or_(r_lo, builder.shl(r_hi, ir.Constant(_i32x16, [16] * 16)))
+
+    return sig, codegen
+
+
+@intrinsic
+def bround_load(typingctx, arr, idx):
+    """arr[idx : idx + 32] (float32, unaligned) rounded to 32 bf16 values in memory order: pair i
+    = (arr[idx + 2i], arr[idx + 2i + 1])."""
+    if not (_is_array_of(arr, types.float32) and isinstance(idx, types.Integer)):
+        return None
+    sig = bf16x32(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        p = builder.gep(ary.data, [i])
+        halves = []
+        for h in range(2):
+            ptr = builder.bitcast(builder.gep(p, [ir.Constant(ir.IntType(64), 16 * h)]), _f32x16.as_pointer())
+            r = _round_lanes(builder, builder.load(ptr, align=4))
+            halves.append(builder.trunc(r, ir.VectorType(ir.IntType(16), 16)))
+        i32 = ir.IntType(32)
+        both = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+        return builder.bitcast(both, _i32x16)
+
+    return sig, codegen
+
+
+@intrinsic
+def bstore(typingctx, arr, idx, v):
+    """arr[idx : idx + 16] = v's 16 pairs (unaligned); arr is a uint32 array of bf16 pairs."""
+    if not (_is_array_of(arr, types.uint32) and isinstance(idx, types.Integer) and v == bf16x32):
+        return None
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(ary.data, [i]), _i32x16.as_pointer())
+        builder.store(args[2], ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def bbroadcast(typingctx, arr, idx):
+    """arr[idx] in all 16 pairs; arr is a uint32 array of bf16 pairs (bsplat_pair of a load,
+    without Numba's negative-index check in the micro-kernel's inner loop)."""
+    if not (_is_array_of(arr, types.uint32) and isinstance(idx, types.Integer)):
+        return None
+    sig = bf16x32(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        s = builder.load(builder.gep(ary.data, [i]), align=4)
+        i32 = ir.IntType(32)
+        v = builder.insert_element(ir.Constant(_i32x16, ir.Undefined), s, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, ir.Constant(_i32x16, ir.Undefined), ir.Constant(_i32x16, [0] * 16))
+
+    return sig, codegen
