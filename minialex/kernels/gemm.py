@@ -412,7 +412,7 @@ def _gemm64(a, b, c, accumulate):
                         c[i, j] += aip * b[p, j]
 
 
-def _flat(x, trans):
+def flat_operand(x, trans):
     """(flat read-only 1-D view, leading dimension, trans) describing the 2-D operand x.
 
     op(x) is x or x.T.  A view whose unit stride is along axis 0 (x.T of a
@@ -442,7 +442,7 @@ def _flat(x, trans):
     return flat, ld, trans
 
 
-def _check(a, b, out, trans_a, trans_b):
+def check_operands(a, b, out, trans_a, trans_b):
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"gemm needs 2-D operands, got {a.ndim}-D and {b.ndim}-D")
     if a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
@@ -460,11 +460,6 @@ def _check(a, b, out, trans_a, trans_b):
     return m, n, k
 
 
-# Public names for the kernels that take gemm's operands the same way (kernels.gemm_bf16).
-flat_operand = _flat
-check_operands = _check
-
-
 def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     """out = op(a) @ op(b) (out += ... when accumulate); op = transpose when trans_*.
 
@@ -474,7 +469,7 @@ def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     a or b; when None a new array is returned (and accumulate is ignored).
     Uses numba.get_num_threads() threads for large products. Returns out.
     """
-    m, n, k = _check(a, b, out, trans_a, trans_b)
+    m, n, k = check_operands(a, b, out, trans_a, trans_b)
     if out is None:
         out = np.empty((m, n), dtype=a.dtype)
         accumulate = False
@@ -489,8 +484,8 @@ def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
         b2 = np.ascontiguousarray(b.T if trans_b else b)
         _gemm64(a2, b2, out, accumulate)
         return out
-    af, lda, ta = _flat(a, trans_a)
-    bf, ldb, tb = _flat(b, trans_b)
+    af, lda, ta = flat_operand(a, trans_a)
+    bf, ldb, tb = flat_operand(b, trans_b)
     cf = out.reshape(-1)
     nthreads = numba.get_num_threads()
     if tb and not ta and m <= DOT_MAX_M:
