@@ -129,6 +129,10 @@ class TrainConfig:
     label_smoothing: float | None = option("label smoothing", default=0.0, type=finite_float, metavar="S",
                                            check=(lambda v: 0 <= v <= 1, "between 0 and 1"),
                                            resumable=True)
+    precision: str | None = option(
+        "arithmetic of the convolution and linear layers: fp32, or bf16 (operands rounded to bfloat16, "
+        "sums, weights, gradients and optimiser state float32; emulated, slower, on CPUs without "
+        "AVX512_BF16); a resumed run takes the command line's", default="fp32", choices=("fp32", "bf16"))
     grad_dtype: str | None = option("data-parallel runs: gradients travel as fp32, or as bf16 with error "
                                     "feedback (half the bytes; what rounding drops goes with the next step)",
                                     default="fp32", choices=("fp32", "bf16"))

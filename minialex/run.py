@@ -93,6 +93,8 @@ def _prepare_here(cfg, world):
         if cfg.plot:
             from .plot import require_matplotlib
             require_matplotlib()
+    if cfg.precision == "bf16":
+        check_bf16()
     if cfg.resume:
         run = _resumed(cfg, world)
     elif cfg.load_pretrained:
@@ -183,6 +185,17 @@ def _resumed(cfg, world):
 
 # -- the pieces they share --------------------------------------------------------------------------
 
+def check_bf16():
+    """Say when -precision bf16 will be emulated (no AVX512_BF16, or MINIALEX_BF16=emulate); an
+    unknown MINIALEX_BF16 fails here, before any work."""
+    from .kernels.gemm_bf16 import bf16_path
+    if bf16_path() == "emulated":
+        why = ("MINIALEX_BF16=emulate" if os.environ.get("MINIALEX_BF16") == "emulate"
+               else "this CPU has no AVX512_BF16")
+        say(f"warning: -precision bf16 is emulated ({why}): the same results as on a CPU with "
+            f"the instruction, but slower than -precision fp32")
+
+
 def set_threads(threads, world=None):
     """numba.set_num_threads(threads), checked against what Numba was started with. Without
     -threads, a process of a data-parallel `world` takes its share of its node's cores."""
@@ -219,6 +232,7 @@ def _assemble(cfg, data, arch, model, norm, world, fresh):
     from .nn import CrossEntropyLoss
     cfg = replace(cfg, arch=arch["variant"], batch_norm=bool(arch.get("batch_norm", False)))
     opt, sched = make_optimizer(cfg, model)
+    model.to_precision(cfg.precision)
     size = int(arch["input_size"])
     on_bad = "skip" if cfg.skip_bad_images else "error"
     mean, std, resize = norm["mean"], norm["std"], norm["resize"]

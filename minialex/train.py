@@ -65,7 +65,8 @@ def fit(run: Run) -> dict:
             f"(patience {cfg.patience} epochs)")
     say(f"training {run.arch['variant']}{' +BN' if run.arch.get('batch_norm') else ''} on "
         f"{len(run.train_loader.samples)} images, {run.num_classes} classes, {cfg.optimizer} lr "
-        f"{opt.param_groups[0]['lr']:g}, batch {cfg.batch_size}, epochs {run.start_epoch}..{cfg.epochs}; "
+        f"{opt.param_groups[0]['lr']:g}, batch {cfg.batch_size}, "
+        f"{'bf16 products, ' if cfg.precision == 'bf16' else ''}epochs {run.start_epoch}..{cfg.epochs}; "
         f"checkpoints to {cfg.save}")
 
     def save(epoch, **extra):

@@ -7,12 +7,16 @@ down 8-row tiles that the hardware prefetcher cannot follow. `_backward_small` m
 instead: for each block of 8 rows of W it writes the 8 rows of dW (streaming stores that skip
 reading the old contents into the cache) and adds the rows' share of dx into a per-thread
 partial, summed at the end. Measured on fc6 at batch 8, two threads: 22-33 ms -> 10-12 ms.
+
+precision="bf16" (float32 data): the three products run on the bf16 GEMM (kernels.gemm_bf16:
+operands rounded to bfloat16, float32 sums); the bias and its gradient stay float32.
 """
 import numba
 import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.gemm import gemm
+from minialex.kernels.gemm_bf16 import gemm_bf16
 from minialex.kernels.parallel import column_sums
 from minialex.kernels.simd import (LANES, prefetch, store_fence, vadd, vbroadcast, vfma, vload, vmul,
                                    vstore, vstore_nt)
@@ -154,26 +158,39 @@ def _linear_backward_small(dy, x, w, dw, need_dx, accumulate):
     return dxps.sum(axis=0).reshape(8, ldx)[:n, :nin].copy()
 
 
-def linear_forward(x, w, b):
+def _products(precision, dtype):
+    """The GEMM that computes the layer's products at `precision`."""
+    if precision == "fp32":
+        return gemm
+    if precision == "bf16":
+        if dtype != np.float32:
+            raise TypeError(f"precision bf16 needs float32 data, got {dtype}")
+        return gemm_bf16
+    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def linear_forward(x, w, b, precision="fp32"):
     """x: (N, in) ; w: (out, in) ; b: (out,) or None. Returns y: (N, out) = x @ w.T + b."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"linear expects x (N, in) and w (out, in), got {x.shape}, {w.shape}")
     if x.dtype != w.dtype:
         raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
+    mm = _products(precision, x.dtype)
     y = np.empty((x.shape[0], w.shape[0]), dtype=x.dtype)
     if b is None:
-        return gemm(x, w, out=y, trans_b=True)
+        return mm(x, w, out=y, trans_b=True)
     _fill_rows(y, np.ascontiguousarray(b, dtype=x.dtype))
-    return gemm(x, w, out=y, trans_b=True, accumulate=True)
+    return mm(x, w, out=y, trans_b=True, accumulate=True)
 
 
-def linear_backward(dy, x, w, dw, db, need_dx=True, accumulate=True):
+def linear_backward(dy, x, w, dw, db, need_dx=True, accumulate=True, precision="fp32"):
     """Accumulates dw += dy.T @ x and db += dy.sum(0) (db may be None); returns dx = dy @ w or None.
     With accumulate=False dw and db are overwritten instead (a freshly zeroed gradient).
 
     dy: (N, out) ; x: (N, in) ; w, dw: (out, in) ; db: (out,) or None
     """
     dy = np.asarray(dy, dtype=x.dtype)
+    mm = _products(precision, x.dtype)
     if x.shape[0] == 0:   # an empty batch adds nothing; "overwrite" means zero
         if not accumulate:
             dw[...] = 0
@@ -182,14 +199,14 @@ def linear_backward(dy, x, w, dw, db, need_dx=True, accumulate=True):
         return np.zeros_like(x) if need_dx else None
     if db is not None:
         column_sums(dy, db, accumulate)
-    if (x.dtype == np.float32 and x.shape[0] <= SMALL_BATCH and w.shape[0] >= _ROWS
+    if (mm is gemm and x.dtype == np.float32 and x.shape[0] <= SMALL_BATCH and w.shape[0] >= _ROWS
             and w.flags.c_contiguous and dw.flags.c_contiguous and dw.dtype == np.float32):
         return _linear_backward_small(np.ascontiguousarray(dy), np.ascontiguousarray(x), w, dw,
                                       need_dx, accumulate)
-    gemm(dy, x, out=dw, trans_a=True, accumulate=accumulate)
+    mm(dy, x, out=dw, trans_a=True, accumulate=accumulate)
     if not need_dx:
         return None
-    return gemm(dy, w)
+    return mm(dy, w)
 
 
 def linear_forward_ref(x, w, b):

@@ -35,7 +35,8 @@ class Conv2d(Module):
 
     def _forward(self, x, relu):
         b = self.bias.data if self.bias is not None else None
-        y = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.groups, relu=relu)
+        y = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.groups, relu=relu,
+                           precision=self.precision)
         self.save(x=x, relu_out=y if relu else None)
         return y
 
@@ -47,7 +48,7 @@ class Conv2d(Module):
         (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
         return conv2d_backward(grad_out, x, self.weight.data, dw, db, self.stride, self.padding,
                                self.groups, need_dx=need_input_grad, accumulate=accumulate,
-                               relu_out=relu_out)
+                               relu_out=relu_out, precision=self.precision)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape

@@ -27,13 +27,14 @@ class Linear(Module):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear expects input of shape (N, {self.in_features}), got {tuple(x.shape)}")
         self.save(x=x)
-        return linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
+        return linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
+                              precision=self.precision)
 
     def backward(self, grad_out, need_input_grad=True):
         (x,) = self.take()
         (dw, db), accumulate = grads_for_backward(self.weight, self.bias)
         return linear_backward(grad_out, x, self.weight.data, dw, db, need_dx=need_input_grad,
-                               accumulate=accumulate)
+                               accumulate=accumulate, precision=self.precision)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_features)

@@ -63,6 +63,9 @@ def grads_for_backward(*params):
     return [None if p is None else p.grad for p in params], True
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class Module:
     """Base class of every layer and model.
 
@@ -78,6 +81,7 @@ class Module:
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "precision", "fp32")
         object.__setattr__(self, "_saved", None)
         object.__setattr__(self, "_backward_hooks", [])
 
@@ -180,6 +184,16 @@ class Module:
 
     def eval(self):
         return self.train(False)
+
+    def to_precision(self, precision):
+        """Arithmetic of the convolution and linear layers: "fp32", or "bf16" (products of
+        operands rounded to bfloat16, summed in float32; parameters, gradients, optimiser state,
+        the loss and the other layers stay float32). Like train(), set on every submodule."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        for m in self.modules():
+            object.__setattr__(m, "precision", precision)
+        return self
 
     def zero_grad(self):
         for p in self.parameters():

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from minialex.kernels.conv import (conv2d_backward, conv2d_backward_ref, conv2d_forward, conv2d_forward_ref,
                                    force_path, plan)
 from minialex.kernels.conv.layout import geometry
+from minialex.kernels.gemm_bf16 import bf16_operand_ref
 
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 
@@ -30,7 +31,7 @@ class Case:
     """A convolution call with random data; `call(phase)` is what the plan sees."""
 
     def __init__(self, n, cin, cout, h, w, k, stride, padding, groups, dtype, bias, relu, need_dx,
-                 accumulate, threads, seed):
+                 accumulate, threads, seed, precision="fp32"):
         rng = np.random.default_rng(seed)
         self.x = rng.standard_normal((n, cin, h, w)).astype(dtype)
         fan_in = cin // groups * k[0] * k[1]
@@ -41,9 +42,14 @@ class Case:
         self.threads = min(threads, MAX_THREADS)
         self.rng = rng
         self.geo = geometry(self.x.shape, self.w.shape, stride, padding, groups)
+        self.precision = precision
 
     def call(self, phase):
-        return plan.describe(phase, self.geo, self.x.dtype, self.threads, self.need_dx)
+        return plan.describe(phase, self.geo, self.x.dtype, self.threads, self.need_dx, precision=self.precision)
+
+    def operand(self, a):
+        """a as the products see it, in float64: rounded to bf16 at precision bf16."""
+        return bf16_operand_ref(a) if self.precision == "bf16" else a.astype(np.float64)
 
     def args(self):
         return self.stride, self.padding, self.groups
@@ -68,9 +74,9 @@ def _close(a, ref, dtype):
 
 def check_forward(path, c):
     with force_path(path):
-        y = _run(c.threads, lambda: conv2d_forward(c.x, c.w, c.b, *c.args(), relu=c.relu))
-    f64 = [None if a is None else a.astype(np.float64) for a in (c.x, c.w, c.b)]
-    ref = conv2d_forward_ref(*f64, *c.args(), relu=c.relu)
+        y = _run(c.threads, lambda: conv2d_forward(c.x, c.w, c.b, *c.args(), relu=c.relu, precision=c.precision))
+    b64 = None if c.b is None else c.b.astype(np.float64)
+    ref = conv2d_forward_ref(c.operand(c.x), c.operand(c.w), b64, *c.args(), relu=c.relu)
     assert y.dtype == c.x.dtype and y.shape == ref.shape
     _close(y, ref, c.x.dtype)
     return ref
@@ -78,7 +84,7 @@ def check_forward(path, c):
 
 def check_backward(path, c, y_ref=None):
     if y_ref is None:
-        y_ref = conv2d_forward_ref(c.x.astype(np.float64), c.w.astype(np.float64), None, *c.args(), relu=c.relu)
+        y_ref = conv2d_forward_ref(c.operand(c.x), c.operand(c.w), None, *c.args(), relu=c.relu)
     dtype = c.x.dtype
     dy = c.rng.standard_normal(y_ref.shape).astype(dtype)
     relu_out = y_ref.astype(dtype) if c.relu else None
@@ -86,11 +92,16 @@ def check_backward(path, c, y_ref=None):
     dw, db = start.copy(), (np.ones(c.w.shape[0], dtype) if c.b is not None else None)
     with force_path(path):
         dx = _run(c.threads, lambda: conv2d_backward(dy, c.x, c.w, dw, db, *c.args(), need_dx=c.need_dx,
-                                                     accumulate=c.accumulate, relu_out=relu_out))
+                                                     accumulate=c.accumulate, relu_out=relu_out,
+                                                     precision=c.precision))
     dw_r, db_r = start.astype(np.float64), (np.ones(c.w.shape[0]) if c.b is not None else None)
-    dx_r = conv2d_backward_ref(dy.astype(np.float64), c.x.astype(np.float64), c.w.astype(np.float64), dw_r, db_r,
-                               *c.args(), need_dx=c.need_dx, accumulate=c.accumulate,
-                               relu_out=None if relu_out is None else relu_out.astype(np.float64))
+    # dy masked by the ReLU first (exact), then rounded as the products see it; db sums it unrounded
+    dym = dy if relu_out is None else np.where(relu_out <= 0, 0, dy).astype(dtype)
+    dx_r = conv2d_backward_ref(c.operand(dym), c.operand(c.x), c.operand(c.w), dw_r, None,
+                               *c.args(), need_dx=c.need_dx, accumulate=c.accumulate)
+    if db_r is not None:
+        total = dym.astype(np.float64).sum(axis=(0, 2, 3))
+        db_r = db_r + total if c.accumulate else total
     if c.need_dx:
         assert dx.dtype == dtype and dx.shape == c.x.shape
         _close(dx, dx_r, dtype)
@@ -104,6 +115,18 @@ def check_backward(path, c, y_ref=None):
 @st.composite
 def cases(draw, path, phase):
     """A Case that `path` accepts in `phase`, small enough to run in milliseconds."""
+    if path == "bf16":          # float32 at precision bf16; any groups, kernel, stride, padding
+        groups = draw(st.integers(1, 3))
+        k = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+        padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+        case = Case(draw(st.integers(1, 3)), groups * draw(st.integers(1, 12)), groups * draw(st.integers(1, 12)),
+                    max(draw(st.integers(1, 12)), k[0] - 2 * padding[0]),
+                    max(draw(st.integers(1, 12)), k[1] - 2 * padding[1]), k,
+                    (draw(st.integers(1, 4)), draw(st.integers(1, 4))), padding, groups, np.float32,
+                    draw(st.booleans()), draw(st.booleans()), draw(st.booleans()), draw(st.booleans()),
+                    draw(st.sampled_from([1, 2])), draw(st.integers(0, 2**31)), precision="bf16")
+        assert plan.accepts(path, case.call(phase)), plan.broken(path, case.call(phase))
+        return case
     if path == "winograd":      # float32, groups 1, 3x3, stride 1, padding 1; any channels and plane
         n, cin, cout = draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
         case = Case(n, cin, cout, draw(st.integers(1, 12)), draw(st.integers(1, 12)), (3, 3), (1, 1), (1, 1), 1,
@@ -256,11 +279,14 @@ def test_winograd_forced_on_a_call_without_dx_refuses_it_and_routing_never_takes
         assert plan.route_unforced(plan.weight_grad_call(call._replace(need_dx=True))) == "direct"
 
 
-def test_the_table_has_a_catch_all_last_rule_per_phase():
+def test_the_table_has_a_catch_all_rule_per_phase_and_precision():
+    # bf16 first, taking every bf16 call; the last rule takes every other call
     for phase in plan.PHASES:
         rules = [r for r in plan.RULES if r.phase == phase]
         assert {r.path for r in rules} == set(plan.PATHS)
-        assert rules[-1].needs == () and rules[-1].prefer == ()
+        assert rules[0].path == "bf16" and rules[0].needs == ("bf16",) and rules[0].prefer == ()
+        assert rules[-1].needs == ("fp32",) and rules[-1].prefer == ()
+        assert all("fp32" in r.needs or "float32" in r.needs for r in rules[1:])
     assert all(name in plan.REQUIREMENTS for r in plan.RULES for name in r.needs + r.prefer)
 
 

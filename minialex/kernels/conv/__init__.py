@@ -17,9 +17,9 @@ from minialex.shapes import conv_output_size, pair
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv2d_forward_ref", "conv2d_backward_ref", "force_path"]
 
-_FORWARD = {"winograd": winograd.forward, "direct": direct.forward, "direct_split": direct.forward_split,
+_FORWARD = {"bf16": batched.forward_bf16, "winograd": winograd.forward, "direct": direct.forward, "direct_split": direct.forward_split,
             "blocked": blocked.forward, "batched": batched.forward}
-_BACKWARD = {"direct": direct.backward, "direct_split": direct.backward_split,
+_BACKWARD = {"bf16": batched.backward_bf16, "direct": direct.backward, "direct_split": direct.backward_split,
              "blocked": blocked.backward, "batched": batched.backward}
 
 
@@ -38,33 +38,37 @@ def _grads_float32(dw, db):
     return dw.flags.c_contiguous and dw.dtype == np.float32 and (db is None or db.dtype == np.float32)
 
 
-def conv2d_forward(x, w, b, stride, padding, groups, relu=False):
+def conv2d_forward(x, w, b, stride, padding, groups, relu=False, precision="fp32"):
     """y = conv2d(x, w, b) like torch.nn.functional.conv2d (no dilation); relu(conv2d(...))
-    in the same pass when relu=True.
+    in the same pass when relu=True. precision "bf16" (float32 x and w): the products take x and
+    w rounded to bfloat16 and sum in float32 (kernels.gemm_bf16); the bias stays float32.
 
     x: (N, Cin, H, W) ; w: (Cout, Cin/groups, kh, kw) ; b: (Cout,) or None
     stride, padding: int or (h, w). Returns y: (N, Cout, OH, OW) of x's dtype.
     """
     _check(x, w, groups)
+    plan.check_precision(precision)
     x = np.ascontiguousarray(x)
     g = geometry(x.shape, w.shape, stride, padding, groups)
     if g.n == 0:
         return np.empty((0, g.cout, g.oh, g.ow), dtype=x.dtype)
     nthreads = numba.get_num_threads()
-    path = plan.route(plan.describe("forward", g, x.dtype, nthreads))
+    path = plan.route(plan.describe("forward", g, x.dtype, nthreads, precision=precision))
     return _FORWARD[path](x, w, b, g, relu, nthreads)
 
 
 def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, accumulate=True,
-                    relu_out=None):
+                    relu_out=None, precision="fp32"):
     """Backward of conv2d_forward: accumulates dw (and db unless None), returns dx or None.
     With accumulate=False dw and db are overwritten instead (a freshly zeroed gradient).
     relu_out: the output of a forward with relu=True; dy is then the gradient of that
-    rectified output and the ReLU backward happens in the same pass.
+    rectified output and the ReLU backward happens in the same pass. precision "bf16": the
+    products of dx and dW take their operands rounded to bfloat16 (db sums dy in float32).
 
     dy: (N, Cout, OH, OW) ; x: (N, Cin, H, W) ; w, dw: (Cout, Cin/groups, kh, kw) ; db: (Cout,) or None
     """
     _check(x, w, groups)
+    plan.check_precision(precision)
     x = np.ascontiguousarray(x)
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     g = geometry(x.shape, w.shape, stride, padding, groups)
@@ -77,7 +81,7 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
                 db[...] = 0
         return np.zeros_like(x) if need_dx else None
     nthreads = numba.get_num_threads()
-    call = plan.describe("backward", g, x.dtype, nthreads, need_dx, _grads_float32(dw, db))
+    call = plan.describe("backward", g, x.dtype, nthreads, need_dx, _grads_float32(dw, db), precision)
     path = plan.route(call)
     if path == "winograd":
         weights_path = plan.route_unforced(plan.weight_grad_call(call))

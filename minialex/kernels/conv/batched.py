@@ -8,13 +8,19 @@ Per batch chunk of Nc images:
 Backward reorders dy the same way (fused with the bias-gradient sum), then
     dW_g += dY_g @ cols_g.T                   dcols_g = W_g.T @ dY_g ;  dx = col2im(dcols)
 The batch is processed in chunks so the column buffer stays under _COLS_BYTES.
+
+Path `bf16` is the same with every product on the bf16 GEMM (kernels.gemm_bf16: operands
+rounded to bfloat16 while packed, float32 sums); the bias and its gradient stay float32.
 """
+import functools
+
 import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.conv import grads
 from minialex.kernels.conv.im2col import col2im, im2col
 from minialex.kernels.gemm import gemm
+from minialex.kernels.gemm_bf16 import gemm_bf16
 
 # Upper bound for one column buffer; AlexNet conv1 at batch 8 needs ~35 MB in float32.
 _COLS_BYTES = 64 * 1024 * 1024
@@ -28,10 +34,10 @@ def _chunks(g, itemsize):
     return int(max(1, min(g.n, _COLS_BYTES // per_image))), k_rows, plane
 
 
-def _per_group(a, ra, b, rb, out, ro, groups, **kw):
+def _per_group(mm, a, ra, b, rb, out, ro, groups, **kw):
     # for each group g: out[g*ro:(g+1)*ro] = op(a[g*ra:(g+1)*ra]) @ op(b[g*rb:(g+1)*rb]) (gemm's kw)
     for grp in range(groups):
-        gemm(a[grp * ra:(grp + 1) * ra], b[grp * rb:(grp + 1) * rb], out=out[grp * ro:(grp + 1) * ro], **kw)
+        mm(a[grp * ra:(grp + 1) * ra], b[grp * rb:(grp + 1) * rb], out=out[grp * ro:(grp + 1) * ro], **kw)
 
 
 @njit(parallel=True, cache=True)
@@ -80,7 +86,7 @@ def _gather_dy(dy, dyc, db, want_db, y, relu):
             db[co] += acc
 
 
-def forward(x, w, b, g, relu, nthreads):
+def forward(x, w, b, g, relu, nthreads, mm=gemm):
     """Path `batched`, forward: y = conv2d(x, w, b) (rectified when relu), x's dtype."""
     n, cout, groups = g.n, g.cout, g.groups
     kg = g.cin_g * g.kh * g.kw
@@ -97,12 +103,12 @@ def forward(x, w, b, g, relu, nthreads):
         m = (n1 - n0) * plane
         cols = im2col(x[n0:n1], g.kh, g.kw, (g.sh, g.sw), (g.ph, g.pw), out=cols_buf[:k_rows * m].reshape(k_rows, m))
         yc = yc_buf[:cout * m].reshape(cout, m)
-        _per_group(w2, cout_g, cols, kg, yc, cout_g, groups)
+        _per_group(mm, w2, cout_g, cols, kg, yc, cout_g, groups)
         _scatter_bias(yc, y3[n0:n1], bias, b is not None, relu)
     return y
 
 
-def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
+def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads, mm=gemm):
     """Path `batched`, backward: dW (+)= into dw, db (+)= into db (or None); returns dx, or
     None when not need_dx."""
     n, cin, cout, groups = g.n, g.cin, g.cout, g.groups
@@ -124,11 +130,17 @@ def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
         dyc = dyc_buf[:cout * m].reshape(cout, m)
         _gather_dy(dy3[n0:n1], dyc, db_acc, db is not None, yr3[n0:n1], relu_out is not None)
         cols = im2col(x[n0:n1], g.kh, g.kw, stride, padding, out=cols_buf[:k_rows * m].reshape(k_rows, m))
-        _per_group(dyc, cout_g, cols, kg, dw2, cout_g, groups, trans_b=True,
+        _per_group(mm, dyc, cout_g, cols, kg, dw2, cout_g, groups, trans_b=True,
                    accumulate=accumulate or n0 > 0 or not in_place)
         if need_dx:
             # the column buffer is free again: reuse it for the column gradient
-            _per_group(w2, cout_g, dyc, cout_g, cols, kg, groups, trans_a=True)
+            _per_group(mm, w2, cout_g, dyc, cout_g, cols, kg, groups, trans_a=True)
             dx[n0:n1] = col2im(cols, (n1 - n0, cin, g.h, g.w), g.kh, g.kw, stride, padding)
     grads.store(dw, dw2, in_place, db, db_acc, accumulate)
     return dx
+
+
+forward_bf16 = functools.partial(forward, mm=gemm_bf16)
+forward_bf16.__doc__ = "Path `bf16`, forward: batched's forward with its products on the bf16 GEMM."
+backward_bf16 = functools.partial(backward, mm=gemm_bf16)
+backward_bf16.__doc__ = "Path `bf16`, backward: batched's backward with its products on the bf16 GEMM."

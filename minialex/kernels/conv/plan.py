@@ -7,9 +7,11 @@ A path is named by what it is (see each module's docstring):
     batched       im2col + GEMM over chunks of the batch, any dtype               batched.py
     winograd      F(2x2, 3x3) minimal filtering: forward and input gradient        winograd.py
                   (its weight gradient takes the path routed for the call without dx)
+    bf16          im2col + bf16 GEMM (float32 sums) over chunks of the batch       batched.py
 
 RULES is read top to bottom for the call's phase; the first rule whose requirements all hold
-is taken. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
+is taken. Precision splits the table: a bf16 call takes path bf16, an fp32 call (float32 or
+float64 data) one of the others. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
 adds when it is also the faster choice. The reasons and measurements behind each rule are in
 docs/performance.md.
 """
@@ -20,7 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-PATHS = ("winograd", "direct", "direct_split", "blocked", "batched")
+PATHS = ("bf16", "winograd", "direct", "direct_split", "blocked", "batched")
+PRECISIONS = ("fp32", "bf16")
 PHASES = ("forward", "backward")
 ENV = "MINIALEX_CONV_PATH"
 
@@ -50,11 +53,16 @@ class Call(NamedTuple):
     threads: int
     need_dx: bool = True
     grads_float32: bool = True   # backward: dw C-contiguous float32, db float32 or None
+    precision: str = "fp32"      # products of "bf16": operands rounded to bfloat16, float32 sums
 
 
 # name -> (holds(call), what the call has instead, for the refusal message)
 REQUIREMENTS = {
-    "float32": (lambda c: c.dtype == "float32", lambda c: f"dtype {c.dtype}"),
+    "bf16": (lambda c: c.precision == "bf16" and c.dtype == "float32",
+             lambda c: f"precision {c.precision}, dtype {c.dtype}"),
+    "float32": (lambda c: c.dtype == "float32" and c.precision == "fp32",
+                lambda c: f"dtype {c.dtype}, precision {c.precision}"),
+    "fp32": (lambda c: c.precision == "fp32", lambda c: f"precision {c.precision}"),
     "groups 1": (lambda c: c.groups == 1, lambda c: f"groups {c.groups}"),
     "Cout in 32s": (lambda c: c.cout % PANEL == 0, lambda c: f"Cout {c.cout}"),
     "Cin in 32s": (lambda c: c.cin % PANEL == 0, lambda c: f"Cin {c.cin}"),
@@ -86,19 +94,21 @@ class Rule(NamedTuple):
 
 RULES = (
     # phase       path            needs                                                   prefer
+    Rule("forward", "bf16", ("bf16",)),
     Rule("forward", "winograd", WINOGRAD, (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
          (f"plane < {SPLIT_MIN_PLANE}",)),
     Rule("forward", "direct_split", ("float32", "groups 1", "Cout in 32s", "padding < kernel")),
     Rule("forward", "blocked", ("float32",)),
-    Rule("forward", "batched", ()),
+    Rule("forward", "batched", ("fp32",)),
+    Rule("backward", "bf16", ("bf16",)),
     Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
          (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                 "padding < kernel", "float32 grads")),
     Rule("backward", "direct_split", ("float32", "groups 1", "Cout in 32s", "no dx", "float32 grads")),
     Rule("backward", "blocked", ("float32", "batch >= threads")),
-    Rule("backward", "batched", ()),
+    Rule("backward", "batched", ("fp32",)),
 )
 
 _forced = contextvars.ContextVar("minialex_conv_path", default=None)
@@ -164,7 +174,7 @@ def route_unforced(call):
     for rule in RULES:
         if rule.phase == call.phase and all(REQUIREMENTS[n][0](call) for n in rule.needs + rule.prefer):
             return rule.path
-    raise AssertionError("the last rule of each phase takes every call")
+    raise ValueError(f"no convolution path for precision {call.precision!r} and dtype {call.dtype}")
 
 
 def label(call):
@@ -175,10 +185,16 @@ def label(call):
     return path
 
 
-def describe(phase, g, dtype, threads, need_dx=True, grads_float32=True):
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def describe(phase, g, dtype, threads, need_dx=True, grads_float32=True, precision="fp32"):
     """The Call of a convolution with layout.Geometry g."""
+    check_precision(precision)
     return Call(phase, np.dtype(dtype).name, g.n, g.cin, g.cout, g.groups, (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw),
-                g.oh * g.ow, int(threads), bool(need_dx), bool(grads_float32))
+                g.oh * g.ow, int(threads), bool(need_dx), bool(grads_float32), precision)
 
 
 def table():
