@@ -11,6 +11,7 @@ from minialex.kernels.conv import (conv2d_backward, conv2d_backward_ref, conv2d_
                                    force_path, plan)
 from minialex.kernels.conv.layout import geometry
 from minialex.kernels.gemm_bf16 import bf16_operand_ref
+from minialex.kernels.simd_bf16 import has_avx512_bf16
 
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 
@@ -127,6 +128,17 @@ def cases(draw, path, phase):
                     draw(st.sampled_from([1, 2])), draw(st.integers(0, 2**31)), precision="bf16")
         assert plan.accepts(path, case.call(phase)), plan.broken(path, case.call(phase))
         return case
+    if path == "direct_bf16":   # the direct family's rules at precision bf16
+        cout = draw(st.sampled_from([32, 64]))
+        cin = draw(st.sampled_from([32, 64])) if phase == "backward" else 2 * draw(st.integers(1, 20))
+        k = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+        padding = (draw(st.integers(0, 4)) % k[0], draw(st.integers(0, 4)) % k[1])
+        case = Case(draw(st.integers(1, 3)), cin, cout, max(draw(st.integers(1, 12)), k[0]),
+                    max(draw(st.integers(1, 12)), k[1]), k, (1, 1), padding, 1, np.float32, draw(st.booleans()),
+                    draw(st.booleans()), True, draw(st.booleans()), draw(st.sampled_from([1, 2])),
+                    draw(st.integers(0, 2**31)), precision="bf16")
+        assert plan.accepts(path, case.call(phase)), plan.broken(path, case.call(phase))
+        return case
     if path == "winograd":      # float32, groups 1, 3x3, stride 1, padding 1; any channels and plane
         n, cin, cout = draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
         case = Case(n, cin, cout, draw(st.integers(1, 12)), draw(st.integers(1, 12)), (3, 3), (1, 1), (1, 1), 1,
@@ -161,14 +173,18 @@ def cases(draw, path, phase):
     return case
 
 
-@pytest.mark.parametrize("path", plan.PATHS)
+NATIVE_ONLY = {"direct_bf16": pytest.mark.skipif(not has_avx512_bf16(), reason="no AVX512_BF16 on this CPU")}
+RUNNABLE = [pytest.param(p, marks=NATIVE_ONLY[p]) if p in NATIVE_ONLY else p for p in plan.PATHS]
+
+
+@pytest.mark.parametrize("path", RUNNABLE)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_forward_of_every_path_matches_reference(path, data):
     check_forward(path, data.draw(cases(path, "forward")))
 
 
-@pytest.mark.parametrize("path", plan.PATHS)
+@pytest.mark.parametrize("path", RUNNABLE)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_backward_of_every_path_matches_reference(path, data):
@@ -203,13 +219,14 @@ def test_alexnet_layers_on_every_path_that_accepts_them(layer):
 @given(n=st.integers(1, 2), cin=st.sampled_from([3, 16, 32]), cout=st.sampled_from([8, 32]),
        groups=st.sampled_from([1, 2]), k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 4),
        dtype=st.sampled_from([np.float32, np.float64]), need_dx=st.booleans(), threads=st.sampled_from([1, 2]),
-       path=st.sampled_from(plan.PATHS), phase=st.sampled_from(plan.PHASES))
+       path=st.sampled_from(plan.PATHS), phase=st.sampled_from(plan.PHASES),
+       precision=st.sampled_from(plan.PRECISIONS))
 def test_forcing_a_path_raises_exactly_on_the_shapes_it_refuses(n, cin, cout, groups, k, s, p, dtype, need_dx,
-                                                                  threads, path, phase):
+                                                                  threads, path, phase, precision):
     if cin % groups:
         cin = 32
     c = Case(n, cin, cout, 6 + k, 6 + k, (k, k), (s, s), (p, p), groups, dtype, True, False, need_dx, True,
-             threads, 0)
+             threads, 0, precision)
     broken = plan.broken(path, c.call(phase))
     run = check_forward if phase == "forward" else check_backward
     if not broken:
@@ -222,10 +239,10 @@ def test_forcing_a_path_raises_exactly_on_the_shapes_it_refuses(n, cin, cout, gr
     assert all(rule.split(" (")[0] in message for rule in broken), (message, broken)
 
 
-def _alexnet_call(layer, phase, batch, threads, need_dx=True, dtype="float32"):
+def _alexnet_call(layer, phase, batch, threads, need_dx=True, dtype="float32", precision="fp32"):
     name, cin, cout, hw, k, s, p, g = layer
     geo = geometry((batch, cin, hw, hw), (cout, cin // g, k, k), s, p, g)
-    return plan.describe(phase, geo, dtype, threads, need_dx)
+    return plan.describe(phase, geo, dtype, threads, need_dx, precision=precision)
 
 
 def test_route_of_alexnet_layers():
@@ -251,6 +268,26 @@ def test_route_of_alexnet_layers():
     assert plan.route(_alexnet_call(conv["conv3"], "forward", 8, 2, dtype="float64")) == "batched"
     # conv1 with its input gradient (3 input channels, stride 4)
     assert plan.route(_alexnet_call(conv["conv1"], "backward", 8, 2)) == "blocked"
+
+
+def test_route_of_alexnet_layers_in_bf16(monkeypatch):
+    conv = {a[0]: a for a in ALEXNET}
+    monkeypatch.delenv("MINIALEX_BF16", raising=False)
+    native = has_avx512_bf16()
+    for name in ("conv2", "conv3", "conv4", "conv5"):
+        for phase in plan.PHASES:
+            want = "direct_bf16" if native else "bf16"
+            assert plan.route(_alexnet_call(conv[name], phase, 8, 2, precision="bf16")) == want
+    # conv1 (3 input channels, stride 4) and the grouped layers: im2col + bf16 GEMM
+    assert plan.route(_alexnet_call(conv["conv1"], "forward", 8, 2, precision="bf16")) == "bf16"
+    assert plan.route(_alexnet_call(conv["conv4 grouped"], "backward", 8, 2, precision="bf16")) == "bf16"
+    assert plan.label(_alexnet_call(conv["conv3"], "backward", 8, 2, precision="bf16")) == (
+        "direct_bf16+bf16" if native else "bf16")
+    # emulated: never the native kernel
+    monkeypatch.setenv("MINIALEX_BF16", "emulate")
+    assert plan.route(_alexnet_call(conv["conv3"], "forward", 8, 2, precision="bf16")) == "bf16"
+    with force_path("direct_bf16"), pytest.raises(ValueError, match="bf16 instructions"):
+        plan.route(_alexnet_call(conv["conv3"], "forward", 8, 2, precision="bf16"))
 
 
 def test_forced_path_by_environment_and_unknown_names(monkeypatch):
@@ -280,13 +317,14 @@ def test_winograd_forced_on_a_call_without_dx_refuses_it_and_routing_never_takes
 
 
 def test_the_table_has_a_catch_all_rule_per_phase_and_precision():
-    # bf16 first, taking every bf16 call; the last rule takes every other call
+    # the bf16 rules first, the last of them taking every bf16 call; the last rule every other call
     for phase in plan.PHASES:
         rules = [r for r in plan.RULES if r.phase == phase]
         assert {r.path for r in rules} == set(plan.PATHS)
-        assert rules[0].path == "bf16" and rules[0].needs == ("bf16",) and rules[0].prefer == ()
+        bf16 = [r for r in rules if "bf16" in r.needs]
+        assert rules[:len(bf16)] == bf16 and bf16[-1].needs == ("bf16",) and bf16[-1].prefer == ()
         assert rules[-1].needs == ("fp32",) and rules[-1].prefer == ()
-        assert all("fp32" in r.needs or "float32" in r.needs for r in rules[1:])
+        assert all("fp32" in r.needs or "float32" in r.needs for r in rules[len(bf16):])
     assert all(name in plan.REQUIREMENTS for r in plan.RULES for name in r.needs + r.prefer)
 
 

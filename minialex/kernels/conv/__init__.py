@@ -2,10 +2,10 @@
 
 conv2d_forward / conv2d_backward check their arguments, handle an empty batch, ask plan.route
 which path computes the call and run it; the paths (direct.py, blocked.py, batched.py,
-winograd.py) share geometry and layouts through layout.py. A backward routed to winograd gets
-its input gradient from winograd.py and its weight and bias gradients from the path the plan
-routes the same call without dx to. force_path(name) (or the MINIALEX_CONV_PATH environment
-variable) makes every call take one path, for tests. The _ref twins are plain NumPy sums.
+winograd.py) share geometry and layouts through layout.py. A backward routed to a path that
+computes only the input gradient (plan.INPUT_GRAD_ONLY: winograd, direct_bf16) gets its weight
+and bias gradients from the path the plan routes the same call without dx to. force_path(name)
+(or the MINIALEX_CONV_PATH environment variable) makes every call take one path, for tests. The _ref twins are plain NumPy sums.
 """
 import numba
 import numpy as np
@@ -17,8 +17,9 @@ from minialex.shapes import conv_output_size, pair
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv2d_forward_ref", "conv2d_backward_ref", "force_path"]
 
-_FORWARD = {"bf16": batched.forward_bf16, "winograd": winograd.forward, "direct": direct.forward, "direct_split": direct.forward_split,
+_FORWARD = {"direct_bf16": direct.forward_bf16, "bf16": batched.forward_bf16, "winograd": winograd.forward, "direct": direct.forward, "direct_split": direct.forward_split,
             "blocked": blocked.forward, "batched": batched.forward}
+_INPUT_GRAD = {"winograd": winograd.input_grad, "direct_bf16": direct.input_grad_bf16}
 _BACKWARD = {"bf16": batched.backward_bf16, "direct": direct.backward, "direct_split": direct.backward_split,
              "blocked": blocked.backward, "batched": batched.backward}
 
@@ -83,10 +84,10 @@ def conv2d_backward(dy, x, w, dw, db, stride, padding, groups, need_dx=True, acc
     nthreads = numba.get_num_threads()
     call = plan.describe("backward", g, x.dtype, nthreads, need_dx, _grads_float32(dw, db), precision)
     path = plan.route(call)
-    if path == "winograd":
+    if path in plan.INPUT_GRAD_ONLY:
         weights_path = plan.route_unforced(plan.weight_grad_call(call))
         _BACKWARD[weights_path](dy, x, w, dw, db, g, accumulate, False, relu_out, nthreads)
-        return winograd.input_grad(dy, w, g, relu_out, nthreads)
+        return _INPUT_GRAD[path](dy, w, g, relu_out, nthreads)
     return _BACKWARD[path](dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads)
 
 

@@ -27,10 +27,12 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from minialex.kernels.bf16 import round_bits
 from minialex.kernels.conv.layout import column_offsets, pixel_offsets, split_copy
 from minialex.kernels.gemm import store_tile_8x32
 from minialex.kernels.parallel import column_sums, mask_copy_sum, take
 from minialex.kernels.simd import vadd, vbroadcast, vfma, vload, vrelu, vstore, vtranspose_8x16, vzero
+from minialex.kernels.simd_bf16 import bbroadcast, bload, bpack, bround_load, bstore, vdpbf16
 
 PANEL = 32        # output channels per micro-tile (two 16-lane vectors)
 PIXELS = 8        # output pixels per micro-tile
@@ -38,6 +40,19 @@ DW_PIXEL_BLOCK = 1024  # pixels per step of the weight gradient (packed dy: 128 
 CHUNK_TILES = 8  # micro-tiles of pixels a thread takes at once (it loops over every panel)
 PACK_RUN = 4096  # pixels per step of _pack_dy_nchw: a whole conv1 plane, 32 channels in a 512 KB
 # scratch (two read streams at a time)
+
+
+@njit(inline="always", cache=True)
+def _window_bases(p, npix, plane, ow_n, hp, wpd, sh, sw, cin, b):
+    # b[r] = offset in a padded NHWC array (Wp = wpd, Cin = cin per pixel) of the window corner of
+    # output pixel p + r (the last pixel repeated past npix)
+    for r in range(PIXELS):
+        pp = min(p + r, npix - 1)
+        n = pp // plane
+        rem = pp - n * plane
+        oh = rem // ow_n
+        ow = rem - oh * ow_n
+        b[r] = ((n * hp + oh * sh) * wpd + ow * sw) * cin
 
 
 @njit(parallel=True, cache=True)
@@ -64,15 +79,96 @@ def _direct_kernel(xp, hp, wpd, cin, wpk, koff, out, oh_n, ow_n, sh, sw, npix, n
             for pan in range(cout // PANEL):
                 for tile in range(t0, t1):
                     p = tile * PIXELS
-                    for r in range(PIXELS):
-                        pp = min(p + r, npix - 1)
-                        n = pp // plane
-                        rem = pp - n * plane
-                        oh = rem // ow_n
-                        ow = rem - oh * ow_n
-                        b[r] = ((n * hp + oh * sh) * wpd + ow * sw) * cin
+                    _window_bases(p, npix, plane, ow_n, hp, wpd, sh, sw, cin, b)
                     _micro_8x32_table(xp, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], koff, 0, kk,
                                       wpk, pan * kk * PANEL, out, p * cout + pan * PANEL, cout, False)
+
+
+@njit(parallel=True, cache=True)
+def _direct_kernel_bf16(xq, hp, wpd, cin2, wq, koff, out, oh_n, ow_n, npix, nthreads, counter):
+    # _direct_kernel (stride 1) on bf16 pairs: xq: (N*Hp*Wp*Cin/2,) uint32, each the pair of
+    # channels (2c, 2c+1) of a padded NHWC pixel ; wq: uint16 view of (Cout/32, taps*Cin/2, 32)
+    # pairs ; koff: (taps*Cin/2,) offset in xq of each pair column from a window corner
+    cout = out.size // ((npix + PIXELS - 1) // PIXELS * PIXELS)
+    kk = koff.size
+    ntiles = (npix + PIXELS - 1) // PIXELS
+    nchunks = (ntiles + CHUNK_TILES - 1) // CHUNK_TILES
+    plane = oh_n * ow_n
+    for _ in prange(nthreads):
+        b = np.empty(PIXELS, dtype=np.int64)
+        while True:
+            ch = take(counter)
+            if ch >= nchunks:
+                break
+            for pan in range(cout // PANEL):
+                for tile in range(ch * CHUNK_TILES, min(ntiles, (ch + 1) * CHUNK_TILES)):
+                    p = tile * PIXELS
+                    _window_bases(p, npix, plane, ow_n, hp, wpd, 1, 1, cin2, b)
+                    _micro_8x32_pairs(xq, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], koff, kk,
+                                      wq, pan * kk * 2 * PANEL, out, p * cout + pan * PANEL, cout)
+
+
+@njit(cache=True)
+def _micro_8x32_pairs(xq, b0, b1, b2, b3, b4, b5, b6, b7, table, kk, wq, v_off, out, o_off, ldo):
+    # _micro_8x32_table on bf16 pairs, one vdpbf16ps per pair instead of an FMA per value:
+    # out[r, 32 lanes] = sum over pair columns k of xq[b_r + table[k]] . wq[v_off + k*64 + 2*lane ..+ 2]
+    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero()
+    c20 = vzero(); c21 = vzero(); c30 = vzero(); c31 = vzero()
+    c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+    c60 = vzero(); c61 = vzero(); c70 = vzero(); c71 = vzero()
+    pv = v_off
+    for k in range(kk):
+        o = table[k]
+        w0 = bload(wq, pv)
+        w1 = bload(wq, pv + 32)
+        a = bbroadcast(xq, b0 + o)
+        c00 = vdpbf16(c00, a, w0); c01 = vdpbf16(c01, a, w1)
+        a = bbroadcast(xq, b1 + o)
+        c10 = vdpbf16(c10, a, w0); c11 = vdpbf16(c11, a, w1)
+        a = bbroadcast(xq, b2 + o)
+        c20 = vdpbf16(c20, a, w0); c21 = vdpbf16(c21, a, w1)
+        a = bbroadcast(xq, b3 + o)
+        c30 = vdpbf16(c30, a, w0); c31 = vdpbf16(c31, a, w1)
+        a = bbroadcast(xq, b4 + o)
+        c40 = vdpbf16(c40, a, w0); c41 = vdpbf16(c41, a, w1)
+        a = bbroadcast(xq, b5 + o)
+        c50 = vdpbf16(c50, a, w0); c51 = vdpbf16(c51, a, w1)
+        a = bbroadcast(xq, b6 + o)
+        c60 = vdpbf16(c60, a, w0); c61 = vdpbf16(c61, a, w1)
+        a = bbroadcast(xq, b7 + o)
+        c70 = vdpbf16(c70, a, w0); c71 = vdpbf16(c71, a, w1)
+        pv += 2 * PANEL
+    store_tile_8x32(out, o_off, ldo, False, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51, c60, c61, c70, c71)
+
+
+@njit(parallel=True, cache=True)
+def _round_pairs(src, dst):
+    # src: (2m,) float32 -> dst: (m,) uint32 bf16 pairs (src[2i], src[2i+1]), rounded to nearest even
+    m = dst.size
+    for blk in prange(m // 16):
+        bstore(dst, blk * 16, bround_load(src, blk * 32))
+    for i in range(m - m % 16, m):
+        lo = np.uint32(round_bits(np.uint32(np.float32(src[2 * i]).view(np.uint32))))
+        hi = np.uint32(round_bits(np.uint32(np.float32(src[2 * i + 1]).view(np.uint32))))
+        dst[i] = lo | (hi << 16)
+
+
+@njit(parallel=True, cache=True)
+def _pair_weights(wpk, wq):
+    # wpk: (P/32, taps, Q, 32) float32 packed weights (Q even) -> wq: (P/32, taps, Q/2, 32) uint32,
+    # lane l of pair column q2 = (wpk[.., 2*q2, l], wpk[.., 2*q2 + 1, l]) rounded to bf16
+    npan, taps, nq = wpk.shape[0], wpk.shape[1], wpk.shape[2]
+    wf = wpk.reshape(-1)
+    qf = wq.reshape(-1)
+    for task in prange(npan * taps):
+        src = task * nq * PANEL
+        dst = task * (nq // 2) * PANEL
+        for q2 in range(nq // 2):
+            for h in range(0, PANEL, 16):
+                lo = vload(wf, src + 2 * q2 * PANEL + h)
+                hi = vload(wf, src + (2 * q2 + 1) * PANEL + h)
+                bstore(qf, dst + q2 * PANEL + h, bpack(lo, hi))
 
 
 @njit(cache=True)
@@ -386,6 +482,22 @@ def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     return out
 
 
+def _run_bf16(xp, wpk, kh, kw, npix, oh, ow, cout, nthreads):
+    # _run (stride 1) with xp (N, Hp, Wp, Cin) and wpk (Cout/32, taps, Cin, 32) rounded to bf16 pairs
+    n, hp, wp, cin = xp.shape
+    cin2 = cin // 2
+    xq = np.empty(xp.size // 2, dtype=np.uint32)
+    _round_pairs(xp.reshape(-1), xq)
+    wq = np.empty((wpk.shape[0], wpk.shape[1], cin2, PANEL), dtype=np.uint32)
+    _pair_weights(wpk, wq)
+    i, j, c2 = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(cin2), indexing="ij")
+    koff = ((i * wp + j) * cin2 + c2).astype(np.int64).ravel()
+    out = np.empty(((npix + PIXELS - 1) // PIXELS * PIXELS, cout), dtype=np.float32)
+    _direct_kernel_bf16(xq, hp, wp, cin2, wq.reshape(-1).view(np.uint16), koff, out.reshape(-1), oh, ow, npix,
+                        nthreads, np.zeros(1, np.int64))
+    return out
+
+
 def forward(x, w, b, g, relu, nthreads):
     """Path `direct`, forward: y = conv2d(x, w, b) (rectified when relu) through channels-last
     copies; float32, groups 1, Cout a multiple of 32 (plan.py says when)."""
@@ -463,3 +575,36 @@ def backward_split(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads)
         total = dbp.sum(axis=0)
         db[...] = (db + total) if accumulate else total
     return None
+
+
+def forward_bf16(x, w, b, g, relu, nthreads):
+    """Path `direct_bf16`, forward: the `direct` forward with x and w rounded to bfloat16 pairs of
+    input channels and one vdpbf16ps (32 products, float32 sums) per pair of 32-lane steps;
+    Cin even, Cout a multiple of 32, stride 1."""
+    n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
+    y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
+    xp = np.empty((n, g.h + 2 * g.ph, g.w + 2 * g.pw, cin), dtype=np.float32)
+    _to_padded_nhwc(x, x, False, g.ph, g.pw, xp)
+    wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
+    _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
+    out = _run_bf16(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, cout, nthreads)
+    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
+    return y
+
+
+def input_grad_bf16(dy, w, g, relu_out, nthreads):
+    """Path `direct_bf16`, input gradient: dy (masked where relu_out <= 0) and the flipped
+    weights rounded to bf16 pairs of output channels, through the forward's kernel; Cout even,
+    Cin a multiple of 32, stride 1."""
+    n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
+    qh, qw = kh - 1 - g.ph, kw - 1 - g.pw
+    dyp = np.empty((n, g.oh + 2 * qh, g.ow + 2 * qw, cout), dtype=np.float32)
+    yr = dy if relu_out is None else np.ascontiguousarray(relu_out)
+    _to_padded_nhwc(np.ascontiguousarray(dy), yr, relu_out is not None, qh, qw, dyp)
+    wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
+    _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
+    out = _run_bf16(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, cin, nthreads)
+    dx = np.empty((n, cin, g.h, g.w), dtype=np.float32)
+    _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
+    return dx

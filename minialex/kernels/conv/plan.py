@@ -7,6 +7,8 @@ A path is named by what it is (see each module's docstring):
     batched       im2col + GEMM over chunks of the batch, any dtype               batched.py
     winograd      F(2x2, 3x3) minimal filtering: forward and input gradient        winograd.py
                   (its weight gradient takes the path routed for the call without dx)
+    direct_bf16   the direct micro-kernel on bf16 pairs (vdpbf16ps): forward and   direct.py
+                  input gradient (its weight gradient takes the path routed without dx)
     bf16          im2col + bf16 GEMM (float32 sums) over chunks of the batch       batched.py
 
 RULES is read top to bottom for the call's phase; the first rule whose requirements all hold
@@ -22,8 +24,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-PATHS = ("bf16", "winograd", "direct", "direct_split", "blocked", "batched")
+from minialex.kernels.gemm_bf16 import bf16_path
+
+PATHS = ("direct_bf16", "bf16", "winograd", "direct", "direct_split", "blocked", "batched")
 PRECISIONS = ("fp32", "bf16")
+# paths whose backward computes only the input gradient; the weight and bias gradients come from
+# the path the table gives the same call without dx (weight_grad_call)
+INPUT_GRAD_ONLY = ("winograd", "direct_bf16")
 PHASES = ("forward", "backward")
 ENV = "MINIALEX_CONV_PATH"
 
@@ -63,6 +70,8 @@ REQUIREMENTS = {
     "float32": (lambda c: c.dtype == "float32" and c.precision == "fp32",
                 lambda c: f"dtype {c.dtype}, precision {c.precision}"),
     "fp32": (lambda c: c.precision == "fp32", lambda c: f"precision {c.precision}"),
+    "bf16 instructions": (lambda c: bf16_path() == "native", lambda c: "bf16 emulated"),
+    "Cin even": (lambda c: c.cin % 2 == 0, lambda c: f"Cin {c.cin}"),
     "groups 1": (lambda c: c.groups == 1, lambda c: f"groups {c.groups}"),
     "Cout in 32s": (lambda c: c.cout % PANEL == 0, lambda c: f"Cout {c.cout}"),
     "Cin in 32s": (lambda c: c.cin % PANEL == 0, lambda c: f"Cin {c.cin}"),
@@ -94,6 +103,8 @@ class Rule(NamedTuple):
 
 RULES = (
     # phase       path            needs                                                   prefer
+    Rule("forward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin even", "stride 1",
+                                    "padding < kernel")),
     Rule("forward", "bf16", ("bf16",)),
     Rule("forward", "winograd", WINOGRAD, (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
@@ -101,6 +112,8 @@ RULES = (
     Rule("forward", "direct_split", ("float32", "groups 1", "Cout in 32s", "padding < kernel")),
     Rule("forward", "blocked", ("float32",)),
     Rule("forward", "batched", ("fp32",)),
+    Rule("backward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin in 32s",
+                                     "stride 1", "padding < kernel", "dx wanted", "float32 grads")),
     Rule("backward", "bf16", ("bf16",)),
     Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
          (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
@@ -164,8 +177,8 @@ def route(call):
 
 
 def weight_grad_call(call):
-    """The call whose route computes the weight gradient when the winograd path computes the
-    input gradient: the same backward without dx (never winograd, whatever is forced)."""
+    """The call whose route computes the weight gradient beside an INPUT_GRAD_ONLY path's input
+    gradient: the same backward without dx (which those paths refuse, whatever is forced)."""
     return call._replace(need_dx=False)
 
 
@@ -178,10 +191,10 @@ def route_unforced(call):
 
 
 def label(call):
-    """The route of `call` as shown to users: a winograd backward names its weight gradient's path."""
+    """The route of `call` as shown to users: an INPUT_GRAD_ONLY backward names its weight gradient's path."""
     path = route(call)
-    if path == "winograd" and call.phase == "backward":
-        return f"winograd+{route_unforced(weight_grad_call(call))}"
+    if path in INPUT_GRAD_ONLY and call.phase == "backward":
+        return f"{path}+{route_unforced(weight_grad_call(call))}"
     return path
 
 
