@@ -2,11 +2,12 @@
 
 Two peers: torch under torch.no_grad(), as a deployment would, and onnxruntime (float32) running
 our model as minialex's own ONNX exporter writes it (onnxruntime_peer.py; optional). All hold the
-same weights and the check compares each peer's logits with ours.
+same weights and the check compares each peer's logits with ours. bf16 rows (--precision bf16):
+ours at precision bf16, torch under bf16 autocast, onnxruntime still float32.
 """
 from . import harness
 from .ops import Bench
-from .step import forward_flops, images_table, model_and_data
+from .step import autocast, forward_flops, images_table, model_and_data
 
 TITLE = "Inference, eval mode (torchvision AlexNet, 224×224)"
 PHASE = "forward (eval)"
@@ -14,8 +15,9 @@ PEERS = ("torch", "onnxruntime")
 
 
 def cases(opts):
-    return [dict(name="latency", variant="torchvision", batch=1, size=224, classes=1000),
-            dict(name="throughput", variant="torchvision", batch=64, size=224, classes=1000)]
+    return harness.with_precision([dict(name="latency", variant="torchvision", batch=1, size=224, classes=1000),
+                                   dict(name="throughput", variant="torchvision", batch=64, size=224,
+                                        classes=1000)], opts)
 
 
 def build(case, lib):
@@ -39,8 +41,8 @@ def build(case, lib):
         tx = torch.from_numpy(x)
 
         def forward():
-            with torch.no_grad():
-                return net(tx).numpy()
+            with torch.no_grad(), autocast(case):
+                return net(tx).float().numpy()
 
     def outputs():
         return {PHASE: [forward()]}

@@ -39,7 +39,10 @@ def layer_cases(n):
 
 
 def cases(opts):
-    return [c for n in (opts.batches or DEFAULT_BATCHES) for c in layer_cases(n)]
+    """Every layer at every batch; with --precision bf16, bf16 rows of the conv and linear layers."""
+    all_cases = [c for n in (opts.batches or DEFAULT_BATCHES) for c in layer_cases(n)]
+    return [c for c in harness.with_precision(all_cases, opts)
+            if c["precision"] == "fp32" or c["kind"] in ("conv", "linear")]
 
 
 def run(opts, alternator=None):

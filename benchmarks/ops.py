@@ -120,11 +120,14 @@ def _ours(case, d):
         w, b = d["w"], d["b"]
         dw, db = aligned_zeros_like(w), aligned_zeros_like(b)
 
+        precision = case.get("precision", "fp32")
+
         def fwd():
-            return K.conv2d_forward(x, w, b, s, p, g)
+            return K.conv2d_forward(x, w, b, s, p, g, precision=precision)
 
         def bwd():
-            return K.conv2d_backward(dy, x, w, dw, db, s, p, g, need_dx=need_dx, accumulate=False)
+            return K.conv2d_backward(dy, x, w, dw, db, s, p, g, need_dx=need_dx, accumulate=False,
+                                     precision=precision)
 
         def grads():
             dw[...], db[...] = 0, 0
@@ -135,11 +138,13 @@ def _ours(case, d):
         w, b = d["w"], d["b"]
         dw, db = aligned_zeros_like(w), aligned_zeros_like(b)
 
+        precision = case.get("precision", "fp32")
+
         def fwd():
-            return K.linear_forward(x, w, b)
+            return K.linear_forward(x, w, b, precision=precision)
 
         def bwd():
-            return K.linear_backward(dy, x, w, dw, db, accumulate=False)
+            return K.linear_backward(dy, x, w, dw, db, accumulate=False, precision=precision)
 
         def grads():
             dw[...], db[...] = 0, 0
@@ -310,8 +315,16 @@ def _torch(case, d):
         raise ValueError(f"unknown op kind {kind!r}")
     for v in want:
         v.requires_grad_(True)
+    if case.get("precision", "fp32") == "bf16":   # conv and linear: torch's bf16 autocast
+        plain = op
+
+        def op():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return plain()
     y = op()
     dy = t.get("dy")
+    if dy is not None and dy.dtype != y.dtype:
+        dy = dy.to(y.dtype)
 
     def bwd():
         return torch.autograd.grad(y, want, dy, retain_graph=True)
@@ -322,5 +335,5 @@ def _torch(case, d):
             mask = t["mask"].to(x.dtype)
             with torch.no_grad():
                 return {"forward": [(x * mask * scale).numpy()], "backward": [(dy * mask * scale).numpy()]}
-        return {"forward": [op().detach().numpy()], "backward": [gr.numpy() for gr in bwd()]}
+        return {"forward": [op().detach().float().numpy()], "backward": [gr.float().numpy() for gr in bwd()]}
     return Bench([("forward", op, f_fwd), ("backward", bwd, f_bwd)], outputs)

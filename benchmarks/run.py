@@ -68,6 +68,10 @@ def build_parser():
     p.add_argument("--gemm-layers", metavar="L,L", help="AlexNet layers for the gemm section (default conv1,conv3,fc6)")
     p.add_argument("--rtol", type=float, default=RTOL,
                    help=f"allowed error, relative to the reference's largest value (default {RTOL:g})")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"], metavar="P",
+                   help="arithmetic of the convolution and linear layers in the step, inference and layers "
+                        "sections: fp32, bf16 or both (default fp32); torch runs bf16 rows under "
+                        "torch.autocast('cpu', dtype=torch.bfloat16)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -93,6 +97,7 @@ def parse_options(argv):
     for name in a.gemm_layers or []:
         if name not in known:
             raise UsageError(f"--gemm-layers: unknown layer {name!r}; choose from {','.join(sorted(known))}")
+    a.precision = list(dict.fromkeys(a.precision))
     a.batches = a.batch
     a.repeats = a.repeats or (1 if a.quick else 5)
     a.warmup = 1
@@ -129,7 +134,7 @@ def run_suite(opts, out=None):
     report = dict(machine=info, options=dict(sections=opts.sections, batches=opts.batches, repeats=opts.repeats,
                                              rounds=opts.rounds,
                                              warmup=opts.warmup, threads=opts.threads, quick=opts.quick,
-                                             rtol=opts.rtol),
+                                             rtol=opts.rtol, precision=opts.precision),
                   sections={})
     alternator = harness.Alternator()
     any_failed = False

@@ -5,7 +5,8 @@ at batch 128 on 32×32. torch runs the same network with the same weights, built
 torch.nn (tests/torch_reference.py). The check compares logits, loss and every parameter
 gradient of one step with the dropout layers switched off (torch cannot share our masks);
 the timed steps keep dropout on. Logits and loss must agree to --rtol of their largest value,
-the gradients norm-wise to ten times that (why: _common.LOOSE_FACTOR).
+the gradients norm-wise to ten times that (why: _common.LOOSE_FACTOR). With --precision bf16 the
+bf16 rows run minialex at precision bf16 and torch under bf16 autocast (harness.BF16_RTOL).
 """
 import numpy as np
 
@@ -22,7 +23,17 @@ def cases(opts):
     out = [dict(name="torchvision 224", variant="torchvision", batch=n, size=224, classes=1000)
            for n in (opts.batches or DEFAULT_BATCHES)]
     out.append(dict(name="cifar 32", variant="cifar", batch=128, size=32, classes=10))
-    return out
+    return harness.with_precision(out, opts)
+
+
+def autocast(case):
+    """torch's counterpart of the case's precision: bf16 autocast for "bf16", nothing for fp32."""
+    import contextlib
+
+    import torch
+    if case.get("precision", "fp32") == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def model_and_data(case, dropout=0.5):
@@ -30,6 +41,7 @@ def model_and_data(case, dropout=0.5):
     from minialex import _random, models
     _random.manual_seed(0)
     model = models.alexnet(case["classes"], case["variant"], dropout=dropout)
+    model.to_precision(case.get("precision", "fp32"))
     rng = np.random.default_rng(case["batch"])
     x = rng.standard_normal((case["batch"], 3, case["size"], case["size"]), dtype=np.float32)
     t = rng.integers(0, case["classes"], case["batch"]).astype(np.int64)
@@ -96,7 +108,8 @@ def build(case, lib):
 
     def step():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(tx), tt)
+        with autocast(case):
+            loss = torch.nn.functional.cross_entropy(net(tx), tt)
         loss.backward()
         opt.step()
         return loss
@@ -105,9 +118,11 @@ def build(case, lib):
         for m in _dropouts(net.classifier, torch.nn.Dropout):
             m.eval()
         opt.zero_grad()
-        logits = net(tx)
-        loss = torch.nn.functional.cross_entropy(logits, tt)
+        with autocast(case):
+            logits = net(tx)
+            loss = torch.nn.functional.cross_entropy(logits, tt)
         loss.backward()
+        logits = logits.float()
         grads = [p.grad.numpy().copy() for _, p in sorted(net.named_parameters(), key=lambda kv: kv[0])]
         return {PHASE: [logits.detach().numpy(), loss.detach().numpy()] + grads}
     return Bench([(PHASE, step, flops)], outputs, labels, loose)

@@ -114,12 +114,14 @@ def _summary_parser(sub):
     add_option(p, "classes", type=positive_int, default=1000, metavar="N", help="number of classes (default 1000)")
     add_option(p, "batch", type=positive_int, default=1, metavar="N", help="batch size the paths are chosen for (default 1)")
     add_option(p, "threads", type=positive_int, metavar="T", help="compute threads (default: all)")
+    add_option(p, "precision", choices=("fp32", "bf16"), default="fp32",
+               help="arithmetic of the convolution and linear layers (as train -precision)")
     p.set_defaults(run=_run_summary)
 
 
 def _run_summary(a):
     from . import models
-    model = models.alexnet(num_classes=a.classes, variant=a.arch, batch_norm=a.bn)
+    model = models.alexnet(num_classes=a.classes, variant=a.arch, batch_norm=a.bn).to_precision(a.precision)
     size = models.INPUT_SIZE[a.arch]
     models.summary(model, (a.batch, 3, size, size), threads=a.threads)
     return 0

@@ -4,9 +4,9 @@ from ..errors import printable
 
 
 def conv_paths(conv, input_shape, threads, first):
-    """(forward, backward) path a float32 Conv2d takes on input_shape with `threads` threads,
-    from the routing table (nothing is run); the first layer of a network computes no input
-    gradient in training."""
+    """(forward, backward) path a float32 Conv2d takes on input_shape with `threads` threads at
+    its precision, from the routing table (nothing is run); the first layer of a network
+    computes no input gradient in training."""
     import numpy as np
 
     from ..kernels.conv import plan
@@ -14,8 +14,9 @@ def conv_paths(conv, input_shape, threads, first):
     g = geometry(input_shape, conv.weight.data.shape, conv.stride, conv.padding, conv.groups)
     if g.n == 0:
         return "-", "-"
-    return (plan.label(plan.describe("forward", g, np.float32, threads)),
-            plan.label(plan.describe("backward", g, np.float32, threads, need_dx=not first)))
+    return (plan.label(plan.describe("forward", g, np.float32, threads, precision=conv.precision)),
+            plan.label(plan.describe("backward", g, np.float32, threads, need_dx=not first,
+                                     precision=conv.precision)))
 
 
 def summary(model, input_shape, file=None, print_table=True, threads=None):
@@ -53,7 +54,8 @@ def summary(model, input_shape, file=None, print_table=True, threads=None):
         import sys
         out = file or sys.stdout
         header = (f"{'layer':<16}{'type':<20}{'output shape':<22}{'params':>14}{'MACs':>18}"
-                  f"  conv path forward / backward ({threads} threads, float32)")
+                  f"  conv path forward / backward ({threads} threads, float32 data, "
+                  f"{model.precision} products)")
         print(header, file=out)
         print("-" * len(header), file=out)
         for r in rows:
