@@ -2,6 +2,7 @@
 
     python examples/fashion_mnist.py                      # prepare (once), train 10 epochs, evaluate
     python examples/fashion_mnist.py -smoke               # a few batches, to check a setup works
+    python examples/fashion_mnist.py -precision bf16      # the same in bfloat16 arithmetic
 
 Data: the 60000/10000 IDX files (Debian's dataset-fashion-mnist package installs them in
 /usr/share/datasets/fashion-mnist; -source picks another folder) are written out once as PNGs with
@@ -51,6 +52,9 @@ def main(argv=None):
     p.add_argument("-resize", "--resize", type=int, default=32,
                    help="shorter side before the 32x32 crop (32: flips are the only augmentation)")
     p.add_argument("-milestones", "--milestones", default="6,9", help="epochs where the rate is divided by 10")
+    p.add_argument("-precision", "--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="arithmetic of the convolution and linear layers (train -precision)")
+    p.add_argument("-seed", "--seed", type=int, default=0, help="initialisation, shuffling and augmentation")
     p.add_argument("-threads", "--threads", type=int, default=None)
     p.add_argument("-workers", "--workers", type=int, default=2)
     p.add_argument("-save", "--save", default="fashion_mnist_alexnet.npz")
@@ -65,7 +69,8 @@ def main(argv=None):
                           batch_norm=True, dropout=args.dropout, resize=args.resize, optimizer="sgd", lr=args.lr, momentum=0.9,
                           weight_decay=5e-4, schedule="multistep",
                           milestones=[int(m) for m in args.milestones.split(",")], gamma=0.1, batch_size=args.batchsize,
-                          epochs=epochs, seed=0, threads=args.threads, workers=args.workers,
+                          epochs=epochs, seed=args.seed, threads=args.threads, workers=args.workers,
+                          precision=args.precision,
                           save=args.save, log=args.log, max_batches=5 if args.smoke else None)
         state = run_training(cfg)
     except MinialexError as e:
