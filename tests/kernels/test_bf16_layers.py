@@ -4,7 +4,6 @@ AlexNet layer shape, on the native path where the CPU has AVX512_BF16 and on the
 everywhere. Random shapes of the bf16 convolution path run in test_conv_paths.py."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 from minialex.kernels.conv import conv2d_backward, conv2d_backward_ref, conv2d_forward, conv2d_forward_ref
 from minialex.kernels.gemm_bf16 import bf16_operand_ref
