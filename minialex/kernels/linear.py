@@ -8,8 +8,11 @@ instead: for each block of 8 rows of W it writes the 8 rows of dW (streaming sto
 reading the old contents into the cache) and adds the rows' share of dx into a per-thread
 partial, summed at the end. Measured on fc6 at batch 8, two threads: 22-33 ms -> 10-12 ms.
 
-precision="bf16" (float32 data): the three products run on the bf16 GEMM (kernels.gemm_bf16:
-operands rounded to bfloat16, float32 sums); the bias and its gradient stay float32.
+precision="bf16" (float32 data): with more than SMALL_BATCH rows the three products run on the
+bf16 GEMM (kernels.gemm_bf16: operands rounded to bfloat16, float32 sums); the bias and its
+gradient stay float32. With at most SMALL_BATCH rows the layer reads each weight for 2N
+multiply-adds and is bound by reading the float32 weights, not by arithmetic: it keeps the
+float32 kernels above, which measured faster than the bf16 GEMM there (docs/performance.md).
 """
 import numba
 import numpy as np
@@ -158,15 +161,13 @@ def _linear_backward_small(dy, x, w, dw, need_dx, accumulate):
     return dxps.sum(axis=0).reshape(8, ldx)[:n, :nin].copy()
 
 
-def _products(precision, dtype):
-    """The GEMM that computes the layer's products at `precision`."""
-    if precision == "fp32":
-        return gemm
-    if precision == "bf16":
-        if dtype != np.float32:
-            raise TypeError(f"precision bf16 needs float32 data, got {dtype}")
-        return gemm_bf16
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+def _products(precision, dtype, rows):
+    """The GEMM that computes the products of a layer call on `rows` rows at `precision`."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and dtype != np.float32:
+        raise TypeError(f"precision bf16 needs float32 data, got {dtype}")
+    return gemm_bf16 if precision == "bf16" and rows > SMALL_BATCH else gemm
 
 
 def linear_forward(x, w, b, precision="fp32"):
@@ -175,7 +176,7 @@ def linear_forward(x, w, b, precision="fp32"):
         raise ValueError(f"linear expects x (N, in) and w (out, in), got {x.shape}, {w.shape}")
     if x.dtype != w.dtype:
         raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
-    mm = _products(precision, x.dtype)
+    mm = _products(precision, x.dtype, x.shape[0])
     y = np.empty((x.shape[0], w.shape[0]), dtype=x.dtype)
     if b is None:
         return mm(x, w, out=y, trans_b=True)
@@ -190,7 +191,7 @@ def linear_backward(dy, x, w, dw, db, need_dx=True, accumulate=True, precision="
     dy: (N, out) ; x: (N, in) ; w, dw: (out, in) ; db: (out,) or None
     """
     dy = np.asarray(dy, dtype=x.dtype)
-    mm = _products(precision, x.dtype)
+    mm = _products(precision, x.dtype, x.shape[0])
     if x.shape[0] == 0:   # an empty batch adds nothing; "overwrite" means zero
         if not accumulate:
             dw[...] = 0

@@ -48,9 +48,12 @@ class Case:
     def call(self, phase):
         return plan.describe(phase, self.geo, self.x.dtype, self.threads, self.need_dx, precision=self.precision)
 
-    def operand(self, a):
-        """a as the products see it, in float64: rounded to bf16 at precision bf16."""
-        return bf16_operand_ref(a) if self.precision == "bf16" else a.astype(np.float64)
+    def operand(self, a, path):
+        """a as the products of `path` see it, in float64: rounded to bf16 on a bf16 path at
+        precision bf16 (a float32 path computes a bf16 call in float32)."""
+        if self.precision == "bf16" and path in plan.BF16_PATHS:
+            return bf16_operand_ref(a)
+        return a.astype(np.float64)
 
     def args(self):
         return self.stride, self.padding, self.groups
@@ -77,7 +80,7 @@ def check_forward(path, c):
     with force_path(path):
         y = _run(c.threads, lambda: conv2d_forward(c.x, c.w, c.b, *c.args(), relu=c.relu, precision=c.precision))
     b64 = None if c.b is None else c.b.astype(np.float64)
-    ref = conv2d_forward_ref(c.operand(c.x), c.operand(c.w), b64, *c.args(), relu=c.relu)
+    ref = conv2d_forward_ref(c.operand(c.x, path), c.operand(c.w, path), b64, *c.args(), relu=c.relu)
     assert y.dtype == c.x.dtype and y.shape == ref.shape
     _close(y, ref, c.x.dtype)
     return ref
@@ -85,7 +88,7 @@ def check_forward(path, c):
 
 def check_backward(path, c, y_ref=None):
     if y_ref is None:
-        y_ref = conv2d_forward_ref(c.operand(c.x), c.operand(c.w), None, *c.args(), relu=c.relu)
+        y_ref = conv2d_forward_ref(c.operand(c.x, path), c.operand(c.w, path), None, *c.args(), relu=c.relu)
     dtype = c.x.dtype
     dy = c.rng.standard_normal(y_ref.shape).astype(dtype)
     relu_out = y_ref.astype(dtype) if c.relu else None
@@ -98,7 +101,7 @@ def check_backward(path, c, y_ref=None):
     dw_r, db_r = start.astype(np.float64), (np.ones(c.w.shape[0]) if c.b is not None else None)
     # dy masked by the ReLU first (exact), then rounded as the products see it; db sums it unrounded
     dym = dy if relu_out is None else np.where(relu_out <= 0, 0, dy).astype(dtype)
-    dx_r = conv2d_backward_ref(c.operand(dym), c.operand(c.x), c.operand(c.w), dw_r, None,
+    dx_r = conv2d_backward_ref(c.operand(dym, path), c.operand(c.x, path), c.operand(c.w, path), dw_r, None,
                                *c.args(), need_dx=c.need_dx, accumulate=c.accumulate)
     if db_r is not None:
         total = dym.astype(np.float64).sum(axis=(0, 2, 3))
@@ -278,9 +281,10 @@ def test_route_of_alexnet_layers_in_bf16(monkeypatch):
         for phase in plan.PHASES:
             want = "direct_bf16" if native else "bf16"
             assert plan.route(_alexnet_call(conv[name], phase, 8, 2, precision="bf16")) == want
-    # conv1 (3 input channels, stride 4) and the grouped layers: im2col + bf16 GEMM
-    assert plan.route(_alexnet_call(conv["conv1"], "forward", 8, 2, precision="bf16")) == "bf16"
+    # the grouped layers: im2col + bf16 GEMM; conv1 (stride 4): float32, as at precision fp32
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "backward", 8, 2, precision="bf16")) == "bf16"
+    for phase, need_dx in (("forward", True), ("backward", False)):
+        assert plan.route(_alexnet_call(conv["conv1"], phase, 8, 2, need_dx, precision="bf16")) == "direct_split"
     assert plan.label(_alexnet_call(conv["conv3"], "backward", 8, 2, precision="bf16")) == (
         "direct_bf16+bf16" if native else "bf16")
     # emulated: never the native kernel
@@ -316,15 +320,13 @@ def test_winograd_forced_on_a_call_without_dx_refuses_it_and_routing_never_takes
         assert plan.route_unforced(plan.weight_grad_call(call._replace(need_dx=True))) == "direct"
 
 
-def test_the_table_has_a_catch_all_rule_per_phase_and_precision():
-    # the bf16 rules first, the last of them taking every bf16 call; the last rule every other call
+def test_the_table_has_a_catch_all_last_rule_per_phase_and_bf16_rules_first():
     for phase in plan.PHASES:
         rules = [r for r in plan.RULES if r.phase == phase]
         assert {r.path for r in rules} == set(plan.PATHS)
+        assert rules[-1].needs == () and rules[-1].prefer == ()
         bf16 = [r for r in rules if "bf16" in r.needs]
-        assert rules[:len(bf16)] == bf16 and bf16[-1].needs == ("bf16",) and bf16[-1].prefer == ()
-        assert rules[-1].needs == ("fp32",) and rules[-1].prefer == ()
-        assert all("fp32" in r.needs or "float32" in r.needs for r in rules[len(bf16):])
+        assert rules[:len(bf16)] == bf16 and {r.path for r in bf16} == {"direct_bf16", "bf16"}
     assert all(name in plan.REQUIREMENTS for r in plan.RULES for name in r.needs + r.prefer)
 
 

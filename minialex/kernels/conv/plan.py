@@ -12,8 +12,9 @@ A path is named by what it is (see each module's docstring):
     bf16          im2col + bf16 GEMM (float32 sums) over chunks of the batch       batched.py
 
 RULES is read top to bottom for the call's phase; the first rule whose requirements all hold
-is taken. Precision splits the table: a bf16 call takes path bf16, an fp32 call (float32 or
-float64 data) one of the others. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
+is taken. A bf16 call (precision "bf16": products of bf16-rounded operands) takes a bf16 path
+where one serves it and pays (docs/performance.md); others (conv1's stride 4: the float32
+direct_split is faster) fall through to the float32 paths and compute in float32. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
 adds when it is also the faster choice. The reasons and measurements behind each rule are in
 docs/performance.md.
 """
@@ -31,6 +32,7 @@ PRECISIONS = ("fp32", "bf16")
 # paths whose backward computes only the input gradient; the weight and bias gradients come from
 # the path the table gives the same call without dx (weight_grad_call)
 INPUT_GRAD_ONLY = ("winograd", "direct_bf16")
+BF16_PATHS = ("direct_bf16", "bf16")  # the paths whose products take bf16-rounded operands
 PHASES = ("forward", "backward")
 ENV = "MINIALEX_CONV_PATH"
 
@@ -67,9 +69,7 @@ class Call(NamedTuple):
 REQUIREMENTS = {
     "bf16": (lambda c: c.precision == "bf16" and c.dtype == "float32",
              lambda c: f"precision {c.precision}, dtype {c.dtype}"),
-    "float32": (lambda c: c.dtype == "float32" and c.precision == "fp32",
-                lambda c: f"dtype {c.dtype}, precision {c.precision}"),
-    "fp32": (lambda c: c.precision == "fp32", lambda c: f"precision {c.precision}"),
+    "float32": (lambda c: c.dtype == "float32", lambda c: f"dtype {c.dtype}"),
     "bf16 instructions": (lambda c: bf16_path() == "native", lambda c: "bf16 emulated"),
     "Cin even": (lambda c: c.cin % 2 == 0, lambda c: f"Cin {c.cin}"),
     "groups 1": (lambda c: c.groups == 1, lambda c: f"groups {c.groups}"),
@@ -105,23 +105,23 @@ RULES = (
     # phase       path            needs                                                   prefer
     Rule("forward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin even", "stride 1",
                                     "padding < kernel")),
-    Rule("forward", "bf16", ("bf16",)),
+    Rule("forward", "bf16", ("bf16",), ("stride 1",)),
     Rule("forward", "winograd", WINOGRAD, (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
          (f"plane < {SPLIT_MIN_PLANE}",)),
     Rule("forward", "direct_split", ("float32", "groups 1", "Cout in 32s", "padding < kernel")),
     Rule("forward", "blocked", ("float32",)),
-    Rule("forward", "batched", ("fp32",)),
+    Rule("forward", "batched", ()),
     Rule("backward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin in 32s",
                                      "stride 1", "padding < kernel", "dx wanted", "float32 grads")),
-    Rule("backward", "bf16", ("bf16",)),
+    Rule("backward", "bf16", ("bf16",), ("stride 1",)),
     Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
          (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                 "padding < kernel", "float32 grads")),
     Rule("backward", "direct_split", ("float32", "groups 1", "Cout in 32s", "no dx", "float32 grads")),
     Rule("backward", "blocked", ("float32", "batch >= threads")),
-    Rule("backward", "batched", ("fp32",)),
+    Rule("backward", "batched", ()),
 )
 
 _forced = contextvars.ContextVar("minialex_conv_path", default=None)
