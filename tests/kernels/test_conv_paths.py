@@ -281,8 +281,10 @@ def test_route_of_alexnet_layers_in_bf16(monkeypatch):
         for phase in plan.PHASES:
             want = "direct_bf16" if native else "bf16"
             assert plan.route(_alexnet_call(conv[name], phase, 8, 2, precision="bf16")) == want
-    # the grouped layers: im2col + bf16 GEMM; conv1 (stride 4): float32, as at precision fp32
-    assert plan.route(_alexnet_call(conv["conv4 grouped"], "backward", 8, 2, precision="bf16")) == "bf16"
+    # the grouped layers: forward im2col + bf16 GEMM, backward with dx float32 (blocked);
+    # conv1 (stride 4, 3 channels): float32, as at precision fp32
+    assert plan.route(_alexnet_call(conv["conv4 grouped"], "forward", 8, 2, precision="bf16")) == "bf16"
+    assert plan.route(_alexnet_call(conv["conv4 grouped"], "backward", 8, 2, precision="bf16")) == "blocked"
     for phase, need_dx in (("forward", True), ("backward", False)):
         assert plan.route(_alexnet_call(conv["conv1"], phase, 8, 2, need_dx, precision="bf16")) == "direct_split"
     assert plan.label(_alexnet_call(conv["conv3"], "backward", 8, 2, precision="bf16")) == (

@@ -13,8 +13,9 @@ A path is named by what it is (see each module's docstring):
 
 RULES is read top to bottom for the call's phase; the first rule whose requirements all hold
 is taken. A bf16 call (precision "bf16": products of bf16-rounded operands) takes a bf16 path
-where one serves it and pays (docs/performance.md); others (conv1's stride 4: the float32
-direct_split is faster) fall through to the float32 paths and compute in float32. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
+where one serves it and pays (docs/performance.md); others (a first layer's 3 input channels,
+a backward with an input gradient that direct_bf16 cannot take) fall through to the float32
+paths and compute in float32. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
 adds when it is also the faster choice. The reasons and measurements behind each rule are in
 docs/performance.md.
 """
@@ -105,7 +106,7 @@ RULES = (
     # phase       path            needs                                                   prefer
     Rule("forward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin even", "stride 1",
                                     "padding < kernel")),
-    Rule("forward", "bf16", ("bf16",), ("stride 1",)),
+    Rule("forward", "bf16", ("bf16",), ("stride 1", "Cin in 32s")),
     Rule("forward", "winograd", WINOGRAD, (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
          (f"plane < {SPLIT_MIN_PLANE}",)),
@@ -114,7 +115,7 @@ RULES = (
     Rule("forward", "batched", ()),
     Rule("backward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin in 32s",
                                      "stride 1", "padding < kernel", "dx wanted", "float32 grads")),
-    Rule("backward", "bf16", ("bf16",), ("stride 1",)),
+    Rule("backward", "bf16", ("bf16",), ("stride 1", "Cin in 32s", "no dx")),
     Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
          (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
