@@ -350,8 +350,9 @@ def test_summary_shows_the_path_of_each_convolution(tmp_path):
     assert "(8, 64, 55, 55)" in lines[0]
 
 
-def test_architecture_doc_shows_the_routing_table_as_it_is():
+@pytest.mark.parametrize("doc", ["docs/architecture.md", "README.md"])
+def test_the_docs_show_the_routing_table_as_it_is(doc):
     import os
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "architecture.md"), encoding="utf-8").read()
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", doc), encoding="utf-8").read()
     for line in plan.table():
-        assert "    " + line in doc, line
+        assert "    " + line in text, line
