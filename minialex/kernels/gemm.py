@@ -379,6 +379,50 @@ def _dot_8x3(a, lda, b, ldb, k, m, n, i0, j0, c, ldc, add):
                 c[(i0 + r) * ldc + j0 + s] = v
 
 
+@njit(cache=True)
+def _dot_1x4(a, b, ldb, k, n, j0, c, add):
+    # c[j0:j0+4] (+)= a[:k] · B[j0:j0+4, :k]ᵀ for one input row (inference at batch 1): the 8x3
+    # kernel would do eight times the FMAs it needs; four weight rows, two accumulators each,
+    # keep enough loads in flight (fc6 forward at batch 1, two threads: 4.0 -> 3.2 ms)
+    q0 = j0 * ldb
+    q1 = min(j0 + 1, n - 1) * ldb
+    q2 = min(j0 + 2, n - 1) * ldb
+    q3 = min(j0 + 3, n - 1) * ldb
+    c0 = vzero(); c1 = vzero(); c2 = vzero(); c3 = vzero()
+    d0 = vzero(); d1 = vzero(); d2 = vzero(); d3 = vzero()
+    kv = k - k % 32
+    for kk in range(0, kv, 32):
+        prefetch(b, q0 + kk + 2 * DOT_PREFETCH)
+        prefetch(b, q1 + kk + 2 * DOT_PREFETCH)
+        prefetch(b, q2 + kk + 2 * DOT_PREFETCH)
+        prefetch(b, q3 + kk + 2 * DOT_PREFETCH)
+        x = vload(a, kk)
+        y = vload(a, kk + 16)
+        c0 = vfma(x, vload(b, q0 + kk), c0); d0 = vfma(y, vload(b, q0 + kk + 16), d0)
+        c1 = vfma(x, vload(b, q1 + kk), c1); d1 = vfma(y, vload(b, q1 + kk + 16), d1)
+        c2 = vfma(x, vload(b, q2 + kk), c2); d2 = vfma(y, vload(b, q2 + kk + 16), d2)
+        c3 = vfma(x, vload(b, q3 + kk), c3); d3 = vfma(y, vload(b, q3 + kk + 16), d3)
+    sums = (vhsum(c0) + vhsum(d0), vhsum(c1) + vhsum(d1), vhsum(c2) + vhsum(d2), vhsum(c3) + vhsum(d3))
+    for t in range(min(4, n - j0)):
+        v = sums[t]
+        for kk in range(kv, k):
+            v += a[kk] * b[(j0 + t) * ldb + kk]
+        if add:
+            c[j0 + t] += v
+        else:
+            c[j0 + t] = v
+
+
+@njit(parallel=True, cache=True)
+def _gemm32_dot1(a, b, ldb, c, n, k, accumulate, nparts):
+    # c (n,) (+)= a (k,) · Bᵀ with B stored (n x k): each part owns a range of c
+    quads = (n + 3) // 4
+    step = (quads + nparts - 1) // nparts
+    for part in prange(nparts):
+        for jq in range(part * step, min(quads, (part + 1) * step)):
+            _dot_1x4(a, b, ldb, k, n, 4 * jq, c, accumulate)
+
+
 @njit(parallel=True, cache=True)
 def _gemm32_dot(a, lda, b, ldb, c, ldc, m, n, k, accumulate, nparts):
     # C (m x n) (+)= A (m x k) · Bᵀ with B stored (n x k): each part owns a range of C's columns
@@ -491,7 +535,10 @@ def gemm(a, b, out=None, trans_a=False, trans_b=False, accumulate=False):
     if tb and not ta and m <= DOT_MAX_M:
         # x · Wᵀ at small batch: packing W would read its 151 MB (fc6) twice for a few FLOPs each
         nparts = nthreads if 2.0 * m * n * k >= PAR_MIN_FLOPS else 1
-        _gemm32_dot(af, lda, bf, ldb, cf, n, m, n, k, accumulate, nparts)
+        if m == 1:
+            _gemm32_dot1(af, bf, ldb, cf, n, k, accumulate, nparts)
+        else:
+            _gemm32_dot(af, lda, bf, ldb, cf, n, m, n, k, accumulate, nparts)
         return out
     inplace = (not tb) and m <= SMALL_M and n >= NR
     if nthreads > 1 and 2.0 * m * n * k >= PAR_MIN_FLOPS:

@@ -83,6 +83,8 @@ BLOCK_SHAPES = [
     (5, 1001, 4103),    # dot kernel (trans_b): aliased rows, columns in 3s but the last 2, k tail
     (7, 1000, 40),      # dot kernel: the last column alone in its group of 3
     (8, 3, 17),         # dot kernel, serial
+    (1, 4097, 1031),    # one-row dot kernel: columns in 4s but the last one, k tail past 32s
+    (1, 6, 70),         # one-row dot kernel, serial
 ]
 
 
@@ -101,6 +103,7 @@ ALEXNET = [
     ("conv3 backward-data", 1728, 8 * 169, 384, True, False),
     ("conv5 backward-weight", 256, 2304, 8 * 169, False, True),
     ("fc6 forward", 8, 4096, 9216, False, True),
+    ("fc6 forward, batch 1", 1, 4096, 9216, False, True),
     ("fc7 backward-weight", 4096, 4096, 8, True, False),
     ("fc8 backward-data", 8, 4096, 1000, False, False),
 ]
