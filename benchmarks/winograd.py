@@ -8,7 +8,9 @@ Errors: max and mean over elements of |ours - ref|, divided by the largest |ref|
 for the output, the input gradient and the weight gradient (the plan's criterion: max within
 1e-5). Rows: the float32 paths `winograd` (F(2x2,3x3)) and `direct` forced through
 minialex.kernels.conv, and F(4x4,3x3) computed in float32 by the algorithm's NumPy twin with
-its matrices (the tile the plan does not take; its weight gradient is not computed).
+its matrices (the tile the plan does not take; its weight gradient is not computed); for the 5x5
+layer (conv2), the direct path and F(2x2,5x5) (36 multiplications per 4 outputs instead of 100)
+in float32 NumPy, forward only.
 
 Timing: each library runs in its own process per round (their OpenMP pools disturb one another
 on two cores), the order alternating between rounds; in our process the two paths alternate
@@ -34,6 +36,59 @@ G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64)
 AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
                 [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+
+
+def toom_cook(m, r, points):
+    """(Bᵀ, G, Aᵀ) of F(m x m, r x r) on the finite interpolation `points` and infinity: Aᵀ and G
+    from the points (Lavin & Gray's construction), Bᵀ solved from the identity the three must
+    satisfy, sum_j Aᵀ[i, j] G[j, k] Bᵀ[j, l] = [l == i + k] (exact for these small integer points)."""
+    a = m + r - 1
+    at, g = np.zeros((m, a)), np.zeros((a, r))
+    for j, p in enumerate(points):
+        at[:, j] = [p ** i for i in range(m)]
+        g[j] = [p ** k / np.prod([p - q for q in points if q != p]) for k in range(r)]
+    at[m - 1, a - 1] = g[a - 1, r - 1] = 1
+    eqs = np.zeros((m * r * a, a * a))
+    rhs = np.zeros(m * r * a)
+    for n, (i, k, col) in enumerate((i, k, col) for i in range(m) for k in range(r) for col in range(a)):
+        eqs[n, col::a] = at[i] * g[:, k]
+        rhs[n] = col == i + k
+    bt = np.linalg.lstsq(eqs, rhs, rcond=None)[0].reshape(a, a)
+    assert np.abs(eqs @ bt.ravel() - rhs).max() < 1e-12
+    return bt, g, at
+
+
+def toom_cook_ref(x, w, bt, g, at):
+    """conv2d(x, w, stride 1, padding (r-1)/2) by F(m x m, r x r) in x's dtype (the algorithm's
+    rounding in that precision, for the error table)."""
+    n, c, h, wd = x.shape
+    m, a = at.shape
+    r = g.shape[1]
+    bt, g, at = (v.astype(x.dtype) for v in (bt, g, at))
+    th, tw = (h + m - 1) // m, (wd + m - 1) // m
+    pad = (r - 1) // 2
+    xp = np.zeros((n, c, th * m + r - 1, tw * m + r - 1), dtype=x.dtype)
+    xp[:, :, pad:pad + h, pad:pad + wd] = x
+    win = np.lib.stride_tricks.sliding_window_view(xp, (a, a), axis=(2, 3))[:, :, ::m, ::m][:, :, :th, :tw]
+    u = np.einsum("ik,ockl,jl->ijoc", g, w, g)
+    v = np.einsum("ik,ncstkl,jl->ijncst", bt, win, bt)
+    y = np.einsum("ai,ijnost,bj->nosatb", at, np.einsum("ijoc,ijncst->ijnost", u, v), at)
+    return y.reshape(n, w.shape[0], th * m, tw * m)[:, :, :h, :wd]
+
+
+def conv2_errors(batch=8, seed=0):
+    """Rows for AlexNet's 5x5 layer (conv2): the direct path and F(2x2, 5x5) in float32."""
+    from minialex.kernels.conv import conv2d_forward, conv2d_forward_ref, force_path
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_normal((batch, 64, 27, 27)), 0).astype(np.float32)
+    w = (rng.standard_normal((192, 64, 5, 5)) * np.sqrt(2 / (25 * 64))).astype(np.float32)
+    ref = conv2d_forward_ref(x.astype(np.float64), w.astype(np.float64), None, 1, 2, 1)
+    with force_path("direct"):
+        direct = conv2d_forward(x, w, None, 1, 2, 1)
+    f25 = toom_cook_ref(x, w, *toom_cook(2, 5, [0, 1, -1, 2, -2]))
+    return [["conv2 (5x5)", batch, "direct", *(f"{v:.1e}" for v in _rel(direct, ref)), "-", "-", "-", "-"],
+            ["conv2 (5x5)", batch, "F(2x2,5x5), NumPy in float32", *(f"{v:.1e}" for v in _rel(f25, ref)),
+             "-", "-", "-", "-"]]
 
 
 def _rel(ours, ref):
@@ -99,6 +154,7 @@ def errors(batch=8, random_cases=6, seed=0):
             bound[method] = np.nanmax([bound[method], e[0], e[2], e[4]])
     for method, e in worst.items():
         rows.append([f"random ({random_cases} shapes, worst)", "1-4", method, *map(_fmt, e)])
+    rows += conv2_errors(batch)
     header = ["layer", "batch", "method", "y max", "y mean", "dx max", "dx mean", "dw max", "dw mean"]
     verdict = ", ".join(f"{m}: {'within' if v <= CRITERION else 'NOT within'} {CRITERION:g} (worst {v:.1e})"
                         for m, v in bound.items())
