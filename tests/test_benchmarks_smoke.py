@@ -55,7 +55,7 @@ def test_checker_passes_our_kernels_and_catches_a_wrong_one(torch, monkeypatch):
 def test_checker_counts_an_exception_as_a_failure(torch, monkeypatch):
     from minialex.kernels import linear
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise ValueError("shape trouble")
     monkeypatch.setattr(linear, "linear_forward", broken)
     (r,) = harness.check_cases(ops.build, [TINY[2]])
@@ -243,7 +243,7 @@ def test_onnxruntime_peer_checks_our_logits_and_catches_a_wrong_one(monkeypatch)
     # our classifier's last layer goes wrong; onnxruntime runs the exported weights, so it must disagree
     from minialex.nn import linear
     right = linear.linear_forward
-    monkeypatch.setattr(linear, "linear_forward", lambda x, w, b: right(x, w, b) * np.float32(1.5))
+    monkeypatch.setattr(linear, "linear_forward", lambda x, w, b, **kw: right(x, w, b, **kw) * np.float32(1.5))
     (bad,) = harness.check_cases(inference.build, [TINY_NET], peers=["onnxruntime"])
     assert not bad["ok"] and "against onnxruntime" in bad["worst"] and bad["rel_err"] > 0.1
 

@@ -79,7 +79,7 @@ def _aligned_u32(n):
 
 
 @njit(inline="always", cache=True)
-def _pair(x_even, x_odd):
+def _bf16_pair(x_even, x_odd):
     # two float32 -> one uint32 holding their bf16 patterns, the even element in the low half
     lo = round_bits(np.uint32(np.float32(x_even).view(np.uint32)))
     hi = round_bits(np.uint32(np.float32(x_odd).view(np.uint32)))
@@ -136,7 +136,7 @@ def _pack_b(b, ldb, tb, pc, kc, j_lo, j_hi, dst, scr):
                 else:
                     e = b[p * ldb + j0 + jj]
                     o = b[(p + 1) * ldb + j0 + jj] if odd else np.float32(0.0)
-                dst[d + jj] = _pair(e, o)
+                dst[d + jj] = _bf16_pair(e, o)
             for jj in range(w, NR):
                 dst[d + jj] = 0
 
@@ -175,7 +175,7 @@ def _pack_a(a, lda, ta, ic, mc, pc, kc, dst, scr):
                 else:
                     e = a[(i0 + r) * lda + p]
                     o = a[(i0 + r) * lda + p + 1] if odd else np.float32(0.0)
-                dst[d + r] = _pair(e, o)
+                dst[d + r] = _bf16_pair(e, o)
             for r in range(h, MR):
                 dst[d + r] = 0
 
@@ -319,17 +319,19 @@ def _flush_store(r, out, add):
             out[i] = v
 
 
-def _rounded(x):
-    # the bf16 values of x in a new float32 array, in x's memory order (C or Fortran)
+def bf16_values(x):
+    """The bf16 values of the 2-D float32 x, as vdpbf16ps reads them (round to nearest even, a
+    bf16 denormal as a zero of its sign), in a new float32 array in x's memory order: the
+    operands of every emulated bf16 product."""
     if x.flags.f_contiguous and not x.flags.c_contiguous:
-        return _rounded(x.T).T
+        return bf16_values(x.T).T
     r = np.empty(x.shape, np.float32)
     _bf16_values(x, r)
     return r
 
 
 def _emulated(a, b, out, trans_a, trans_b, accumulate):
-    r = gemm(_rounded(a), _rounded(b), None, trans_a, trans_b)
+    r = gemm(bf16_values(a), bf16_values(b), None, trans_a, trans_b)
     _flush_store(r.reshape(-1), out.reshape(-1), accumulate)
     return out
 

@@ -11,7 +11,6 @@ from minialex.kernels.conv import (conv2d_backward, conv2d_backward_ref, conv2d_
                                    force_path, plan)
 from minialex.kernels.conv.layout import geometry
 from minialex.kernels.gemm_bf16 import bf16_operand_ref
-from minialex.kernels.simd_bf16 import has_avx512_bf16
 
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 
@@ -176,18 +175,14 @@ def cases(draw, path, phase):
     return case
 
 
-NATIVE_ONLY = {"direct_bf16": pytest.mark.skipif(not has_avx512_bf16(), reason="no AVX512_BF16 on this CPU")}
-RUNNABLE = [pytest.param(p, marks=NATIVE_ONLY[p]) if p in NATIVE_ONLY else p for p in plan.PATHS]
-
-
-@pytest.mark.parametrize("path", RUNNABLE)
+@pytest.mark.parametrize("path", plan.PATHS)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_forward_of_every_path_matches_reference(path, data):
     check_forward(path, data.draw(cases(path, "forward")))
 
 
-@pytest.mark.parametrize("path", RUNNABLE)
+@pytest.mark.parametrize("path", plan.PATHS)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_backward_of_every_path_matches_reference(path, data):
@@ -273,27 +268,24 @@ def test_route_of_alexnet_layers():
     assert plan.route(_alexnet_call(conv["conv1"], "backward", 8, 2)) == "blocked"
 
 
-def test_route_of_alexnet_layers_in_bf16(monkeypatch):
+@pytest.mark.parametrize("emulate", [False, True])
+def test_route_of_alexnet_layers_in_bf16(monkeypatch, emulate):
+    # the same routes whether the CPU has the instruction or the arithmetic is emulated
+    if emulate:
+        monkeypatch.setenv("MINIALEX_BF16", "emulate")
+    else:
+        monkeypatch.delenv("MINIALEX_BF16", raising=False)
     conv = {a[0]: a for a in ALEXNET}
-    monkeypatch.delenv("MINIALEX_BF16", raising=False)
-    native = has_avx512_bf16()
     for name in ("conv2", "conv3", "conv4", "conv5"):
         for phase in plan.PHASES:
-            want = "direct_bf16" if native else "bf16"
-            assert plan.route(_alexnet_call(conv[name], phase, 8, 2, precision="bf16")) == want
+            assert plan.route(_alexnet_call(conv[name], phase, 8, 2, precision="bf16")) == "direct_bf16"
+        assert plan.label(_alexnet_call(conv[name], "backward", 8, 2, precision="bf16")) == "direct_bf16+bf16"
     # the grouped layers: forward im2col + bf16 GEMM, backward with dx float32 (blocked);
     # conv1 (stride 4, 3 channels): float32, as at precision fp32
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "forward", 8, 2, precision="bf16")) == "bf16"
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "backward", 8, 2, precision="bf16")) == "blocked"
     for phase, need_dx in (("forward", True), ("backward", False)):
         assert plan.route(_alexnet_call(conv["conv1"], phase, 8, 2, need_dx, precision="bf16")) == "direct_split"
-    assert plan.label(_alexnet_call(conv["conv3"], "backward", 8, 2, precision="bf16")) == (
-        "direct_bf16+bf16" if native else "bf16")
-    # emulated: never the native kernel
-    monkeypatch.setenv("MINIALEX_BF16", "emulate")
-    assert plan.route(_alexnet_call(conv["conv3"], "forward", 8, 2, precision="bf16")) == "bf16"
-    with force_path("direct_bf16"), pytest.raises(ValueError, match="bf16 instructions"):
-        plan.route(_alexnet_call(conv["conv3"], "forward", 8, 2, precision="bf16"))
 
 
 def test_forced_path_by_environment_and_unknown_names(monkeypatch):

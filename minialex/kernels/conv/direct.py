@@ -30,6 +30,7 @@ from numba import njit, prange
 from minialex.kernels.bf16 import round_bits
 from minialex.kernels.conv.layout import column_offsets, pixel_offsets, split_copy
 from minialex.kernels.gemm import store_tile_8x32
+from minialex.kernels.gemm_bf16 import bf16_path, bf16_values
 from minialex.kernels.parallel import column_sums, mask_copy_sum, take
 from minialex.kernels.simd import vadd, vbroadcast, vfma, vload, vrelu, vstore, vtranspose_8x16, vzero
 from minialex.kernels.simd_bf16 import bbroadcast, bload, bpack, bround_load, bstore, vdpbf16
@@ -483,8 +484,14 @@ def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
 
 
 def _run_bf16(xp, wpk, kh, kw, npix, oh, ow, cout, nthreads):
-    # _run (stride 1) with xp (N, Hp, Wp, Cin) and wpk (Cout/32, taps, Cin, 32) rounded to bf16 pairs
+    # _run (stride 1) with xp (N, Hp, Wp, Cin) and wpk (Cout/32, taps, Cin, 32) rounded to bf16
+    # pairs; emulated (gemm_bf16.bf16_path()): _run on the bf16 values of both, the same exact
+    # products summed in float32 in another order
     n, hp, wp, cin = xp.shape
+    if bf16_path() == "emulated":
+        xr = bf16_values(xp.reshape(-1, cin)).reshape(xp.shape)
+        wr = bf16_values(wpk.reshape(-1, PANEL)).reshape(wpk.shape)
+        return _run(xr, wr, kh, kw, npix, oh, ow, 1, 1, cout, nthreads)
     cin2 = cin // 2
     xq = np.empty(xp.size // 2, dtype=np.uint32)
     _round_pairs(xp.reshape(-1), xq)
@@ -580,7 +587,8 @@ def backward_split(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads)
 def forward_bf16(x, w, b, g, relu, nthreads):
     """Path `direct_bf16`, forward: the `direct` forward with x and w rounded to bfloat16 pairs of
     input channels and one vdpbf16ps (32 products, float32 sums) per pair of 32-lane steps;
-    Cin even, Cout a multiple of 32, stride 1."""
+    Cin even, Cout a multiple of 32, stride 1. Without AVX512_BF16 (or MINIALEX_BF16=emulate)
+    the float32 kernel on the rounded values, slower."""
     n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
     y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
     xp = np.empty((n, g.h + 2 * g.ph, g.w + 2 * g.pw, cin), dtype=np.float32)

@@ -26,8 +26,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minialex.kernels.gemm_bf16 import bf16_path
-
 PATHS = ("direct_bf16", "bf16", "winograd", "direct", "direct_split", "blocked", "batched")
 PRECISIONS = ("fp32", "bf16")
 # paths whose backward computes only the input gradient; the weight and bias gradients come from
@@ -71,7 +69,6 @@ REQUIREMENTS = {
     "bf16": (lambda c: c.precision == "bf16" and c.dtype == "float32",
              lambda c: f"precision {c.precision}, dtype {c.dtype}"),
     "float32": (lambda c: c.dtype == "float32", lambda c: f"dtype {c.dtype}"),
-    "bf16 instructions": (lambda c: bf16_path() == "native", lambda c: "bf16 emulated"),
     "Cin even": (lambda c: c.cin % 2 == 0, lambda c: f"Cin {c.cin}"),
     "groups 1": (lambda c: c.groups == 1, lambda c: f"groups {c.groups}"),
     "Cout in 32s": (lambda c: c.cout % PANEL == 0, lambda c: f"Cout {c.cout}"),
@@ -104,8 +101,7 @@ class Rule(NamedTuple):
 
 RULES = (
     # phase       path            needs                                                   prefer
-    Rule("forward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin even", "stride 1",
-                                    "padding < kernel")),
+    Rule("forward", "direct_bf16", ("bf16", "groups 1", "Cout in 32s", "Cin even", "stride 1", "padding < kernel")),
     Rule("forward", "bf16", ("bf16",), ("stride 1", "Cin in 32s")),
     Rule("forward", "winograd", WINOGRAD, (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
@@ -113,8 +109,8 @@ RULES = (
     Rule("forward", "direct_split", ("float32", "groups 1", "Cout in 32s", "padding < kernel")),
     Rule("forward", "blocked", ("float32",)),
     Rule("forward", "batched", ()),
-    Rule("backward", "direct_bf16", ("bf16", "bf16 instructions", "groups 1", "Cout in 32s", "Cin in 32s",
-                                     "stride 1", "padding < kernel", "dx wanted", "float32 grads")),
+    Rule("backward", "direct_bf16", ("bf16", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
+                                     "padding < kernel", "dx wanted", "float32 grads")),
     Rule("backward", "bf16", ("bf16",), ("stride 1", "Cin in 32s", "no dx")),
     Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
          (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
