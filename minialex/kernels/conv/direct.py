@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.bf16 import round_bits
-from minialex.kernels.conv.layout import column_offsets, pixel_offsets, split_copy
+from minialex.kernels.conv.layout import channels_last_offsets, column_offsets, pixel_offsets, split_copy
 from minialex.kernels.gemm import store_tile_8x32
 from minialex.kernels.gemm_bf16 import bf16_path, bf16_values
 from minialex.kernels.parallel import column_sums, mask_copy_sum, take
@@ -472,10 +472,7 @@ def _weight_grad(x, dyk, dw, g, accumulate, nthreads):
 
 def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     n, hp, wp, cin = xp.shape
-    # weight column (tap i*kw + j, ci) of a pixel's window lies at (i*Wp + j)*Cin + ci in xp:
-    # the packed weights' [tap][Cin] order
-    i, j, ci = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(cin), indexing="ij")
-    koff = ((i * wp + j) * cin + ci).astype(np.int64).ravel()
+    koff = channels_last_offsets(kh, kw, wp, cin)
     npix8 = (npix + PIXELS - 1) // PIXELS * PIXELS
     out = np.empty((npix8, cout), dtype=np.float32)
     _direct_kernel(xp.reshape(-1), hp, wp, cin, wpk.reshape(-1), koff, out.reshape(-1), oh, ow, sh, sw,
@@ -497,8 +494,7 @@ def _run_bf16(xp, wpk, kh, kw, npix, oh, ow, cout, nthreads):
     _round_pairs(xp.reshape(-1), xq)
     wq = np.empty((wpk.shape[0], wpk.shape[1], cin2, PANEL), dtype=np.uint32)
     _pair_weights(wpk, wq)
-    i, j, c2 = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(cin2), indexing="ij")
-    koff = ((i * wp + j) * cin2 + c2).astype(np.int64).ravel()
+    koff = channels_last_offsets(kh, kw, wp, cin2)
     out = np.empty(((npix + PIXELS - 1) // PIXELS * PIXELS, cout), dtype=np.float32)
     _direct_kernel_bf16(xq, hp, wp, cin2, wq.reshape(-1).view(np.uint16), koff, out.reshape(-1), oh, ow, npix,
                         nthreads, np.zeros(1, np.int64))

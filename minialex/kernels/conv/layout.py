@@ -124,6 +124,14 @@ def column_offsets(cin, kh, kw, hp, s, wq):
 
 
 @functools.lru_cache(maxsize=16)
+def channels_last_offsets(kh, kw, wp, c):
+    """(kh*kw*c,) offset of weight column (tap i*kw + j, channel ci) in a padded channels-last
+    image (Hp, wp, c) from a pixel's window corner, (i*wp + j)*c + ci: the packed weights'
+    [tap][channel] order (c counts pairs of channels for bf16 pairs)."""
+    i, j, ci = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(c), indexing="ij")
+    return ((i * wp + j) * c + ci).astype(np.int64).ravel()
+
+
 def pixel_offsets(n, oh, ow, step_n, step_oh):
     """(N*OH*OW,) base offset n*step_n + oh*step_oh + ow of each output pixel in a phase-split
     padded x. Cached: one per layer shape and batch size."""
