@@ -35,18 +35,27 @@ HEADER = ["case", "batch", "pass", "ours ms", "torch ms", "ours GFLOP/s", "torch
 # bf16 activations, minialex float32 ones), so logits differ by about 1% and, at initialisation,
 # early layers' gradients by up to 25% norm-wise from float32 (tests/models/test_bf16_step.py)
 BF16_RTOL = 5e-2
+# int8 rows: ours and each int8 peer quantise the same float model with their own calibration
+# (ours: the criterion that wins on the calibration images; torch: histogram observers;
+# onnxruntime: min-max), so each is 1-2% of the largest logit off the float model, and the two
+# of a check by up to the sum.
+INT8_RTOL = 6e-2
+RTOL_OF = {"bf16": BF16_RTOL, "int8": INT8_RTOL}
 
 
-def with_precision(cases, opts):
-    """Each case once per precision of --precision; bf16 copies are named so and checked at
-    BF16_RTOL."""
+def with_precision(cases, opts, supported=("fp32", "bf16")):
+    """Each case once per precision of --precision the section supports; bf16 and int8 copies
+    are named so and checked at RTOL_OF[precision]."""
     out = []
     for precision in getattr(opts, "precision", ["fp32"]):
+        if precision not in supported:
+            continue
         for c in cases:
             if precision == "fp32":
                 out.append(dict(c, precision="fp32"))
             else:
-                out.append(dict(c, name=f"{c['name']} {precision}", precision=precision, min_rtol=BF16_RTOL))
+                out.append(dict(c, name=f"{c['name']} {precision}", precision=precision,
+                                min_rtol=RTOL_OF[precision]))
     return out
 
 

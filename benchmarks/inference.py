@@ -3,7 +3,10 @@
 Two peers: torch under torch.no_grad(), as a deployment would, and onnxruntime (float32) running
 our model as minialex's own ONNX exporter writes it (onnxruntime_peer.py; optional). All hold the
 same weights and the check compares each peer's logits with ours. bf16 rows (--precision bf16):
-ours at precision bf16, torch under bf16 autocast, onnxruntime still float32.
+ours at precision bf16, torch under bf16 autocast, onnxruntime still float32. int8 rows
+(--precision int8): every engine quantises the same float model on the same calibration images
+(int8_peers): ours with `minialex quantize`'s calibration, torch with static post-training
+quantisation for its x86 backend, onnxruntime with quantize_static.
 """
 from . import harness
 from .ops import Bench
@@ -17,14 +20,20 @@ PEERS = ("torch", "onnxruntime")
 def cases(opts):
     return harness.with_precision([dict(name="latency", variant="torchvision", batch=1, size=224, classes=1000),
                                    dict(name="throughput", variant="torchvision", batch=64, size=224,
-                                        classes=1000)], opts)
+                                        classes=1000)], opts, supported=("fp32", "bf16", "int8"))
 
 
 def build(case, lib):
-    model, x, _ = model_and_data(case)
+    int8 = case.get("precision") == "int8"
+    model, x, _ = model_and_data(dict(case, precision="fp32") if int8 else case)
     model.eval()
     flops = forward_flops(model, x.shape)[0]
-    if lib == "minialex":
+    if int8:
+        engine = _int8_engine(model, case, lib)
+
+        def forward():
+            return engine(x)
+    elif lib == "minialex":
         def forward():
             return model(x)
     elif lib == "onnxruntime":
@@ -47,6 +56,20 @@ def build(case, lib):
     def outputs():
         return {PHASE: [forward()]}
     return Bench([(PHASE, forward, flops)], outputs)
+
+
+def _int8_engine(model, case, lib):
+    """The int8 engine of `lib` made from the float `model`: a function from images to logits."""
+    from . import int8_peers
+    images = int8_peers.calibration_images(case["size"])
+    if lib == "minialex":
+        from minialex.calibration import quantize_model
+        return quantize_model(model, images).forward
+    if lib == "onnxruntime":
+        from . import onnxruntime_peer
+        return onnxruntime_peer.int8_session(model, case["size"], images)
+    from tests.torch_reference import torch_model_like
+    return int8_peers.torch_int8(torch_model_like(model), images)
 
 
 def run(opts, alternator=None):

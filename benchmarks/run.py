@@ -68,10 +68,11 @@ def build_parser():
     p.add_argument("--gemm-layers", metavar="L,L", help="AlexNet layers for the gemm section (default conv1,conv3,fc6)")
     p.add_argument("--rtol", type=float, default=RTOL,
                    help=f"allowed error, relative to the reference's largest value (default {RTOL:g})")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"], metavar="P",
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "int8"), default=["fp32"], metavar="P",
                    help="arithmetic of the convolution and linear layers in the step, inference and layers "
-                        "sections: fp32, bf16 or both (default fp32); torch runs bf16 rows under "
-                        "torch.autocast('cpu', dtype=torch.bfloat16)")
+                        "sections: fp32, bf16, int8 (inference only) or several (default fp32); torch runs "
+                        "bf16 rows under torch.autocast('cpu', dtype=torch.bfloat16), int8 rows quantised "
+                        "by torch.ao.quantization (x86), onnxruntime's by its quantize_static")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
