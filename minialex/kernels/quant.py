@@ -5,6 +5,9 @@ to float32 (for LRN and the logits' neighbours).
 A quantised tensor is (q, scale, zero_point) standing for scale * (q - zero_point). Activations
 after a ReLU have zero_point 0 (so a uint8 clamp at 0 is the ReLU); the normalised input image,
 which has negative values, has zero_point 128, and its convolution pads with 128 (the image's 0.0).
+The convolution multiplies the bytes as they are: the quantiser folds the zero point's share,
+-zero_point * sum(w[o]), into the int32 bias (exact at the border too, the padding being the zero
+point).
 Max-pooling commutes with that monotone map, so it runs on the bytes unchanged.
 
 Channels-last because im2col then copies runs of contiguous channels, and one GEMM orientation
