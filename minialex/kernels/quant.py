@@ -16,7 +16,10 @@ Channels-last because im2col then copies runs of contiguous channels, and one GE
 import numbers
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from minialex.shapes import pair
 from .conv.layout import geometry
@@ -95,18 +98,89 @@ def maxpool_u8_ref(x, k, stride):
 # select per access, which keeps the byte loops from vectorising. Every prange task owns a
 # disjoint set of output rows.
 
+_BYTES = 64
+_byte_vec = ir.VectorType(ir.IntType(8), _BYTES)
+_lane_vec = ir.VectorType(ir.IntType(32), _BYTES)
+
+
+def _head_mask(builder, count):
+    """<64 x i1>: lane t set when t < count (0 <= count <= 64)."""
+    undef = ir.Constant(_lane_vec, ir.Undefined)
+    splat = builder.shuffle_vector(builder.insert_element(undef, count, ir.Constant(ir.IntType(32), 0)),
+                                   undef, ir.Constant(_lane_vec, [0] * _BYTES))
+    return builder.icmp_signed("<", ir.Constant(_lane_vec, list(range(_BYTES))), splat)
+
+
+def _byte_ptr(context, builder, arrty, arr, idx, idxty):
+    ary = context.make_array(arrty)(context, builder, arr)
+    ptr = builder.gep(ary.data, [context.cast(builder, idx, idxty, types.intp)])
+    return builder.bitcast(ptr, _byte_vec.as_pointer())
+
+
+def _masked_store(builder, value, ptr, mask):
+    fnty = ir.FunctionType(ir.VoidType(), [value.type, ptr.type, ir.IntType(32), mask.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v64i8.p0")
+    builder.call(fn, [value, ptr, ir.Constant(ir.IntType(32), 1), mask])
+
+
+def _is_u8_array(ty):
+    return isinstance(ty, types.Array) and ty.dtype == types.uint8
+
+
+@intrinsic
+def _move_head(typingctx, dst, d, src, s, count):
+    """dst[d:d+count] = src[s:s+count] for 0 <= count <= 64 (flat uint8 arrays), as one masked
+    load and one masked store: the bytes past count are neither read nor written, so a run may
+    end at a buffer's end or next to another thread's row."""
+    if not (_is_u8_array(dst) and _is_u8_array(src)
+            and all(isinstance(t, types.Integer) for t in (d, s, count))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (dty, dity, sty, sity, cty), (da, di, sa, si, cnt) = signature.args, args
+        mask = _head_mask(builder, context.cast(builder, cnt, cty, types.int32))
+        fnty = ir.FunctionType(_byte_vec, [_byte_vec.as_pointer(), ir.IntType(32), mask.type, _byte_vec])
+        load = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.load.v64i8.p0")
+        v = builder.call(load, [_byte_ptr(context, builder, sty, sa, si, sity), ir.Constant(ir.IntType(32), 1),
+                                mask, ir.Constant(_byte_vec, None)])
+        _masked_store(builder, v, _byte_ptr(context, builder, dty, da, di, dity), mask)
+        return context.get_dummy_value()
+
+    return types.none(dst, d, src, s, count), codegen
+
+
+@intrinsic
+def _fill_head(typingctx, dst, d, value, count):
+    """dst[d:d+count] = value for 0 <= count <= 64 (flat uint8 array), one masked store."""
+    if not (_is_u8_array(dst) and isinstance(d, types.Integer) and isinstance(value, types.Integer)
+            and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (dty, dity, vty, cty), (da, di, val, cnt) = signature.args, args
+        mask = _head_mask(builder, context.cast(builder, cnt, cty, types.int32))
+        byte = builder.trunc(context.cast(builder, val, vty, types.int64), ir.IntType(8))
+        undef = ir.Constant(_byte_vec, ir.Undefined)
+        splat = builder.shuffle_vector(builder.insert_element(undef, byte, ir.Constant(ir.IntType(32), 0)),
+                                       undef, ir.Constant(ir.VectorType(ir.IntType(32), _BYTES), [0] * _BYTES))
+        _masked_store(builder, splat, _byte_ptr(context, builder, dty, da, di, dity), mask)
+        return context.get_dummy_value()
+
+    return types.none(dst, d, value, count), codegen
+
+
 @njit(cache=True)
 def _copy(dst, d, src, s, n):
-    # dst[d:d+n] = src[s:s+n] (flat arrays)
-    for t in range(n):
-        dst[np.uint64(d + t)] = src[np.uint64(s + t)]
+    # dst[d:d+n] = src[s:s+n] (flat uint8 arrays), 64 bytes at a time
+    for t in range(0, n, _BYTES):
+        _move_head(dst, d + t, src, s + t, min(_BYTES, n - t))
 
 
 @njit(cache=True)
 def _fill(dst, d, v, n):
-    # dst[d:d+n] = v (flat array)
-    for t in range(n):
-        dst[np.uint64(d + t)] = v
+    # dst[d:d+n] = v (flat uint8 array), 64 bytes at a time
+    for t in range(0, n, _BYTES):
+        _fill_head(dst, d + t, v, min(_BYTES, n - t))
 
 
 @njit(cache=True)
@@ -131,10 +205,20 @@ def _quantize_kernel(x, inv_scale, zero_point, out):
         n = task // h_n
         h = task - n * h_n
         o = task * w_n * c_n
-        for c in range(c_n):
-            s = ((n * c_n + c) * h_n + h) * w_n
+        s = (n * c_n * h_n + h) * w_n        # channel 0 of the row; channel c is c*H*W further
+        if c_n == 3:
+            # an RGB image: the three channels in one loop, so the vectoriser sees whole
+            # interleaved (r, g, b) stores instead of bytes written at stride 3
+            plane = h_n * w_n
             for w in range(w_n):
-                of[np.uint64(o + w * c_n + c)] = _quantize_one(xf[np.uint64(s + w)], inv_scale, zp)
+                of[np.uint64(o + 3 * w)] = _quantize_one(xf[np.uint64(s + w)], inv_scale, zp)
+                of[np.uint64(o + 3 * w + 1)] = _quantize_one(xf[np.uint64(s + plane + w)], inv_scale, zp)
+                of[np.uint64(o + 3 * w + 2)] = _quantize_one(xf[np.uint64(s + 2 * plane + w)], inv_scale, zp)
+            continue
+        for c in range(c_n):
+            sc = s + c * h_n * w_n
+            for w in range(w_n):
+                of[np.uint64(o + w * c_n + c)] = _quantize_one(xf[np.uint64(sc + w)], inv_scale, zp)
 
 
 @njit(parallel=True, cache=True)
