@@ -8,6 +8,14 @@ inference and is left out. Weights become initializers named by their state_dict
 The input is "input", float32 (N, 3, S, S) with a free batch size N; the output is "logits"
 (N, num_classes). Class names and normalisation go into the model's metadata_props as JSON.
 
+An int8 model (models.quantized.QuantizedAlexNet) is written as ONNX QDQ (`onnx_model_int8`): the
+float operators of the same graph with QuantizeLinear/DequantizeLinear pairs where minialex holds
+uint8 activations (the input at zero point 128, every rectified conv/FC output, every LRN output,
+and after each max-pool at its input's scale), and the stored int8 weights and int32 biases behind
+per-channel DequantizeLinear nodes (bias scale s_x * s_w). BatchNorm is already folded into the
+weights. A runtime's fused int8 kernels round at their own points, so its logits match minialex's
+int8 ones to within a step of the activations' scales, not bit for bit.
+
 Needs the optional `onnx` package (pip install onnx); nothing else in minialex does.
 """
 import json
@@ -150,10 +158,92 @@ def onnx_model(model, input_size, *, class_names=None, normalization=None):
     return proto
 
 
+def _qdq(g, name, x, scale, zero_point):
+    """x -> QuantizeLinear -> DequantizeLinear at (scale, uint8 zero_point): where minialex rounds
+    an activation to uint8."""
+    s = g.constant(f"{name}.scale", np.float32(scale))
+    z = g.constant(f"{name}.zero_point", np.uint8(zero_point))
+    q = g.node("QuantizeLinear", [x, s, z], f"{name}.quantize")
+    return g.node("DequantizeLinear", [q, s, z], f"{name}.dequantize")
+
+
+def _int8_weights(g, key, layer, input_scale):
+    """Per-channel DequantizeLinear of a layer's int8 weight and int32 bias: (weight, bias) names."""
+    cout = len(layer.weight)
+    w = g.node("DequantizeLinear", [g.constant(f"{key}.weight", layer.weight),
+                                    g.constant(f"{key}.weight_scale", layer.weight_scale),
+                                    g.constant(f"{key}.weight_zero_point", np.zeros(cout, np.int8))],
+               f"{key}.weight", axis=0)
+    bias_scale = (float(input_scale) * layer.weight_scale.astype(np.float64)).astype(np.float32)
+    b = g.node("DequantizeLinear", [g.constant(f"{key}.bias", layer.bias),
+                                    g.constant(f"{key}.bias_scale", bias_scale),
+                                    g.constant(f"{key}.bias_zero_point", np.zeros(cout, np.int32))],
+               f"{key}.bias", axis=0)
+    return w, b
+
+
+def onnx_model_int8(qmodel, *, class_names=None, normalization=None):
+    """The onnx.ModelProto (QDQ) of `qmodel` (a models.quantized.QuantizedAlexNet)."""
+    from minialex.models.alexnet import PAPER_LRN
+    from minialex.models.quantized import INPUT_ZERO_POINT, program
+    onnx = _require_onnx()
+    helper = onnx.helper
+    g = _GraphBuilder(onnx)
+    params, size = qmodel.params, qmodel.input_size
+    s_x = params.input_scale
+    x = _qdq(g, "input", "input", s_x, INPUT_ZERO_POINT)
+    flat = False
+    for step in program(qmodel.arch):
+        if step.kind == "conv":
+            _, _, k, stride, pad, groups, _ = step.args
+            w, b = _int8_weights(g, step.key, params.layers[step.key], s_x)
+            y = g.node("Conv", [x, w, b], step.key, kernel_shape=[k, k], strides=[stride, stride],
+                       pads=[pad] * 4, group=groups, dilations=[1, 1])
+            s_x = params.activation_scales[step.key]
+            x = _qdq(g, f"{step.key}.output", g.node("Relu", [y], f"{step.key}.relu"), s_x, 0)
+        elif step.kind == "lrn":
+            y = g.node("LRN", [x], step.key, size=PAPER_LRN["size"], alpha=PAPER_LRN["alpha"],
+                       beta=PAPER_LRN["beta"], bias=PAPER_LRN["k"])
+            s_x = params.activation_scales[step.key]
+            x = _qdq(g, f"{step.key}.output", y, s_x, 0)
+        elif step.kind == "pool":
+            name = f"pool{len(g.nodes)}"
+            y = g.node("MaxPool", [x], name, kernel_shape=[3, 3], strides=[2, 2], pads=[0] * 4)
+            x = _qdq(g, f"{name}.output", y, s_x, 0)
+        elif step.kind == "linear":
+            if not flat:
+                x, flat = g.node("Flatten", [x], "flatten", axis=1), True
+            _, fout, relu = step.args
+            w, b = _int8_weights(g, step.key, params.layers[step.key], s_x)
+            y = g.node("Gemm", [x, w, b], step.key, transB=1)
+            if relu:
+                s_x = params.activation_scales[step.key]
+                x = _qdq(g, f"{step.key}.output", g.node("Relu", [y], f"{step.key}.relu"), s_x, 0)
+            else:
+                x = y
+        # avgpool: the identity at the variant's input size (QuantizedAlexNet checks it)
+    g.nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
+    graph = helper.make_graph(
+        g.nodes, f"minialex_alexnet_{qmodel.arch.variant}_int8",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", qmodel.num_classes])],
+        initializer=g.initializers)
+    proto = helper.make_model(graph, producer_name="minialex", ir_version=IR_VERSION,
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    meta = {"class_names": class_names, "normalization": normalization}
+    helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items() if v is not None})
+    onnx.checker.check_model(proto)
+    return proto
+
+
 def export_onnx(model, path, input_size, *, class_names=None, normalization=None):
-    """Write `model` as an ONNX file at `path` (atomically: a failed export leaves no file)."""
+    """Write `model` (a float AlexNet, or a QuantizedAlexNet as QDQ) as an ONNX file at `path`
+    (atomically: a failed export leaves no file)."""
     path = os.fspath(path)
     _require_onnx(path)
-    data = onnx_model(model, input_size, class_names=class_names,
-                      normalization=normalization).SerializeToString()
+    if hasattr(model, "params"):   # models.quantized.QuantizedAlexNet
+        proto = onnx_model_int8(model, class_names=class_names, normalization=normalization)
+    else:
+        proto = onnx_model(model, input_size, class_names=class_names, normalization=normalization)
+    data = proto.SerializeToString()
     write_atomically(path, lambda f: f.write(data), what="ONNX model")
