@@ -59,13 +59,6 @@ class PackedWeights(NamedTuple):
     k: int
 
 
-class PackedWeights(NamedTuple):
-    """(N, K) int8 weights in the kernel's layout; n, k are the unpadded sizes."""
-    data: np.ndarray
-    n: int
-    k: int
-
-
 def pack_weights(w):
     """(N, K) int8 -> PackedWeights, once per model: data is the flat, 64-byte aligned int8 array
     [panel of 32 columns][k group][32 columns][4 k], zero-padded to whole panels and groups."""
