@@ -322,6 +322,10 @@ def _gemm(a, packed, bias, scale, out, path):
     # gemm_u8s8 on the named path ("vnni" or "emulated")
     m, kp = a.shape
     n = packed.n
+    d = packed.data
+    if not (isinstance(d, np.ndarray) and d.ndim == 1 and d.dtype == np.int8
+            and d.size == (n + NR - 1) // NR * padded_k(packed.k) * NR):
+        raise ValueError("packed must come from pack_weights (a flat int8 array of whole panels)")
     if a.dtype != np.uint8 or kp != padded_k(packed.k) or (m > 1 and kp > 1 and a.strides[1] != 1):
         raise ValueError(f"a must be (M, {padded_k(packed.k)}) uint8 with unit column stride, "
                          f"got {a.dtype} {a.shape}")

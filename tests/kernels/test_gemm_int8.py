@@ -154,5 +154,10 @@ def test_operands_of_the_wrong_kind_are_refused():
         gemm_u8s8(a, p, bias, scale, np.empty((8, 4), np.uint8).T)
     with pytest.raises(ValueError, match="bias and scale"):
         gemm_u8s8(a, p, bias.astype(np.int64), scale, out)
+    # the plain (N, K) matrix of the same size is not the packed layout
+    with pytest.raises(ValueError, match="packed must come from pack_weights"):
+        gemm_u8s8(a, p._replace(data=np.zeros((32, 12), np.int8)), bias, scale, out)
+    with pytest.raises(ValueError, match="packed must come from pack_weights"):
+        gemm_u8s8(a, p._replace(data=p.data[:-1]), bias, scale, out)
     with pytest.raises(ValueError, match="weights must be"):
         pack_weights(w.astype(np.int16))
