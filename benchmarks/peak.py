@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from minialex.kernels.simd import LANES, vfma, vhsum, vsplat, vstore, vzero
 from minialex.kernels.simd_bf16 import bload, bsplat_pair, has_avx512_bf16, vdpbf16
-from minialex.kernels.simd_int8 import has_avx512_vnni, i2f, s8load, u8broadcast4, u8load, vpdpbusd, izero
+from minialex.kernels.simd_int8 import has_avx512_vnni, i2f, izero, s8load, u8broadcast4, u8load, vpdpbusd
 
 from ._common import markdown_table, run_worker, set_threads, time_call, worker_env
 
