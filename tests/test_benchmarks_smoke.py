@@ -128,21 +128,30 @@ def test_suite_entry_point_runs_peak_and_writes_json(tmp_path, capsys):
     assert report["failed"] is False and report["machine"]["numba"]
 
 
-def test_peak_reports_bf16_beside_float32_or_says_it_is_unsupported(monkeypatch):
+def test_peak_reports_bf16_and_int8_beside_float32_or_says_they_are_unsupported(monkeypatch):
     from benchmarks import peak
     from minialex.kernels.simd_bf16 import has_avx512_bf16
+    from minialex.kernels.simd_int8 import has_avx512_vnni
     monkeypatch.setattr(peak, "run_worker", lambda module, args, env: peak.worker(json.loads(args[1])))
     result = peak.run(_opts())
     if has_avx512_bf16():
         assert all(r["bf16_gflops"] > 0.1 and r["bf16_ratio"] > 0 for r in result["records"])
-        assert result["table"].count("vdpbf16ps") == 2 and "not supported" not in result["table"]
-    # without the flag nothing of bf16 is executed and each row says why
+        assert result["table"].count("vdpbf16ps") == 2
+    if has_avx512_vnni():
+        assert all(r["int8_gops"] > 0.1 and r["int8_ratio"] > 0 for r in result["records"])
+        assert result["table"].count("vpdpbusd), GOP/s") == 2
+    if has_avx512_bf16() and has_avx512_vnni():
+        assert "not supported" not in result["table"]
+    # without the flags nothing of bf16 or int8 is executed and each row says why
     monkeypatch.setattr(peak, "has_avx512_bf16", lambda: False)
     monkeypatch.setattr(peak, "_bf16_threads", None)
     monkeypatch.setattr(peak, "_bf16_dot", None)
+    monkeypatch.setattr(peak, "has_avx512_vnni", lambda: False)
+    monkeypatch.setattr(peak, "_int8_threads", None)
+    monkeypatch.setattr(peak, "_int8_dot", None)
     result = peak.run(_opts())
-    assert all("bf16_gflops" not in r for r in result["records"])
-    assert result["table"].count("not supported by this CPU") == 2
+    assert all("bf16_gflops" not in r and "int8_gops" not in r for r in result["records"])
+    assert result["table"].count("not supported by this CPU") == 4
 
 
 @pytest.mark.parametrize("argv, message", [
