@@ -44,6 +44,8 @@ WEIGHT_SCALE_RANGE = (2.0 ** -126, 2.0 ** 24)
 # around its zero point (s0 = T / 127), a rectified output uses all of uint8 (s = T / 255).
 INPUT_LEVELS = 127
 RELU_LEVELS = 255
+# How calibration may pick an activation's threshold (minialex.calibration), in tie-breaking order.
+CRITERIA = ("max", "percentile", "mse", "entropy")
 
 
 class QuantLayer(NamedTuple):
@@ -386,5 +388,5 @@ def _linear(a, packed, bias, scale, out_dtype):
 __all__ = ["QuantizedAlexNet", "Int8Params", "QuantLayer", "quantize_alexnet", "program",
            "quantisation_points", "int8_arrays", "fold_batchnorm", "quantize_weights", "quantize_bias",
            "zero_point_correction", "requant_scale", "permute_flatten_columns", "scale_from_threshold",
-           "check_params", "check_scale", "bias_limit", "INPUT_ZERO_POINT", "INPUT_LEVELS", "RELU_LEVELS",
+           "check_params", "check_scale", "bias_limit", "CRITERIA", "INPUT_ZERO_POINT", "INPUT_LEVELS", "RELU_LEVELS",
            "ACTIVATION_SCALE_RANGE", "WEIGHT_SCALE_RANGE"]
