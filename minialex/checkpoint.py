@@ -363,6 +363,10 @@ def _load_checkpoint(archive, int8=False):
     norm = fields.normalization(header.get("normalization"), arch)
     train_state = fields.train_state(header.get("train_state"))
     if header.get("int8") is not None:
+        floats = [name for name in archive.members if name.startswith("model/")]
+        if floats:
+            raise CheckpointError(f"{path}: damaged checkpoint: float weights ({floats[0]!r}) beside the "
+                                  f"header's int8 section; a checkpoint is float or int8, not both")
         section = fields.int8(header["int8"], arch)
         for key in ("optimizer", "scheduler"):
             if header.get(key) is not None:
