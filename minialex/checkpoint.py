@@ -26,6 +26,33 @@ its data is read, so a hostile header cannot make us allocate a model or a buffe
 NaN or inf are refused (they come from a run that diverged and would only poison the next one).
 Every problem is a CheckpointError naming the file and, for the header, the field. Header keys this
 version does not know are ignored.
+
+int8 checkpoints (written by `minialex quantize`, read by `inference` and `eval` alike) hold no
+float weights, no optimiser and no training state; the same header carries arch, class_names and
+normalization, plus the section
+
+    "int8": {"version": 1,
+             "criterion": "max" | "percentile" | "mse" | "entropy"   (the calibration that won),
+             "calibration": {"list": path or null, "images": n, "seed": s,
+                             "results": [{"criterion", "agreement", "logit_mse"}, ...]},
+             "input": {"scale": s0, "zero_point": 128},
+             "activations": {"<layer key>": scale, ...}}   one per quantisation point: each
+                             convolution and hidden FC (its rectified output) and each LRN (its
+                             output), keyed by the layer's torchvision prefix ("features.0")
+
+and, per convolution and FC layer, the arrays
+
+    int8/<key>.weight         int8 in -127..127, torch layout (BatchNorm folded in)
+    int8/<key>.weight_scale   float32 (out,): the per-output-channel scale s_w
+    int8/<key>.bias           int32 (out,): rint(b / (s_x * s_w)), without the input's zero-point
+                              correction (the model adds it), |bias| small enough that no int32 sum
+                              can overflow
+
+Scales must lie in models.quantized's ACTIVATION_SCALE_RANGE / WEIGHT_SCALE_RANGE. The arithmetic
+is models/quantized.py's. A file with an int8 section must not hold model/ weights, and int8/
+arrays without the section are refused. Commands that need float weights (train -resume and
+-load_pretrained, export, compare, quantize) refuse an int8 file: `load_checkpoint(path)` does,
+unless called with int8=True.
 """
 import json
 import math
@@ -45,6 +72,7 @@ from .errors import CheckpointError, MinialexError
 from .files import open_input, write_atomically
 
 FORMAT_VERSION = 1
+INT8_VERSION = 1   # of the header's "int8" section
 # The largest real checkpoint (torchvision AlexNet with Adam's two moments) is ~0.75 GB; an archive
 # whose members claim more is damaged or hostile (a zip bomb), and is refused before any of it is
 # decompressed rather than exhausting memory.
@@ -70,6 +98,9 @@ class Checkpoint:
     scheduler_state: dict | None = None
     train_state: dict | None = None
     path: str = field(default="", compare=False)
+    # An int8 checkpoint's section: {"version", "criterion", "calibration", "params"
+    # (models.quantized.Int8Params)}; None for a float checkpoint (whose state_dict it replaces).
+    int8: dict | None = None
 
 
 # -- turning nested state into JSON plus arrays ---------------------------------------------------
@@ -117,6 +148,31 @@ def save_checkpoint(path, model, *, arch, class_names, normalization, optimizer=
     for key, value in model.state_dict().items():
         arrays[f"model/{key}"] = np.asarray(value)
     text = json.dumps(header, ensure_ascii=False, allow_nan=True)
+    arrays[HEADER_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    write_atomically(path, lambda f: _write_arrays(f, arrays), what="checkpoint", error=CheckpointError)
+
+
+def save_int8_checkpoint(path, qmodel, *, class_names, normalization):
+    """Write QuantizedAlexNet `qmodel` (its arch, scales, int8 weights, the criterion and calibration
+    it was made with) with the float checkpoint's class names and normalisation, atomically."""
+    path = os.fspath(path)
+    from .models.quantized import INPUT_ZERO_POINT
+    p = qmodel.params
+    arrays = OrderedDict()
+    header = {
+        "format_version": FORMAT_VERSION,
+        "arch": qmodel.arch.to_dict(),
+        "class_names": [str(n) for n in class_names],
+        "normalization": _to_json(dict(normalization), "normalization", arrays),
+        "int8": {"version": INT8_VERSION, "criterion": qmodel.criterion,
+                 "calibration": _to_json(qmodel.calibration, "calibration", arrays),
+                 "input": {"scale": float(p.input_scale), "zero_point": INPUT_ZERO_POINT},
+                 "activations": {k: float(v) for k, v in p.activation_scales.items()}},
+    }
+    for key, layer in p.layers.items():
+        for part in layer._fields:
+            arrays[f"int8/{key}.{part}"] = np.asarray(getattr(layer, part))
+    text = json.dumps(header, ensure_ascii=False, allow_nan=False)
     arrays[HEADER_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     write_atomically(path, lambda f: _write_arrays(f, arrays), what="checkpoint", error=CheckpointError)
 
@@ -273,18 +329,28 @@ def _read_header(archive):
     return header
 
 
-def load_checkpoint(path) -> Checkpoint:
-    """Read and validate a checkpoint written by save_checkpoint; CheckpointError for anything else."""
+def load_checkpoint(path, int8=False) -> Checkpoint:
+    """Read and validate a checkpoint written by save_checkpoint or save_int8_checkpoint;
+    CheckpointError for anything else. An int8 checkpoint is refused unless `int8` is true (the
+    caller can run one: inference, eval), since it holds no float weights."""
     path = os.fspath(path)
     with _open_archive(path) as archive:
         if HEADER_KEY not in archive.members:
             raise CheckpointError(f"{path}: not a minialex checkpoint (no {HEADER_KEY} header)")
-        return _load_checkpoint(archive)
+        return _load_checkpoint(archive, int8)
 
 
-def _load_checkpoint(archive):
+def refuse_int8(path):
+    """The one-line refusal of an int8 checkpoint where float weights are needed."""
+    return CheckpointError(f"{path}: is an int8 checkpoint (written by minialex quantize), which only "
+                           f"inference and eval take; this needs the float checkpoint it was quantised from")
+
+
+def _load_checkpoint(archive, int8=False):
     path = archive.path
     header = _read_header(archive)
+    if header.get("int8") is not None and not int8:
+        raise refuse_int8(path)
     fields = _Fields(path, archive)
     version = header.get("format_version")
     if not _is_int(version) or version < 1:
@@ -296,6 +362,21 @@ def _load_checkpoint(archive):
     names = fields.class_names(header.get("class_names"), arch["num_classes"])
     norm = fields.normalization(header.get("normalization"), arch)
     train_state = fields.train_state(header.get("train_state"))
+    if header.get("int8") is not None:
+        floats = [name for name in archive.members if name.startswith("model/")]
+        if floats:
+            raise CheckpointError(f"{path}: damaged checkpoint: float weights ({floats[0]!r}) beside the "
+                                  f"header's int8 section; a checkpoint is float or int8, not both")
+        section = fields.int8(header["int8"], arch)
+        for key in ("optimizer", "scheduler"):
+            if header.get(key) is not None:
+                fields.fail(key, "is present in an int8 checkpoint, which cannot be trained")
+        return Checkpoint(version=version, arch=arch, class_names=names, normalization=norm,
+                          state_dict=OrderedDict(), train_state=train_state, path=path, int8=section)
+    stray = [name for name in archive.members if name.startswith("int8/")]
+    if stray:
+        raise CheckpointError(f"{path}: damaged checkpoint: int8 weights ({stray[0]!r}) without the "
+                              f"header's int8 section")
     config = (train_state or {}).get("config") or {}
     state = _read_weights(archive, arch)   # first: "another architecture" says most
     params = models.parameter_shapes(models.Arch.from_dict(arch))
@@ -333,6 +414,34 @@ def _read_weights(archive, arch):
     return state
 
 
+def _read_int8_arrays(archive, arch):
+    """The int8/ members, each checked against the architecture's shape and dtype before it is read."""
+    from .models.quantized import QuantLayer, int8_arrays
+    path = archive.path
+    expected = int8_arrays(arch)
+    stored = [name[len("int8/"):] for name in archive.members if name.startswith("int8/")]
+    unexpected = [k for k in stored if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path}: damaged int8 section: unexpected array 'int8/{unexpected[0]}' for the "
+                              f"header's {_describe(arch)}")
+    values = {}
+    for name, (want_shape, want_dtype) in expected.items():
+        member = f"int8/{name}"
+        if member not in archive.members:
+            raise CheckpointError(f"{path}: damaged int8 section: array {member!r} is missing")
+        shape, dtype = archive.describe(member)
+        if shape != want_shape or dtype != want_dtype:
+            raise CheckpointError(f"{path}: damaged int8 section: {member!r} is {dtype} {shape}, expected "
+                                  f"{want_dtype} {want_shape} for the header's {_describe(arch)}")
+        values[name] = archive.read(member)
+    layers = OrderedDict()
+    for name in expected:
+        key = name.rsplit(".", 1)[0]
+        if key not in layers:
+            layers[key] = QuantLayer(*(values[f"{key}.{part}"] for part in QuantLayer._fields))
+    return layers
+
+
 def _describe(arch):
     return (f"{arch['variant']}{' +BN' if arch.get('batch_norm') else ''} "
             f"with {arch['num_classes']} classes")
@@ -347,7 +456,7 @@ def load_weights(path):
     path = os.fspath(path)
     with _open_archive(path) as archive:
         if HEADER_KEY in archive.members:
-            ckpt = _load_checkpoint(archive)
+            ckpt = _load_checkpoint(archive)   # an int8 checkpoint is refused: no float weights
             return ckpt.state_dict, ckpt
         if not archive.members:
             raise CheckpointError(f"{path}: empty archive, no weights")
@@ -499,6 +608,65 @@ class _Fields:
         out["pca_eigval"] = eigval.tolist()
         out["pca_eigvec"] = self.small_array("normalization.pca_eigvec", eigvec, (3, 3)).tolist()
         return out
+
+    # -- the int8 section ---------------------------------------------------------------------------
+
+    def int8(self, section, arch):
+        """The int8 section and its arrays: {"version", "criterion", "calibration", "params"}."""
+        from .models.quantized import (CRITERIA, INPUT_ZERO_POINT, Int8Params, check_params,
+                                       check_scale, quantisation_points)
+        sec = self.dict("int8", section, required=("version", "criterion", "input", "activations"))
+        version = sec["version"]
+        if _is_int(version) and version > INT8_VERSION:
+            self.fail("int8.version", f"is {version}: written by a newer minialex (this one reads int8 "
+                                      f"section version {INT8_VERSION}), please upgrade")
+        self.check("int8.version", version, (lambda v: _is_int(v) and v == INT8_VERSION, str(INT8_VERSION)))
+        self.check("int8.criterion", sec["criterion"], (lambda v: isinstance(v, str) and v in CRITERIA,
+                                                        "one of " + ", ".join(CRITERIA)))
+        calibration = self.calibration(sec.get("calibration"), CRITERIA)
+        inp = self.dict("int8.input", sec["input"], required=("scale", "zero_point"))
+        self.check("int8.input.zero_point", inp["zero_point"],
+                   (lambda v: _is_int(v) and v == INPUT_ZERO_POINT, str(INPUT_ZERO_POINT)))
+        points = quantisation_points(arch)
+        acts = self.dict("int8.activations", sec["activations"], required=points)
+        if len(acts) != len(points):
+            extra = sorted(set(acts) - set(points))
+            self.fail("int8.activations", f"has the unexpected key {_shown(extra[0])}, expected {points}")
+        try:
+            input_scale = check_scale("int8.input.scale", inp["scale"])
+            scales = {k: check_scale(f"int8.activations.{k}", acts[k]) for k in points}
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: damaged checkpoint header: {e}") from None
+        params = Int8Params(input_scale, scales, _read_int8_arrays(self.archive, arch))
+        try:
+            check_params(arch, params)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: damaged int8 section: {e}") from None
+        return {"version": version, "criterion": sec["criterion"], "calibration": calibration,
+                "params": params}
+
+    def calibration(self, info, criteria):
+        """What the int8 section says about its calibration (reported, not computed with)."""
+        if info is None:
+            return None
+        info = self.dict("int8.calibration", info)
+        if info.get("list") is not None:
+            self.check("int8.calibration.list", info["list"], (lambda v: isinstance(v, str), "a file name"))
+        for key, rule in (("images", (lambda v: _is_int(v) and v >= 1, "an integer >= 1")), ("seed", _NONNEG_INT)):
+            if key in info:
+                self.check(f"int8.calibration.{key}", info[key], rule)
+        results = info.get("results", [])
+        if not isinstance(results, list) or len(results) > len(criteria):
+            self.fail("int8.calibration.results", f"is {_shown(results)}, expected a list of at most "
+                                                  f"{len(criteria)} results")
+        for i, r in enumerate(results):
+            field = f"int8.calibration.results[{i}]"
+            self.dict(field, r, required=("criterion", "agreement", "logit_mse"))
+            self.check(f"{field}.criterion", r["criterion"], (lambda v: v in criteria, "one of " + ", ".join(criteria)))
+            self.check(f"{field}.agreement", r["agreement"], (lambda v: _is_number(v) and 0 <= v <= 1,
+                                                              "a number in [0, 1]"))
+            self.check(f"{field}.logit_mse", r["logit_mse"], (lambda v: _is_number(v) and v >= 0, "a number >= 0"))
+        return info
 
     # -- the training state (only `train -resume` uses it, but a damaged one is refused anywhere) --
 
@@ -671,7 +839,15 @@ def load_into(model, state_dict, path):
 
 
 def model_from_checkpoint(ckpt: Checkpoint):
-    """The model described by ckpt.arch, with its weights loaded, in eval mode."""
+    """The model described by ckpt.arch, with its weights loaded, in eval mode: a float AlexNet, or
+    a models.quantized.QuantizedAlexNet for an int8 checkpoint."""
+    if ckpt.int8 is not None:
+        from .models.quantized import QuantizedAlexNet
+        try:
+            return QuantizedAlexNet(ckpt.arch, ckpt.int8["params"], criterion=ckpt.int8["criterion"],
+                                    calibration=ckpt.int8["calibration"])
+        except ValueError as e:   # checked when read; a Checkpoint made in code may still be wrong
+            raise CheckpointError(f"{ckpt.path}: damaged int8 section: {e}") from None
     model = models.build(models.Arch.from_dict(ckpt.arch))  # validated when the header was read
     load_into(model, ckpt.state_dict, ckpt.path)
     return model.eval()

@@ -1,4 +1,5 @@
-"""The `minialex` command: argument parsing only; the work is in train.py, evaluation.py, data and interop.
+"""The `minialex` command: argument parsing only; the work is in train.py, evaluation.py, calibration.py,
+data and interop.
 
 Long options take one dash, as the C AlexNet's did (`-batchsize 8`); two dashes work too
 (`--batchsize 8`, `--load-pretrained W`). Every user error -- a bad list, image, checkpoint or
@@ -105,6 +106,38 @@ def _run_eval(a):
     return 0
 
 
+def _quantize_parser(sub):
+    p = sub.add_parser("quantize", help="float checkpoint -> int8 checkpoint (post-training quantisation)",
+                       description="Calibrate activation scales on sample images (the eval preprocessing), "
+                                   "try the max, percentile, mse and entropy criteria, keep the one whose int8 "
+                                   "model agrees best with the float model, and save an int8 checkpoint that "
+                                   "inference and eval take like a float one.")
+    add_option(p, "load", required=True, metavar="W", help="float checkpoint")
+    add_option(p, "calib", metavar="F", help="list of 'class_id image_path' lines to calibrate on (default: "
+                                             "the training list the checkpoint records, if it records one)")
+    add_option(p, "save", required=True, metavar="W8", help="int8 checkpoint to write")
+    add_option(p, "criterion", choices=("auto", "max", "percentile", "mse", "entropy"), default="auto",
+               help="activation threshold criterion (default auto: try all, keep the best)")
+    add_option(p, "images", type=positive_int, default=256, metavar="N",
+               help="calibration images drawn from the list (default 256)")
+    add_option(p, "seed", type=non_negative_int, default=0, metavar="S", help="seed of that draw (default 0)")
+    add_option(p, "batchsize", type=positive_int, default=32, metavar="N", help="default 32")
+    add_option(p, "workers", type=non_negative_int, default=2, metavar="N", help="image decoding threads (default 2)")
+    add_option(p, "threads", type=positive_int, metavar="T", help="compute threads")
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(a):
+    from .calibration import format_calibration, run_quantize
+    from .errors import printable
+    from .progress import say
+    result = run_quantize(a.load, a.save, calib=a.calib, criterion=a.criterion, images=a.images, seed=a.seed,
+                          threads=a.threads, batch_size=a.batchsize, workers=a.workers, say=say)
+    print(format_calibration(result))
+    print(printable(f"wrote {a.save} (int8, {result.best.criterion} calibration)", None))
+    return 0
+
+
 def _summary_parser(sub):
     p = sub.add_parser("summary", help="layer table of a model",
                        description="Print each layer's output shape, parameters and multiply-adds, and the "
@@ -171,7 +204,8 @@ def build_parser():
                      epilog="Run 'minialex COMMAND -h' for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_train_parser, _inference_parser, _eval_parser, _summary_parser, _prepare_parser):
+    for add in (_train_parser, _inference_parser, _eval_parser, _quantize_parser, _summary_parser,
+                _prepare_parser):
         add(sub)
     from .interop import register as add_interop_commands  # convert, export, compare (stdlib-only import)
     add_interop_commands(sub)

@@ -1,5 +1,6 @@
 """Evaluation and prediction with a model: accuracy over a loader, a checkpoint on a list, top-k of
-images, and the confusion matrix as text.
+images, and the confusion matrix as text. A checkpoint may be float or int8 (`minialex quantize`):
+`model_from_checkpoint` gives a model with the same interface either way.
 
 Class names come from checkpoints, which may come from strangers: every name printed goes through
 `errors.printable`, so a file cannot put terminal escapes on the screen.
@@ -70,7 +71,7 @@ def run_eval(list_path, weights, batch_size=32, workers=2, threads=None):
 
     def prepare():
         set_threads(threads, world)
-        ckpt = load_checkpoint(weights)
+        ckpt = load_checkpoint(weights, int8=True)   # a float or an int8 checkpoint alike
         samples = check_images_exist(read_list(list_path, len(ckpt.class_names)), list_path)
         return ckpt, model_from_checkpoint(ckpt), samples
 
@@ -106,7 +107,7 @@ def predict(image_paths, weights, topk=5, threads=None, batch_size=16):
     """[(path, [(class_id, name, probability), ...])] for each image, best first."""
     from .data import load_image
     set_threads(threads)
-    ckpt = load_checkpoint(weights)
+    ckpt = load_checkpoint(weights, int8=True)   # a float or an int8 checkpoint alike
     model = model_from_checkpoint(ckpt)
     transform = eval_transform(ckpt)
     for p in image_paths:

@@ -62,9 +62,12 @@ def plan(variant, num_classes, batch_norm, dropout=0.5):
 
 
 # LRN as the paper used it (k=2, n=5, alpha=1e-4 per channel of the window, beta=0.75).
-# PyTorch divides alpha by n, hence 5e-4.
+# PyTorch divides alpha by n, hence 5e-4. Public: the int8 model runs the same LRN in float32.
+PAPER_LRN = {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0}
+
+
 def _paper_lrn():
-    return nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    return nn.LocalResponseNorm(**PAPER_LRN)
 
 
 def _module(layer):
