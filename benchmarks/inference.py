@@ -63,8 +63,11 @@ def _int8_engine(model, case, lib):
     from . import int8_peers
     images = int8_peers.calibration_images(case["size"])
     if lib == "minialex":
-        from minialex.calibration import quantize_model
-        return quantize_model(model, images).forward
+        from minialex.calibration import calibrate
+        from minialex.models import Arch
+        batches = int8_peers.calibration_batches(images)
+        arch = Arch(variant=case["variant"], num_classes=case["classes"])
+        return calibrate(model, arch, lambda: iter(batches)).best.model.forward
     if lib == "onnxruntime":
         from . import onnxruntime_peer
         return onnxruntime_peer.int8_session(model, case["size"], images)

@@ -23,6 +23,7 @@ def export_checkpoint(src, dst):
     """Export checkpoint `src` to `dst`, in the format named by dst's extension (.onnx or .wts).
 
     A target that cannot be written (a folder, a FIFO, a device) is refused before `src` is read.
+    An int8 checkpoint (minialex quantize) goes to ONNX as QDQ; .wts holds float weights only.
     """
     from minialex.checkpoint import load_checkpoint, model_from_checkpoint
     from minialex.errors import MinialexError
@@ -32,7 +33,7 @@ def export_checkpoint(src, dst):
     if ext not in EXPORT_FORMATS:
         raise MinialexError(f"{dst}: unknown export format {ext or '(no extension)'!r}; "
                             f"name the output *.onnx or *.wts")
-    ckpt = load_checkpoint(src)
+    ckpt = load_checkpoint(src, int8=ext == ".onnx")
     if ext == ".wts":   # the weights as stored, under their torchvision names
         from minialex.interop.wts import write_wts
         write_wts(ckpt.state_dict, dst)
