@@ -18,6 +18,7 @@ from .config import ARCHS, TrainConfig, add_option, add_train_options, check, no
 from .errors import MinialexError
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + 13   # what a shell reports for a tool SIGPIPE ended
 
 
 class UsageError(MinialexError):
@@ -219,7 +220,14 @@ def main(argv=None):
     # falls back to a per-user cache folder by itself.
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()   # a reader that went away shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # whoever reads stdout stopped early (`| head`): stop quietly, as other command-line tools
+        # do, with the status a shell gives a tool that SIGPIPE ended
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except MinialexError as e:
         return _fail(f"minialex: error: {e}", EXIT_USER_ERROR, e)
     except KeyboardInterrupt:

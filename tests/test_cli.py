@@ -275,3 +275,14 @@ def test_usage_errors_and_help(tmp_path):
         assert h.returncode == 0 and "usage: minialex" in h.stdout
     s = minialex(["summary", "-arch", "cifar", "-classes", "10"], cwd=tmp_path)
     assert s.returncode == 0 and "classifier.6" in s.stdout
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`minialex summary | head -1`: the pipe closes before the table is written; the command
+    stops with the status a shell gives a tool SIGPIPE ended, and nothing on stderr."""
+    from minialex.cli import EXIT_BROKEN_PIPE
+    p = subprocess.Popen([sys.executable, "-m", "minialex", "summary", "-arch", "cifar", "-classes", "10"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == EXIT_BROKEN_PIPE and err == ""
