@@ -260,13 +260,14 @@ def run_quantize(load, save, calib=None, criterion="auto", images=DEFAULT_IMAGES
     from .errors import CheckpointError, MinialexError
     from .evaluation import eval_transform
     from .files import check_output_target
-    from .run import set_threads
+    from .run import check_int8, set_threads
     say = say or (lambda text: None)
     if criterion != "auto" and criterion not in CRITERIA:
         raise MinialexError(f"-criterion {criterion}: choose one of auto, {', '.join(CRITERIA)}")
     if images < 1:
         raise MinialexError(f"-images {images}: must be at least 1")
     check_output_target(save, "-save")
+    check_int8()
     set_threads(threads)
     ckpt = load_checkpoint(load, int8=True)
     if ckpt.int8 is not None:

@@ -10,7 +10,7 @@ import numpy as np
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import DataError, printable
 from .files import check_input_file
-from .run import check_images_exist, set_threads
+from .run import check_images_exist, check_int8, set_threads
 
 
 def softmax(logits):
@@ -72,6 +72,8 @@ def run_eval(list_path, weights, batch_size=32, workers=2, threads=None):
     def prepare():
         set_threads(threads, world)
         ckpt = load_checkpoint(weights, int8=True)   # a float or an int8 checkpoint alike
+        if ckpt.int8 is not None:
+            check_int8()
         samples = check_images_exist(read_list(list_path, len(ckpt.class_names)), list_path)
         return ckpt, model_from_checkpoint(ckpt), samples
 
@@ -108,6 +110,8 @@ def predict(image_paths, weights, topk=5, threads=None, batch_size=16):
     from .data import load_image
     set_threads(threads)
     ckpt = load_checkpoint(weights, int8=True)   # a float or an int8 checkpoint alike
+    if ckpt.int8 is not None:
+        check_int8()
     model = model_from_checkpoint(ckpt)
     transform = eval_transform(ckpt)
     for p in image_paths:

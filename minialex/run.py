@@ -196,6 +196,17 @@ def check_bf16():
             f"the instruction, but slower than -precision fp32")
 
 
+def check_int8():
+    """Say when int8 inference will be emulated (no AVX512_VNNI, or MINIALEX_INT8=emulate); an
+    unknown MINIALEX_INT8 fails here, before any work."""
+    from .kernels.gemm_int8 import int8_path
+    if int8_path() == "emulated":
+        why = ("MINIALEX_INT8=emulate" if os.environ.get("MINIALEX_INT8") == "emulate"
+               else "this CPU has no AVX512_VNNI")
+        say(f"warning: int8 inference is emulated ({why}): the same results as on a CPU with "
+            f"the instruction, but slower than the float32 model")
+
+
 def set_threads(threads, world=None):
     """numba.set_num_threads(threads), checked against what Numba was started with. Without
     -threads, a process of a data-parallel `world` takes its share of its node's cores."""
