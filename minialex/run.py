@@ -185,26 +185,25 @@ def _resumed(cfg, world):
 
 # -- the pieces they share --------------------------------------------------------------------------
 
+def _say_if_emulated(path, variable, flag, what, slower_than):
+    if path == "emulated":
+        why = f"{variable}=emulate" if os.environ.get(variable) == "emulate" else f"this CPU has no {flag}"
+        say(f"warning: {what} is emulated ({why}): the same results as on a CPU with the instruction, "
+            f"but slower than {slower_than}")
+
+
 def check_bf16():
     """Say when -precision bf16 will be emulated (no AVX512_BF16, or MINIALEX_BF16=emulate); an
     unknown MINIALEX_BF16 fails here, before any work."""
     from .kernels.gemm_bf16 import bf16_path
-    if bf16_path() == "emulated":
-        why = ("MINIALEX_BF16=emulate" if os.environ.get("MINIALEX_BF16") == "emulate"
-               else "this CPU has no AVX512_BF16")
-        say(f"warning: -precision bf16 is emulated ({why}): the same results as on a CPU with "
-            f"the instruction, but slower than -precision fp32")
+    _say_if_emulated(bf16_path(), "MINIALEX_BF16", "AVX512_BF16", "-precision bf16", "-precision fp32")
 
 
 def check_int8():
     """Say when int8 inference will be emulated (no AVX512_VNNI, or MINIALEX_INT8=emulate); an
     unknown MINIALEX_INT8 fails here, before any work."""
     from .kernels.gemm_int8 import int8_path
-    if int8_path() == "emulated":
-        why = ("MINIALEX_INT8=emulate" if os.environ.get("MINIALEX_INT8") == "emulate"
-               else "this CPU has no AVX512_VNNI")
-        say(f"warning: int8 inference is emulated ({why}): the same results as on a CPU with "
-            f"the instruction, but slower than the float32 model")
+    _say_if_emulated(int8_path(), "MINIALEX_INT8", "AVX512_VNNI", "int8 inference", "the float32 model")
 
 
 def set_threads(threads, world=None):

@@ -68,6 +68,23 @@ class _GraphBuilder:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=name, **attrs))
         return out
 
+    def model(self, x, graph_name, input_size, num_classes, class_names, normalization):
+        """The checked ModelProto of the graph built so far, `x` its logits: float32 input
+        (N, 3, S, S), output "logits" (N, num_classes), class names and normalisation as metadata."""
+        onnx, helper = self.onnx, self.onnx.helper
+        self.nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
+        graph = helper.make_graph(
+            self.nodes, graph_name,
+            [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, input_size, input_size])],
+            [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", num_classes])],
+            initializer=self.initializers)
+        proto = helper.make_model(graph, producer_name="minialex", ir_version=IR_VERSION,
+                                  opset_imports=[helper.make_opsetid("", OPSET)])
+        meta = {"class_names": class_names, "normalization": normalization}
+        helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items() if v is not None})
+        onnx.checker.check_model(proto)
+        return proto
+
     def layer(self, m, name, x, shape):
         """Emit `m` applied to tensor `x` of `shape`; returns (output name, output shape)."""
         if m._modules:   # a container (Sequential, the model): its children run in declared order
@@ -135,7 +152,6 @@ class _GraphBuilder:
 def onnx_model(model, input_size, *, class_names=None, normalization=None):
     """The onnx.ModelProto of `model` (a minialex AlexNet) for (N, 3, input_size, input_size)."""
     onnx = _require_onnx()
-    helper = onnx.helper
     was_training = model.training
     model.eval()
     try:
@@ -144,18 +160,8 @@ def onnx_model(model, input_size, *, class_names=None, normalization=None):
         x, shape = g.layer(model, "", "input", shape)
     finally:
         model.train(was_training)
-    g.nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
-    graph = helper.make_graph(
-        g.nodes, f"minialex_alexnet_{getattr(model, 'variant', 'custom')}",
-        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, input_size, input_size])],
-        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", shape[1]])],
-        initializer=g.initializers)
-    proto = helper.make_model(graph, producer_name="minialex", ir_version=IR_VERSION,
-                              opset_imports=[helper.make_opsetid("", OPSET)])
-    meta = {"class_names": class_names, "normalization": normalization}
-    helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items() if v is not None})
-    onnx.checker.check_model(proto)
-    return proto
+    return g.model(x, f"minialex_alexnet_{getattr(model, 'variant', 'custom')}", input_size, shape[1],
+                   class_names, normalization)
 
 
 def _qdq(g, name, x, scale, zero_point):
@@ -186,9 +192,7 @@ def onnx_model_int8(qmodel, *, class_names=None, normalization=None):
     """The onnx.ModelProto (QDQ) of `qmodel` (a models.quantized.QuantizedAlexNet)."""
     from minialex.models.alexnet import PAPER_LRN
     from minialex.models.quantized import INPUT_ZERO_POINT, program
-    onnx = _require_onnx()
-    helper = onnx.helper
-    g = _GraphBuilder(onnx)
+    g = _GraphBuilder(_require_onnx())
     params, size = qmodel.params, qmodel.input_size
     s_x = params.input_scale
     x = _qdq(g, "input", "input", s_x, INPUT_ZERO_POINT)
@@ -222,18 +226,8 @@ def onnx_model_int8(qmodel, *, class_names=None, normalization=None):
             else:
                 x = y
         # avgpool: the identity at the variant's input size (QuantizedAlexNet checks it)
-    g.nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
-    graph = helper.make_graph(
-        g.nodes, f"minialex_alexnet_{qmodel.arch.variant}_int8",
-        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, size, size])],
-        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", qmodel.num_classes])],
-        initializer=g.initializers)
-    proto = helper.make_model(graph, producer_name="minialex", ir_version=IR_VERSION,
-                              opset_imports=[helper.make_opsetid("", OPSET)])
-    meta = {"class_names": class_names, "normalization": normalization}
-    helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items() if v is not None})
-    onnx.checker.check_model(proto)
-    return proto
+    return g.model(x, f"minialex_alexnet_{qmodel.arch.variant}_int8", size, qmodel.num_classes,
+                   class_names, normalization)
 
 
 def export_onnx(model, path, input_size, *, class_names=None, normalization=None):
