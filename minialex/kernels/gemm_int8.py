@@ -209,6 +209,22 @@ def _row_start(r, rows):
 
 
 @njit(cache=True)
+def _next_row(p, n, oh, ow, advance, rows):
+    # (start, n, oh, ow) of the row after (n, oh, ow) if advance, else the same row: a tile's
+    # rows are found by counting, not by two integer divisions each (a tenth of conv1's time)
+    if not advance:
+        return p, n, oh, ow
+    ow += 1
+    if ow == rows[1]:
+        ow = 0
+        oh += 1
+        if oh == rows[0]:
+            oh = 0
+            n += 1
+    return n * rows[2] + oh * rows[3] + ow * rows[4], n, oh, ow
+
+
+@njit(cache=True)
 def _vnni_block(a, rows, wp, bias, scale, out, ldo, n, m0, m1, q0, q1, ncp):
     # out[m0:m1, columns of panels q0..q1] ; ncp panels per column block
     kh, qpr, seg = rows[5], rows[6], rows[7]
@@ -223,14 +239,19 @@ def _vnni_block(a, rows, wp, bias, scale, out, ldo, n, m0, m1, q0, q1, ncp):
             continue
         for i0 in range(m0, m1, MR):
             h = min(MR, m1 - i0)
-            p0 = _row_start(i0, rows)
-            p1 = _row_start(i0 + min(1, h - 1), rows)
-            p2 = _row_start(i0 + min(2, h - 1), rows)
-            p3 = _row_start(i0 + min(3, h - 1), rows)
-            p4 = _row_start(i0 + min(4, h - 1), rows)
-            p5 = _row_start(i0 + min(5, h - 1), rows)
-            p6 = _row_start(i0 + min(6, h - 1), rows)
-            p7 = _row_start(i0 + min(7, h - 1), rows)
+            # the tile's rows; past h they repeat the last one
+            plane = rows[0] * rows[1]
+            im = i0 // plane
+            oh = (i0 - im * plane) // rows[1]
+            ow = i0 - im * plane - oh * rows[1]
+            p0 = im * rows[2] + oh * rows[3] + ow * rows[4]
+            p1, im, oh, ow = _next_row(p0, im, oh, ow, h > 1, rows)
+            p2, im, oh, ow = _next_row(p1, im, oh, ow, h > 2, rows)
+            p3, im, oh, ow = _next_row(p2, im, oh, ow, h > 3, rows)
+            p4, im, oh, ow = _next_row(p3, im, oh, ow, h > 4, rows)
+            p5, im, oh, ow = _next_row(p4, im, oh, ow, h > 5, rows)
+            p6, im, oh, ow = _next_row(p5, im, oh, ow, h > 6, rows)
+            p7, im, oh, ow = _next_row(p6, im, oh, ow, h > 7, rows)
             # the first panel's call prefetches the next rows' bytes in every run: from the
             # start of the next tile's first row to the end of its last (one stretch when
             # the rows follow each other, as they do within an output row)
@@ -238,8 +259,11 @@ def _vnni_block(a, rows, wp, bias, scale, out, ldo, n, m0, m1, q0, q1, ncp):
             pf = 0
             pf_len = 0
             if hn > 0:
-                pf = _row_start(i0 + h, rows)
-                pf_len = max(0, _row_start(i0 + h + hn - 1, rows) - pf) + 4 * qpr
+                pf, im, oh, ow = _next_row(p7, im, oh, ow, True, rows)
+                pl = pf
+                for _ in range(hn - 1):
+                    pl, im, oh, ow = _next_row(pl, im, oh, ow, True, rows)
+                pf_len = max(0, pl - pf) + 4 * qpr
             for q in range(qc, qe):
                 j0 = q * NR
                 _micro_8x32(kh, qpr, seg, a, p0, p1, p2, p3, p4, p5, p6, p7, h, wp, q * kg * GROUP,
