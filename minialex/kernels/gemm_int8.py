@@ -44,7 +44,7 @@ NR = 32                  # columns of a packed panel and of the micro-tile (two 
 GROUP = 4 * NR           # bytes of one k group (4 k) of a packed panel
 NC_BYTES = 384 * 1024    # packed weights per column block, kept in L2 while the rows stream by
 PAR_MIN_OPS = 4_000_000  # below this many multiply-adds * 2 a second thread costs more than it saves
-GEMV_PREFETCH = 1024     # bytes ahead in a streamed weight panel (batch-1 kernel)
+GEMV_PREFETCH = 8192     # bytes ahead in a streamed weight panel (batch-1 kernel; 1024: fc6 1.3x slower)
 
 
 def padded_k(k):
