@@ -1,6 +1,7 @@
 """The int8 model's data movement on uint8 channels-last (N, H, W, C) tensors: quantising the
-float input, the convolution as im2col + the int8 GEMM, max-pooling on the bytes, and the way back
-to float32 (for LRN and the logits' neighbours).
+float input, the convolution (without groups: the int8 GEMM reads the windows in place from a padded
+copy; with groups: im2col + the GEMM), max-pooling on the bytes, and the way back to float32 (for
+LRN and the logits' neighbours).
 
 A quantised tensor is (q, scale, zero_point) standing for scale * (q - zero_point). Activations
 after a ReLU have zero_point 0 (so a uint8 clamp at 0 is the ReLU); the normalised input image,
