@@ -44,7 +44,7 @@ NR = 32                  # columns of a packed panel and of the micro-tile (two 
 GROUP = 4 * NR           # bytes of one k group (4 k) of a packed panel
 NC_BYTES = 384 * 1024    # packed weights per column block, kept in L2 while the rows stream by
 PAR_MIN_OPS = 4_000_000  # below this many multiply-adds * 2 a second thread costs more than it saves
-GEMV_PREFETCH = 1024     # bytes ahead in a streamed weight panel (batch-1 kernel)
+GEMV_PREFETCH = 8192     # bytes ahead in a streamed weight panel (batch-1 kernel; 1024: fc6 1.3x slower)
 
 
 def padded_k(k):
@@ -98,49 +98,46 @@ def int8_path():
 # -- vnni path ------------------------------------------------------------------------------------
 
 @njit(cache=True)
-def _micro_8x32(kg, a, a_off, lda, h, wp, w_off, bias, scale, j0, out, o_off, ldo, w, pf, pf_len):
+def _micro_8x32(kh, qpr, seg, a, p0, p1, p2, p3, p4, p5, p6, p7, h, wp, w_off, bias, scale, j0,
+                out, o_off, ldo, w, pf, pf_len):
     # out[r, :w] (row r at o_off + r*ldo) <- epilogue(a rows @ panel) for r < h
-    # a: flat uint8, row r at a_off + r*lda (rows past h alias the last one; not stored)
+    # a: flat uint8; row r's K bytes are kh runs of 4*qpr bytes, run i at p_r + i*seg (a plain
+    # matrix: one run, the row itself; a convolution read in place: one run per kernel row);
+    # the rows' p_r past h repeat the last row (computed, not stored)
     # wp: packed weights, this panel's groups from w_off ; bias, scale: padded, columns from j0
-    # pf, pf_len: bytes of a to prefetch, 32 per k group (the next rows: 8 rows of a are 8*lda
-    # bytes, kg = lda/4 groups); rows short as conv1's (364 bytes) are too short a stream for
-    # the hardware prefetcher, and missing them cost a third of conv1's time
-    p0 = a_off
-    p1 = a_off + min(1, h - 1) * lda
-    p2 = a_off + min(2, h - 1) * lda
-    p3 = a_off + min(3, h - 1) * lda
-    p4 = a_off + min(4, h - 1) * lda
-    p5 = a_off + min(5, h - 1) * lda
-    p6 = a_off + min(6, h - 1) * lda
-    p7 = a_off + min(7, h - 1) * lda
+    # pf, pf_len: in every run, bytes pf + i*seg .. + pf_len of a to prefetch, 32 per k group
+    # (the next 8 rows); rows short as conv1's (364 bytes) are too short a stream for the
+    # hardware prefetcher, and missing them cost a third of conv1's time
     c00 = izero(); c01 = izero(); c10 = izero(); c11 = izero()
     c20 = izero(); c21 = izero(); c30 = izero(); c31 = izero()
     c40 = izero(); c41 = izero(); c50 = izero(); c51 = izero()
     c60 = izero(); c61 = izero(); c70 = izero(); c71 = izero()
     pw = w_off
-    for g in range(kg):
-        q = 4 * g
-        if 8 * q < pf_len:
-            prefetch(a, pf + 8 * q)
-        b0 = s8load(wp, pw)
-        b1 = s8load(wp, pw + 64)
-        x = u8broadcast4(a, p0 + q)
-        c00 = vpdpbusd(c00, x, b0); c01 = vpdpbusd(c01, x, b1)
-        x = u8broadcast4(a, p1 + q)
-        c10 = vpdpbusd(c10, x, b0); c11 = vpdpbusd(c11, x, b1)
-        x = u8broadcast4(a, p2 + q)
-        c20 = vpdpbusd(c20, x, b0); c21 = vpdpbusd(c21, x, b1)
-        x = u8broadcast4(a, p3 + q)
-        c30 = vpdpbusd(c30, x, b0); c31 = vpdpbusd(c31, x, b1)
-        x = u8broadcast4(a, p4 + q)
-        c40 = vpdpbusd(c40, x, b0); c41 = vpdpbusd(c41, x, b1)
-        x = u8broadcast4(a, p5 + q)
-        c50 = vpdpbusd(c50, x, b0); c51 = vpdpbusd(c51, x, b1)
-        x = u8broadcast4(a, p6 + q)
-        c60 = vpdpbusd(c60, x, b0); c61 = vpdpbusd(c61, x, b1)
-        x = u8broadcast4(a, p7 + q)
-        c70 = vpdpbusd(c70, x, b0); c71 = vpdpbusd(c71, x, b1)
-        pw += GROUP
+    for i in range(kh):
+        o = i * seg
+        for g in range(qpr):
+            q = o + 4 * g
+            if 32 * g < pf_len:
+                prefetch(a, pf + o + 32 * g)
+            b0 = s8load(wp, pw)
+            b1 = s8load(wp, pw + 64)
+            x = u8broadcast4(a, p0 + q)
+            c00 = vpdpbusd(c00, x, b0); c01 = vpdpbusd(c01, x, b1)
+            x = u8broadcast4(a, p1 + q)
+            c10 = vpdpbusd(c10, x, b0); c11 = vpdpbusd(c11, x, b1)
+            x = u8broadcast4(a, p2 + q)
+            c20 = vpdpbusd(c20, x, b0); c21 = vpdpbusd(c21, x, b1)
+            x = u8broadcast4(a, p3 + q)
+            c30 = vpdpbusd(c30, x, b0); c31 = vpdpbusd(c31, x, b1)
+            x = u8broadcast4(a, p4 + q)
+            c40 = vpdpbusd(c40, x, b0); c41 = vpdpbusd(c41, x, b1)
+            x = u8broadcast4(a, p5 + q)
+            c50 = vpdpbusd(c50, x, b0); c51 = vpdpbusd(c51, x, b1)
+            x = u8broadcast4(a, p6 + q)
+            c60 = vpdpbusd(c60, x, b0); c61 = vpdpbusd(c61, x, b1)
+            x = u8broadcast4(a, p7 + q)
+            c70 = vpdpbusd(c70, x, b0); c71 = vpdpbusd(c71, x, b1)
+            pw += GROUP
     bi0 = iload(bias, j0); bi1 = iload(bias, j0 + 16)
     s0 = vload(scale, j0); s1 = vload(scale, j0 + 16)
     w1 = w - 16
@@ -202,29 +199,80 @@ def _micro_1x32(kg, a, a_off, wp, w_off, bias, scale, j0, out, o_off, w):
 
 
 @njit(cache=True)
-def _vnni_block(a, lda, wp, kg, bias, scale, out, ldo, n, m0, m1, q0, q1, ncp):
+def _row_start(r, rows):
+    # where row r of a starts: rows = (oh_n, ow_n, image, row, col, kh, qpr, seg), see Rows
+    plane = rows[0] * rows[1]
+    n = r // plane
+    p = r - n * plane
+    oh = p // rows[1]
+    return n * rows[2] + oh * rows[3] + (p - oh * rows[1]) * rows[4]
+
+
+@njit(cache=True)
+def _next_row(p, n, oh, ow, advance, rows):
+    # (start, n, oh, ow) of the row after (n, oh, ow) if advance, else the same row: a tile's
+    # rows are found by counting, not by two integer divisions each (a tenth of conv1's time)
+    if not advance:
+        return p, n, oh, ow
+    ow += 1
+    if ow == rows[1]:
+        ow = 0
+        oh += 1
+        if oh == rows[0]:
+            oh = 0
+            n += 1
+    return n * rows[2] + oh * rows[3] + ow * rows[4], n, oh, ow
+
+
+@njit(cache=True)
+def _vnni_block(a, rows, wp, bias, scale, out, ldo, n, m0, m1, q0, q1, ncp):
     # out[m0:m1, columns of panels q0..q1] ; ncp panels per column block
+    kh, qpr, seg = rows[5], rows[6], rows[7]
+    kg = kh * qpr
     for qc in range(q0, q1, ncp):
         qe = min(q1, qc + ncp)
-        if m1 - m0 == 1:
+        if m1 - m0 == 1 and kh == 1:
             for q in range(qc, qe):
                 j0 = q * NR
-                _micro_1x32(kg, a, m0 * lda, wp, q * kg * GROUP, bias, scale, j0, out,
+                _micro_1x32(kg, a, _row_start(m0, rows), wp, q * kg * GROUP, bias, scale, j0, out,
                             m0 * ldo + j0, min(NR, n - j0))
             continue
         for i0 in range(m0, m1, MR):
             h = min(MR, m1 - i0)
-            # the first panel's call prefetches the next 8 rows
-            pf_len = min(MR, m1 - i0 - h) * lda
+            # the tile's rows; past h they repeat the last one
+            plane = rows[0] * rows[1]
+            im = i0 // plane
+            oh = (i0 - im * plane) // rows[1]
+            ow = i0 - im * plane - oh * rows[1]
+            p0 = im * rows[2] + oh * rows[3] + ow * rows[4]
+            p1, im, oh, ow = _next_row(p0, im, oh, ow, h > 1, rows)
+            p2, im, oh, ow = _next_row(p1, im, oh, ow, h > 2, rows)
+            p3, im, oh, ow = _next_row(p2, im, oh, ow, h > 3, rows)
+            p4, im, oh, ow = _next_row(p3, im, oh, ow, h > 4, rows)
+            p5, im, oh, ow = _next_row(p4, im, oh, ow, h > 5, rows)
+            p6, im, oh, ow = _next_row(p5, im, oh, ow, h > 6, rows)
+            p7, im, oh, ow = _next_row(p6, im, oh, ow, h > 7, rows)
+            # the first panel's call prefetches the next rows' bytes in every run: from the
+            # start of the next tile's first row to the end of its last (one stretch when
+            # the rows follow each other, as they do within an output row)
+            hn = min(MR, m1 - i0 - h)
+            pf = 0
+            pf_len = 0
+            if hn > 0:
+                pf, im, oh, ow = _next_row(p7, im, oh, ow, True, rows)
+                pl = pf
+                for _ in range(hn - 1):
+                    pl, im, oh, ow = _next_row(pl, im, oh, ow, True, rows)
+                pf_len = max(0, pl - pf) + 4 * qpr
             for q in range(qc, qe):
                 j0 = q * NR
-                _micro_8x32(kg, a, i0 * lda, lda, h, wp, q * kg * GROUP, bias, scale, j0, out,
-                            i0 * ldo + j0, ldo, min(NR, n - j0), (i0 + MR) * lda, pf_len)
+                _micro_8x32(kh, qpr, seg, a, p0, p1, p2, p3, p4, p5, p6, p7, h, wp, q * kg * GROUP,
+                            bias, scale, j0, out, i0 * ldo + j0, ldo, min(NR, n - j0), pf, pf_len)
                 pf_len = 0
 
 
 @njit(parallel=True, cache=True)
-def _vnni_par(a, lda, wp, kg, bias, scale, out, ldo, m, n, ncp, nslab, split_n):
+def _vnni_par(a, rows, wp, bias, scale, out, ldo, m, n, ncp, nslab, split_n):
     # disjoint slabs of out: along the panels (split_n) or along rows in multiples of MR
     npan = (n + NR - 1) // NR
     if split_n:
@@ -236,15 +284,16 @@ def _vnni_par(a, lda, wp, kg, bias, scale, out, ldo, m, n, ncp, nslab, split_n):
         if split_n:
             hi = min(npan, lo + step)
             if lo < hi:
-                _vnni_block(a, lda, wp, kg, bias, scale, out, ldo, n, 0, m, lo, hi, ncp)
+                _vnni_block(a, rows, wp, bias, scale, out, ldo, n, 0, m, lo, hi, ncp)
         else:
             hi = min(m, lo + step)
             if lo < hi:
-                _vnni_block(a, lda, wp, kg, bias, scale, out, ldo, n, lo, hi, 0, npan, ncp)
+                _vnni_block(a, rows, wp, bias, scale, out, ldo, n, lo, hi, 0, npan, ncp)
 
 
-def _vnni(a, lda, wp, kg, bias, scale, out, ldo, m, n):
+def _vnni(a, rows, wp, bias, scale, out, ldo, m, n):
     npan = (n + NR - 1) // NR
+    kg = rows[5] * rows[6]
     ncp = max(1, NC_BYTES // (kg * GROUP)) if kg else npan
     nthreads = numba.get_num_threads()
     if nthreads > 1 and 2.0 * m * n * 4 * kg >= PAR_MIN_OPS:
@@ -252,9 +301,9 @@ def _vnni(a, lda, wp, kg, bias, scale, out, ldo, m, n):
         split_n = m < 8 * MR * nthreads
         nslab = min(nthreads, npan if split_n else (m + MR - 1) // MR)
         if nslab > 1:
-            _vnni_par(a, lda, wp, kg, bias, scale, out, ldo, m, n, ncp, nslab, split_n)
+            _vnni_par(a, rows, wp, bias, scale, out, ldo, m, n, ncp, nslab, split_n)
             return
-    _vnni_block(a, lda, wp, kg, bias, scale, out, ldo, n, 0, m, 0, npan, ncp)
+    _vnni_block(a, rows, wp, bias, scale, out, ldo, n, 0, m, 0, npan, ncp)
 
 
 # -- emulated path --------------------------------------------------------------------------------
@@ -278,19 +327,24 @@ def _put_impl(out, idx, v):
 
 
 @njit(parallel=True, cache=True)
-def _emulated(a, lda, wp, kg, bias, scale, out, ldo, m, n):
-    # the vnni path's arithmetic in plain integer code on the packed layout: int32 sums that wrap
+def _emulated(a, rows, wp, bias, scale, out, ldo, m, n):
+    # the vnni path's arithmetic in plain integer code on the packed layout, reading the rows of
+    # a where Rows puts them: int32 sums that wrap
     npan = (n + NR - 1) // NR
+    kh, qpr, seg = rows[5], rows[6], rows[7]
+    kg = kh * qpr
     for i in prange(m):
         acc = np.empty(NR, dtype=np.int32)
+        start = _row_start(i, rows)
         for q in range(npan):
             acc[:] = 0
             base = q * kg * GROUP
             for g in range(kg):
-                x0 = np.int32(a[i * lda + 4 * g])
-                x1 = np.int32(a[i * lda + 4 * g + 1])
-                x2 = np.int32(a[i * lda + 4 * g + 2])
-                x3 = np.int32(a[i * lda + 4 * g + 3])
+                at = start + (g // qpr) * seg + 4 * (g % qpr)
+                x0 = np.int32(a[at])
+                x1 = np.int32(a[at + 1])
+                x2 = np.int32(a[at + 2])
+                x3 = np.int32(a[at + 3])
                 p = base + g * GROUP
                 for jj in range(NR):
                     acc[jj] += (x0 * np.int32(wp[p + 4 * jj]) + x1 * np.int32(wp[p + 4 * jj + 1])
@@ -321,14 +375,61 @@ def gemm_u8s8(a, packed, bias, scale, out):
 def _gemm(a, packed, bias, scale, out, path):
     # gemm_u8s8 on the named path ("vnni" or "emulated")
     m, kp = a.shape
-    n = packed.n
-    d = packed.data
-    if not (isinstance(d, np.ndarray) and d.ndim == 1 and d.dtype == np.int8
-            and d.size == (n + NR - 1) // NR * padded_k(packed.k) * NR):
-        raise ValueError("packed must come from pack_weights (a flat int8 array of whole panels)")
+    _check_weights(packed)
     if a.dtype != np.uint8 or kp != padded_k(packed.k) or (m > 1 and kp > 1 and a.strides[1] != 1):
         raise ValueError(f"a must be (M, {padded_k(packed.k)}) uint8 with unit column stride, "
                          f"got {a.dtype} {a.shape}")
+    af, lda = _flat(a, m, kp, False)
+    return _run(af, Rows(1, 1, lda, 0, 0, 1, kp // 4, 0), m, packed, bias, scale, out, path)
+
+
+class Rows(NamedTuple):
+    """Where the M rows of a lie in a flat uint8 buffer, for gemm_u8s8_rows: row r, taken as
+    (n, oh, ow) in C order over (N, oh_n, ow_n), starts at n*image + oh*row + ow*col, and its K
+    bytes are kh runs of 4*qpr contiguous bytes, run i starting i*seg after the row's start.
+    A matrix with leading dimension lda is Rows(M, 1, lda, 0, 0, 1, K/4, 0); a convolution's
+    windows on a padded channels-last image are read in place with one run per kernel row."""
+    oh_n: int
+    ow_n: int
+    image: int
+    row: int
+    col: int
+    kh: int
+    qpr: int
+    seg: int
+
+
+def gemm_u8s8_rows(buf, rows, m, packed, bias, scale, out):
+    """gemm_u8s8 with a's M rows read where `rows` (a Rows) puts them in the flat uint8 buffer buf
+    (implicit GEMM: no im2col matrix). packed.k must be rows.kh * 4 * rows.qpr."""
+    return _run_rows(buf, rows, m, packed, bias, scale, out, int8_path())
+
+
+def _run_rows(buf, rows, m, packed, bias, scale, out, path):
+    # gemm_u8s8_rows on the named path
+    _check_weights(packed)
+    if not (isinstance(buf, np.ndarray) and buf.ndim == 1 and buf.dtype == np.uint8):
+        raise ValueError("buf must be a flat uint8 array")
+    rows = Rows(*(int(v) for v in rows))
+    if min(rows) < 0 or rows.oh_n < 1 or rows.ow_n < 1 or packed.k != rows.kh * 4 * rows.qpr:
+        raise ValueError(f"rows {rows} do not fit weights of K = {packed.k}")
+    if m > 0:
+        last = _row_start(m - 1, rows) + max(0, rows.kh - 1) * rows.seg + 4 * rows.qpr
+        if last > buf.size:
+            raise ValueError(f"rows {rows} read up to byte {last} of a {buf.size}-byte buffer")
+    return _run(buf, rows, m, packed, bias, scale, out, path)
+
+
+def _check_weights(packed):
+    d = packed.data
+    if not (isinstance(d, np.ndarray) and d.ndim == 1 and d.dtype == np.int8
+            and d.size == (packed.n + NR - 1) // NR * padded_k(packed.k) * NR):
+        raise ValueError("packed must come from pack_weights (a flat int8 array of whole panels)")
+
+
+def _run(af, rows, m, packed, bias, scale, out, path):
+    # checks out, bias and scale, then runs the kernel of `path` on a's rows as `rows` places them
+    n = packed.n
     if out.shape != (m, n) or out.dtype not in (np.uint8, np.float32) or (n > 1 and out.strides[1] != out.itemsize) \
             or (m > 1 and out.strides[0] % out.itemsize) or not out.flags.writeable:
         raise ValueError(f"out must be a writeable ({m}, {n}) uint8 or float32 array with unit column "
@@ -338,18 +439,17 @@ def _gemm(a, packed, bias, scale, out, path):
                          f"and {scale.dtype} {scale.shape}")
     if m == 0 or n == 0:
         return out
-    af, lda = _flat(a, m, kp, False)
     of, ldo = _flat(out, m, n, True)
-    kg = kp // 4
+    rows = tuple(rows)
     if path == "emulated":
-        _emulated(af, lda, packed.data, kg, bias, scale, of, ldo, m, n)
+        _emulated(af, rows, packed.data, bias, scale, of, ldo, m, n)
         return out
     npad = (n + NR - 1) // NR * NR
     bias_p = np.zeros(npad, np.int32)
     bias_p[:n] = bias
     scale_p = np.zeros(npad, np.float32)
     scale_p[:n] = scale
-    _vnni(af, lda, packed.data, kg, bias_p, scale_p, of, ldo, m, n)
+    _vnni(af, rows, packed.data, bias_p, scale_p, of, ldo, m, n)
     return out
 
 

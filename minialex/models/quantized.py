@@ -302,7 +302,10 @@ class QuantizedAlexNet:
                     bias = bias + zero_point_correction(layer.weight)
                 limit = bias_limit(layer.weight[0].size)
                 s_y = scales[step.key]
-                self._steps.append(("conv", quant.pack_conv_weights(layer.weight, groups),
+                # without groups the GEMM reads the windows in place (no im2col matrix)
+                packed = (quant.pack_conv_weights_implicit(layer.weight) if groups == 1
+                          else quant.pack_conv_weights(layer.weight, groups))
+                self._steps.append(("conv", packed,
                                     np.clip(bias, -limit, limit).astype(np.int32),
                                     requant_scale(s_x, layer.weight_scale, s_y), k, stride, pad,
                                     INPUT_ZERO_POINT if first else 0))

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from minialex.errors import MinialexError
 from minialex.kernels import gemm_int8
-from minialex.kernels.gemm_int8 import (MR, NR, PAR_MIN_OPS, _gemm, gemm_u8s8, gemm_u8s8_ref, int8_path,
-                                        pack_weights, padded_k)
+from minialex.kernels.gemm_int8 import (MR, NR, PAR_MIN_OPS, Rows, _gemm, _run_rows, gemm_u8s8, gemm_u8s8_ref,
+                                        gemm_u8s8_rows, int8_path, pack_weights, padded_k)
 from minialex.kernels.simd_int8 import has_avx512_vnni
 
 PATHS = [pytest.param("vnni", marks=pytest.mark.skipif(not has_avx512_vnni(), reason="no avx512_vnni")),
@@ -50,6 +50,45 @@ def _check(a, w, bias, scale, path, out_dtype, pad=(0, 0)):
 def test_drawn_shapes_are_bit_exact_with_the_twin(path, m, n, k, out_dtype, left, right, seed):
     a, w, bias, scale = _operands(np.random.default_rng(seed), m, n, k)
     _check(a, w, bias, scale, path, out_dtype, (left, right))
+
+
+def _gathered(buf, rows, m):
+    """The (M, K) matrix whose rows Rows places in buf, gathered byte by byte in Python."""
+    k = rows.kh * 4 * rows.qpr
+    a = np.empty((m, k), np.uint8)
+    for r in range(m):
+        n, p = divmod(r, rows.oh_n * rows.ow_n)
+        oh, ow = divmod(p, rows.ow_n)
+        start = n * rows.image + oh * rows.row + ow * rows.col
+        for i in range(rows.kh):
+            a[r, i * 4 * rows.qpr:(i + 1) * 4 * rows.qpr] = buf[start + i * rows.seg:][:4 * rows.qpr]
+    return a
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=40, deadline=None)
+@given(images=st.integers(1, 3), oh_n=st.integers(1, 5), ow_n=st.integers(1, 11), kh=st.integers(1, 4),
+       qpr=st.integers(1, 12), n=st.integers(1, 2 * NR + 3), strides=st.tuples(*[st.integers(0, 60)] * 4),
+       out_dtype=st.sampled_from([np.uint8, np.float32]), seed=st.integers(0, 2 ** 32 - 1))
+def test_rows_read_in_place_are_bit_exact_with_the_twin(path, images, oh_n, ow_n, kh, qpr, n, strides,
+                                                        out_dtype, seed):
+    # rows (n, oh, ow) at drawn strides, overlapping or not, runs of 4*qpr bytes seg apart:
+    # the twin multiplies the same bytes gathered into a matrix
+    rng = np.random.default_rng(seed)
+    rows = Rows(oh_n, ow_n, *strides[:3], kh, qpr, strides[3])
+    m = images * oh_n * ow_n
+    size = (images - 1) * rows.image + (oh_n - 1) * rows.row + (ow_n - 1) * rows.col \
+        + (kh - 1) * rows.seg + 4 * qpr
+    buf = rng.integers(0, 256, size, dtype=np.uint8)
+    a = _gathered(buf, rows, m)
+    _, w, bias, scale = _operands(rng, 0, n, a.shape[1])
+    out = np.empty((m, n), out_dtype)
+    assert _run_rows(buf, rows, m, pack_weights(w), bias, scale, out, path) is out
+    np.testing.assert_array_equal(out.view(np.uint8), gemm_u8s8_ref(a, w, bias, scale, out_dtype).view(np.uint8))
+    with pytest.raises(ValueError, match="read up to byte"):
+        _run_rows(buf[:-1], rows, m, pack_weights(w), bias, scale, out, path)
+    with pytest.raises(ValueError, match="do not fit"):
+        gemm_u8s8_rows(buf, rows._replace(qpr=qpr + 1), m, pack_weights(w), bias, scale, out)
 
 
 ALEXNET = [("conv1", 64, 363), ("conv2", 192, 1600), ("conv3", 384, 1728), ("conv4", 256, 3456),

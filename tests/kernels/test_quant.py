@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from minialex.kernels import quant as Q
 from minialex.kernels.gemm_int8 import padded_k
+from minialex.kernels.simd_int8 import has_avx512_vnni
 from minialex.models.alexnet import SPECS
 
 FAST = settings(max_examples=30, deadline=None)
@@ -107,6 +108,39 @@ def test_conv2d_int8_matches_twin(n, groups, cin_g, cout_g, hw, k, stride, pad, 
     _same_bits(y, Q.conv2d_int8_ref(x, wq, bias, scale, stride, pad, groups, pad_value, out_dtype))
 
 
+# the int8 GEMM's two paths, chosen through the environment variable
+PATHS = [pytest.param("", marks=pytest.mark.skipif(not has_avx512_vnni(), reason="no avx512_vnni")),
+         "emulate"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@FAST
+@given(st.integers(1, 3), st.one_of(st.just(3), st.integers(1, 9)), st.integers(1, 40),
+       st.integers(1, 12), st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(0, 3),
+       st.integers(0, 255), st.sampled_from([np.uint8, np.float32]), st.integers(0, 2 ** 32 - 1))
+def test_implicit_conv2d_int8_matches_twin(path, n, cin, cout, h, w, k, stride, pad, pad_value,
+                                           out_dtype, seed):
+    # window rows read in place from the padded copy: any Cin (3 pads each row to 4-byte groups),
+    # rows of 8 output pixels that straddle output rows and images, 32-channel panel edges
+    assume(h + 2 * pad >= k and w + 2 * pad >= k)
+    x, wq, bias, scale = _conv_case(np.random.default_rng(seed), n, cin, cout, k, h, w, 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIALEX_INT8", path)
+        y = Q.conv2d_int8(x, Q.pack_conv_weights_implicit(wq), bias, scale, k, stride, pad,
+                          pad_value, out_dtype)
+    _same_bits(y, Q.conv2d_int8_ref(x, wq, bias, scale, stride, pad, 1, pad_value, out_dtype))
+
+
+def test_implicit_weights_pad_each_kernel_row_to_four_byte_groups():
+    wq = np.arange(1, 2 * 3 * 2 * 3 + 1, dtype=np.int8).reshape(2, 3, 2, 3)    # Cout 2, Cin 3, 2x3
+    w = Q.pack_conv_weights_implicit(wq)
+    assert (w.kh, w.kw, w.cin, w.run, w.packed.n, w.packed.k) == (2, 3, 3, 12, 2, 24)
+    rows = np.zeros((2, 2, 12), np.int8)
+    rows[:, :, :9] = wq.transpose(0, 2, 3, 1).reshape(2, 2, 9)       # 9 weights, 3 zeros per row
+    from minialex.kernels.gemm_int8 import pack_weights
+    np.testing.assert_array_equal(w.packed.data, pack_weights(rows.reshape(2, 24)).data)
+
+
 def test_one_pixel_images_and_odd_channel_counts():
     rng = np.random.default_rng(1)
     x, wq, bias, scale = _conv_case(rng, 2, 6, 10, 1, 1, 1, 2)
@@ -159,6 +193,21 @@ def test_alexnet_conv_layer_matches_twin(variant, cin, cout, k, stride, pad, gro
         _same_bits(y, Q.conv2d_int8_ref(x, wq, bias, scale, stride, pad, groups, pad_value, out_dtype))
         if out_dtype == np.uint8:      # the scales spread the outputs: not all clamped
             assert 0 < np.mean(y == 0) < 0.9 and np.mean(y == 255) < 0.5
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("variant,cin,cout,k,stride,pad,groups,size",
+                         [c for c in CONVS if c[6] == 1])
+def test_alexnet_conv_layer_read_in_place_matches_twin(path, variant, cin, cout, k, stride, pad,
+                                                       groups, size, monkeypatch):
+    monkeypatch.setenv("MINIALEX_INT8", path)
+    rng = np.random.default_rng(cin * 1000 + cout + 1)
+    x, wq, bias, scale = _conv_case(rng, 2 if size < 100 else 1, cin, cout, k, size, size, 1)
+    pad_value = 128 if cin == 3 else 0
+    y = Q.conv2d_int8(x, Q.pack_conv_weights_implicit(wq), bias, scale, k, stride, pad, pad_value,
+                      np.uint8)
+    _same_bits(y, Q.conv2d_int8_ref(x, wq, bias, scale, stride, pad, 1, pad_value, np.uint8))
+    assert 0 < np.mean(y == 0) < 0.9 and np.mean(y == 255) < 0.5
 
 
 @pytest.mark.parametrize("variant,channels,size", POOLS)
@@ -286,6 +335,15 @@ def test_bad_arguments_are_refused_with_a_clear_message():
         Q.conv2d_int8(x, packed, b, s, 3, 1, 1, -1, np.uint8)
     with pytest.raises(TypeError, match="pack_conv_weights"):
         Q.conv2d_int8(x, wq, b, s, 3, 1, 1, 0, np.uint8)
+    implicit = Q.pack_conv_weights_implicit(wq)
+    with pytest.raises(ValueError, match="do not fit"):
+        Q.conv2d_int8(x, implicit, b, s, 5, 1, 2, 0, np.uint8)
+    with pytest.raises(ValueError, match="do not fit"):
+        Q.conv2d_int8(np.zeros((1, 4, 4, 6), np.uint8), implicit, b, s, 3, 1, 1, 0, np.uint8)
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        Q.conv2d_int8(x, implicit, b, s[:3], 3, 1, 1, 0, np.uint8)
+    with pytest.raises(ValueError, match="larger than padded input"):
+        Q.conv2d_int8(np.zeros((1, 2, 2, 3), np.uint8), implicit, b, s, 3, 1, 0, 0, np.uint8)
     with pytest.raises(ValueError, match="larger than padded input"):
         Q.conv2d_int8(np.zeros((1, 2, 2, 3), np.uint8), packed, b, s, 3, 1, 0, 0, np.uint8)
 
