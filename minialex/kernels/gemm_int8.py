@@ -407,17 +407,16 @@ def gemm_u8s8_rows(buf, rows, m, packed, bias, scale, out):
 
 def _run_rows(buf, rows, m, packed, bias, scale, out, path):
     # gemm_u8s8_rows on the named path
-    _check_weights(packed)
     if not (isinstance(buf, np.ndarray) and buf.ndim == 1 and buf.dtype == np.uint8):
         raise ValueError("buf must be a flat uint8 array")
-    rows = Rows(*(int(v) for v in rows))
-    if min(rows) < 0 or rows.oh_n < 1 or rows.ow_n < 1 or packed.k != rows.kh * 4 * rows.qpr:
-        raise ValueError(f"rows {rows} do not fit weights of K = {packed.k}")
-    if m > 0:
-        last = _row_start(m - 1, rows) + max(0, rows.kh - 1) * rows.seg + 4 * rows.qpr
-        if last > buf.size:
-            raise ValueError(f"rows {rows} read up to byte {last} of a {buf.size}-byte buffer")
-    return _run(buf, rows, m, packed, bias, scale, out, path)
+    return _prepare(buf.size, rows, m, packed, bias, scale, out, path)(buf)
+
+
+def prepare_rows(nbytes, rows, m, packed, bias, scale, out):
+    """gemm_u8s8_rows for flat uint8 buffers of `nbytes` bytes and this one `out`, everything but
+    the arithmetic done once: returns run(buf), which writes out. An int8 model keeps one per
+    layer and batch size, since at batch 1 the per-call checks cost a tenth of the forward."""
+    return _prepare(nbytes, rows, m, packed, bias, scale, out, int8_path())
 
 
 def _check_weights(packed):
@@ -427,8 +426,19 @@ def _check_weights(packed):
         raise ValueError("packed must come from pack_weights (a flat int8 array of whole panels)")
 
 
-def _run(af, rows, m, packed, bias, scale, out, path):
-    # checks out, bias and scale, then runs the kernel of `path` on a's rows as `rows` places them
+def _prepare(nbytes, rows, m, packed, bias, scale, out, path):
+    # checks rows against a buffer of nbytes, and out, bias and scale; returns run(buf) running
+    # the kernel of `path` on a's rows as `rows` places them in buf
+    _check_weights(packed)
+    rows = Rows(*(int(v) for v in rows))
+    k = rows.kh * 4 * rows.qpr   # bytes a row provides: K, or for one run K padded to groups of 4
+    if min(rows) < 0 or rows.oh_n < 1 or rows.ow_n < 1 or not (packed.k == k or (
+            rows.kh == 1 and padded_k(packed.k) == k)):
+        raise ValueError(f"rows {rows} do not fit weights of K = {packed.k}")
+    if m > 0:
+        last = _row_start(m - 1, rows) + max(0, rows.kh - 1) * rows.seg + 4 * rows.qpr
+        if last > nbytes:
+            raise ValueError(f"rows {rows} read up to byte {last} of a {nbytes}-byte buffer")
     n = packed.n
     if out.shape != (m, n) or out.dtype not in (np.uint8, np.float32) or (n > 1 and out.strides[1] != out.itemsize) \
             or (m > 1 and out.strides[0] % out.itemsize) or not out.flags.writeable:
@@ -438,19 +448,39 @@ def _run(af, rows, m, packed, bias, scale, out, path):
         raise ValueError(f"bias and scale must be ({n},) int32 and float32, got {bias.dtype} {bias.shape} "
                          f"and {scale.dtype} {scale.shape}")
     if m == 0 or n == 0:
-        return out
+        return lambda buf: out
     of, ldo = _flat(out, m, n, True)
     rows = tuple(rows)
+    wp = packed.data
     if path == "emulated":
-        _emulated(af, rows, packed.data, bias, scale, of, ldo, m, n)
-        return out
+        bias, scale = bias.copy(), scale.copy()
+
+        def run(buf):
+            _check_buffer(buf, nbytes)
+            _emulated(buf, rows, wp, bias, scale, of, ldo, m, n)
+            return out
+        return run
     npad = (n + NR - 1) // NR * NR
     bias_p = np.zeros(npad, np.int32)
     bias_p[:n] = bias
     scale_p = np.zeros(npad, np.float32)
     scale_p[:n] = scale
-    _vnni(af, rows, packed.data, bias_p, scale_p, of, ldo, m, n)
-    return out
+
+    def run(buf):
+        _check_buffer(buf, nbytes)
+        _vnni(buf, rows, wp, bias_p, scale_p, of, ldo, m, n)
+        return out
+    return run
+
+
+def _check_buffer(buf, nbytes):
+    if not (isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 1 and buf.size >= nbytes):
+        raise ValueError(f"the rows' buffer must be a flat uint8 array of at least {nbytes} bytes")
+
+
+def _run(af, rows, m, packed, bias, scale, out, path):
+    # checks out, bias and scale, then runs the kernel of `path` on a's rows as `rows` places them
+    return _prepare(af.size, rows, m, packed, bias, scale, out, path)(af)
 
 
 def requantize_ref(acc, bias, scale, out_dtype):

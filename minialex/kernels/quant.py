@@ -25,7 +25,8 @@ from numba.extending import intrinsic
 
 from minialex.shapes import pair
 from .conv.layout import geometry
-from .gemm_int8 import PackedWeights, Rows, gemm_u8s8, gemm_u8s8_ref, gemm_u8s8_rows, pack_weights, padded_k
+from .gemm_int8 import (PackedWeights, Rows, gemm_u8s8, gemm_u8s8_ref, pack_weights, padded_k,
+                        prepare_rows)
 
 
 def quantize_ref(x, inv_scale, zero_point):
@@ -540,8 +541,18 @@ def _conv_implicit(x, weights, bias, scale, stride, padding, pad_value, out_dtyp
     frame of pad_value, and the GEMM reads each output pixel's window rows there in place
     (implicit GEMM). For conv1 (Cin=3, 33-byte window rows padded to 36) that costs 9% more
     multiply-adds and saves writing and reading the 70 MB column matrix at batch 64."""
-    n, h, w, cin = x.shape
+    return prepare_conv2d_int8(x.shape, weights, bias, scale, stride, padding, pad_value, out_dtype)(x)
+
+
+def prepare_conv2d_int8(x_shape, weights, bias, scale, stride, padding, pad_value, out_dtype):
+    """conv2d_int8 on ImplicitConvWeights for (N, H, W, Cin) uint8 inputs of shape x_shape, with
+    its checks, padded frame and output made once: returns run(x) -> (N, OH, OW, Cout), the same
+    output array on every call (an int8 model's per-batch-size plan)."""
+    n, h, w, cin = (int(v) for v in x_shape)
     kh, kw = weights.kh, weights.kw
+    if weights.cin != cin:
+        raise ValueError(f"conv2d_int8: implicit weights for {weights.cin} channels do not fit an "
+                         f"input of {cin} channels")
     cout = weights.packed.n
     bias, scale = _bias_scale(bias, scale, cout)
     out_dtype = _conv_out_dtype(out_dtype)
@@ -552,8 +563,16 @@ def _conv_implicit(x, weights, bias, scale, stride, padding, pad_value, out_dtyp
     # the last window row's pad bytes (at most 3) may run past the frame: they meet zero weights
     frame = np.empty(n * hp * wp * cin + 64, np.uint8)
     frame[n * hp * wp * cin:] = 0
-    _pad_kernel(x, frame, g.ph, g.pw, hp, wp, pad_value)
     out = np.empty((n * g.oh * g.ow, cout), dtype=out_dtype)
     rows = Rows(g.oh, g.ow, hp * wp * cin, g.sh * wp * cin, g.sw * cin, kh, weights.run // 4, wp * cin)
-    gemm_u8s8_rows(frame, rows, len(out), weights.packed, bias, scale, out)
-    return out.reshape(n, g.oh, g.ow, cout)
+    gemm = prepare_rows(frame.size, rows, len(out), weights.packed, bias, scale, out)
+    shape = (n, h, w, cin)
+
+    def run(x):
+        x = _array(x, "conv2d_int8 input", np.uint8, 4)
+        if x.shape != shape:
+            raise ValueError(f"conv2d_int8 prepared for inputs {shape}, got {x.shape}")
+        _pad_kernel(x, frame, g.ph, g.pw, hp, wp, pad_value)
+        gemm(frame)
+        return out.reshape(n, g.oh, g.ow, cout)
+    return run

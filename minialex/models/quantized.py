@@ -288,6 +288,7 @@ class QuantizedAlexNet:
         self.params = params
         self.criterion, self.calibration = criterion, calibration
         self.input_size = self.arch.input_size
+        self._plans = {}   # batch size -> one prepared function per step (forward)
         self._inv_input_scale = np.float32(1.0 / params.input_scale)
         self._steps = []
         scales = params.activation_scales
@@ -357,24 +358,48 @@ class QuantizedAlexNet:
         if x.ndim != 4 or x.shape[1:] != (3, s, s):
             raise ValueError(f"the int8 {self.arch.variant} AlexNet takes (N, 3, {s}, {s}) images, "
                              f"got {x.shape}")
-        if x.shape[0] == 0:
+        n = x.shape[0]
+        if n == 0:
             return np.zeros((0, self.num_classes), np.float32)
         q = quant.quantize(x.astype(np.float32, copy=False), self._inv_input_scale, INPUT_ZERO_POINT)
-        for step in self._steps:
-            kind = step[0]
-            if kind == "conv":
-                _, packed, bias, scale, k, stride, pad, pad_value = step
-                q = quant.conv2d_int8(q, packed, bias, scale, k, stride, pad, pad_value, np.uint8)
-            elif kind == "lrn":
-                _, s_in, inv_out = step
-                y, _ = lrn_forward(quant.dequantize(q, s_in, 0), **PAPER_LRN)
-                q = quant.quantize(y, inv_out, 0)
-            elif kind == "pool":
-                q = quant.maxpool_u8(q, 3, 2)
-            else:
-                _, packed, bias, scale, out_dtype = step
-                q = _linear(q.reshape(len(q), -1), packed, bias, scale, out_dtype)
-        return q
+        runs = self._plans.pop(n, None)
+        if runs is None:   # the first batch of this size: each step prepared on its input
+            runs = []
+            for step in self._steps:
+                runs.append(_prepared(step, q.shape))
+                q = runs[-1](q)
+        else:
+            for run in runs:
+                q = run(q)
+        self._plans[n] = runs   # most recent last; two sizes kept (full batches and the last one)
+        while len(self._plans) > 2:
+            del self._plans[next(iter(self._plans))]
+        return q.copy()   # the last layer writes into the plan's buffer
+
+
+def _prepared(step, shape):
+    """run(q) computing `step` on channels-last uint8 inputs of `shape`: convolutions without
+    groups and FC layers with their checks and buffers made once (at batch 1 the per-call checks
+    were a tenth of the forward), the other steps as plain calls."""
+    kind = step[0]
+    if kind == "conv":
+        _, packed, bias, scale, k, stride, pad, pad_value = step
+        if isinstance(packed, quant.ImplicitConvWeights):
+            return quant.prepare_conv2d_int8(shape, packed, bias, scale, stride, pad, pad_value, np.uint8)
+        return lambda q: quant.conv2d_int8(q, packed, bias, scale, k, stride, pad, pad_value, np.uint8)
+    if kind == "lrn":
+        _, s_in, inv_out = step
+        return lambda q: quant.quantize(lrn_forward(quant.dequantize(q, s_in, 0), **PAPER_LRN)[0], inv_out, 0)
+    if kind == "pool":
+        return lambda q: quant.maxpool_u8(q, 3, 2)
+    _, packed, bias, scale, out_dtype = step
+    n, k = shape[0], int(np.prod(shape[1:]))
+    if k != gemm_int8.padded_k(k):
+        return lambda q: _linear(q.reshape(n, k), packed, bias, scale, out_dtype)
+    out = np.empty((n, packed.n), dtype=out_dtype)
+    gemm = gemm_int8.prepare_rows(n * k, gemm_int8.Rows(1, 1, k, 0, 0, 1, k // 4, 0), n, packed, bias,
+                                  scale, out)
+    return lambda q: gemm(np.ascontiguousarray(q).reshape(-1))
 
 
 def _linear(a, packed, bias, scale, out_dtype):

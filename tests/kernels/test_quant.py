@@ -131,6 +131,22 @@ def test_implicit_conv2d_int8_matches_twin(path, n, cin, cout, h, w, k, stride, 
     _same_bits(y, Q.conv2d_int8_ref(x, wq, bias, scale, stride, pad, 1, pad_value, out_dtype))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_prepared_conv_reuses_its_buffers_for_new_inputs_of_its_shape(path):
+    """prepare_conv2d_int8 (an int8 model's per-batch-size plan): every call on new data gives the
+    twin's result, and an input of another shape is refused."""
+    rng = np.random.default_rng(7)
+    x, wq, bias, scale = _conv_case(rng, 2, 5, 40, 3, 9, 8, 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIALEX_INT8", path)
+        run = Q.prepare_conv2d_int8(x.shape, Q.pack_conv_weights_implicit(wq), bias, scale, 2, 1, 7, np.uint8)
+        for _ in range(3):
+            x = rng.integers(0, 256, x.shape, dtype=np.uint8)
+            _same_bits(run(x).copy(), Q.conv2d_int8_ref(x, wq, bias, scale, 2, 1, 1, 7, np.uint8))
+        with pytest.raises(ValueError, match="prepared for inputs"):
+            run(x[:1])
+
+
 def test_implicit_weights_pad_each_kernel_row_to_four_byte_groups():
     wq = np.arange(1, 2 * 3 * 2 * 3 + 1, dtype=np.int8).reshape(2, 3, 2, 3)    # Cout 2, Cin 3, 2x3
     w = Q.pack_conv_weights_implicit(wq)

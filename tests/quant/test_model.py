@@ -51,3 +51,20 @@ def test_every_criterion_gives_a_usable_model(trained, demo_lists):
     s_max = result.candidates[0].model.params.activation_scales
     s_pct = result.candidates[1].model.params.activation_scales
     assert all(s_pct[k] <= s_max[k] for k in s_max) and any(s_pct[k] < s_max[k] for k in s_max)
+
+
+def test_prepared_batch_sizes_give_the_same_logits_and_fresh_arrays(trained, demo_lists):
+    """forward keeps each layer's checks and buffers per batch size (two sizes at a time): batches of
+    changing size, revisited, give exactly the logits of one image at a time, and a result is never
+    overwritten by a later call."""
+    ckpt, _, result = calibrated(trained, demo_lists[0], images=16, criteria=("max",))
+    qmodel = result.best.model
+    x = np.concatenate(image_batches(read_list(demo_lists[1])[:12], ckpt))
+    single = np.concatenate([qmodel(x[i:i + 1]) for i in range(len(x))])
+    first = qmodel(x[:4])
+    kept = first.copy()
+    for n in (4, 1, 4, 3, 5, 4, 12):
+        for start in range(0, len(x) - n + 1, n):
+            assert (qmodel(x[start:start + n]) == single[start:start + n]).all(), n
+    assert (first == kept).all()
+    assert len(qmodel._plans) == 2
