@@ -234,3 +234,13 @@ def test_eval_and_validation_are_sharded_and_summed(samples, tmp_path):
     assert e2.stdout.count("11 images") == 1                    # rank 0 alone prints
     assert e2.stdout.splitlines()[0].split("loss")[0] == first.split("loss")[0]   # counts and accuracies
     assert e2.stdout.splitlines()[1:] == e1.stdout.splitlines()[1:]               # the confusion matrix
+    # an int8 checkpoint is evaluated the same way: the same counts and matrix on 1 and 2 processes
+    q = mpi(0, ["quantize", "-load", "one.npz", "-calib", data, "-save", "one8.npz", "-images", 8,
+                "-criterion", "max", "-workers", 0, "-threads", 1], tmp_path)
+    assert q.returncode == 0, q.stderr
+    e1 = mpi(0, ["eval", "-list", val, "-load", "one8.npz", "-batchsize", 4, "-workers", 0, "-threads", 1], tmp_path)
+    e2 = mpi(2, ["eval", "-list", val, "-load", "one8.npz", "-batchsize", 2, "-workers", 0], tmp_path)
+    assert e1.returncode == 0 and e2.returncode == 0, e2.stderr
+    assert e2.stdout.count("11 images") == 1
+    assert e2.stdout.splitlines()[0].split("loss")[0] == e1.stdout.splitlines()[0].split("loss")[0]
+    assert e2.stdout.splitlines()[1:] == e1.stdout.splitlines()[1:]
