@@ -69,7 +69,7 @@ from . import models
 from .config import check_resumable
 from .data.listfile import MAX_CLASS_NAME_CHARS
 from .errors import CheckpointError, MinialexError
-from .files import open_input, write_atomically
+from .files import check_zip_directory, open_input, write_atomically
 
 FORMAT_VERSION = 1
 INT8_VERSION = 1   # of the header's "int8" section
@@ -81,6 +81,11 @@ MAX_ARCHIVE_BYTES = 4 * 1024 ** 3
 # the optimiser's settings; decoded, JSON takes several times its size, so a bigger one is refused
 # unread.
 MAX_HEADER_BYTES = 64 * 1024 ** 2
+# Python builds an object per archive member when it opens a zip, from the central directory,
+# before anything can be checked: a checkpoint has a few hundred members at most, so the counts an
+# archive's end record declares are bounded first.
+MAX_MEMBERS = 10_000
+MAX_DIRECTORY_BYTES = 16 * 1024 ** 2
 # A resumed run allocates batches of this many images; more is a damaged header, not a setting.
 HEADER_KEY = "__minialex__"
 _ARRAY_REF = "__array__"   # a JSON leaf standing for an array stored beside the header
@@ -260,6 +265,7 @@ def _open_archive(path):
         if not magic.startswith(b"PK"):
             what = "an empty file" if not magic else "not a zip archive"
             raise CheckpointError(f"{path}: not a readable .npz checkpoint ({what})")
+        check_zip_directory(path, f, MAX_MEMBERS, MAX_DIRECTORY_BYTES, CheckpointError)
         f.seek(0)
         archive = _Archive(path, f)
     except CheckpointError:

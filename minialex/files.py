@@ -13,6 +13,7 @@ Every command reads and writes through these three rules:
 """
 import os
 import stat
+import struct
 import tempfile
 
 from .errors import MinialexError
@@ -176,3 +177,33 @@ def remove_stale_temps(path):
             except OSError:
                 pass
     return removed
+
+
+_ZIP_END = struct.Struct("<4s4H2LH")          # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")       # zip64 end of central directory locator
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")       # zip64 end of central directory record
+
+
+def check_zip_directory(path, f, max_members, max_bytes, error):
+    """`error` unless the zip archive open as binary file `f` declares at most `max_members` members
+    in a central directory of at most `max_bytes` (its end record, read from the file's tail).
+    Python's zipfile builds an object per member before anything else can be checked, so an
+    archive of millions of tiny members would otherwise exhaust memory on opening."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - _ZIP_END.size - 0xFFFF))   # the record, then a comment of up to 64 KB
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _ZIP_END.size:
+        raise error(f"{path}: truncated or corrupt zip archive (no end record)")
+    members, directory = _ZIP_END.unpack_from(tail, at)[4:6]
+    if at >= _ZIP64_LOCATOR.size and tail[at - _ZIP64_LOCATOR.size:at].startswith(b"PK\x06\x07"):
+        offset = _ZIP64_LOCATOR.unpack_from(tail, at - _ZIP64_LOCATOR.size)[2]
+        f.seek(min(offset, size))
+        record = f.read(_ZIP64_END.size)
+        if len(record) < _ZIP64_END.size or not record.startswith(b"PK\x06\x06"):
+            raise error(f"{path}: truncated or corrupt zip archive (no zip64 end record)")
+        members, directory = _ZIP64_END.unpack(record)[7:9]
+    if members > max_members or directory > max_bytes:
+        raise error(f"{path}: archive declares {members:,} members in a {directory:,}-byte directory, "
+                    f"over the limits of {max_members:,} and {max_bytes:,}; damaged, or not what it "
+                    f"should be")

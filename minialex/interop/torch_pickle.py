@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minialex.errors import CheckpointError
-from minialex.files import open_input
+from minialex.files import check_zip_directory, open_input
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -47,6 +47,8 @@ ZIP_HEAD = b"PK\x03\x04"
 
 # What one file may make the reader allocate. AlexNet's torchvision weights are 244 MB of storages
 # in a pickle of a few KB, with about 20 objects to unfold.
+MAX_ZIP_MEMBERS = 10_000         # an AlexNet state_dict is a pickle and 16 storages
+MAX_ZIP_DIRECTORY_BYTES = 16 << 20
 MAX_PICKLE_BYTES = 16 << 20      # data.pkl, or the pickles before a legacy file's storages
 MAX_MEMO = 100_000               # pickle memo entries
 MAX_OBJECTS = 1_000_000          # containers and values the loaded object unfolds to
@@ -367,6 +369,8 @@ def _read_member(archive, info, size, what):
 
 
 def _load_zip(f, path, reader):
+    check_zip_directory(path, f, MAX_ZIP_MEMBERS, MAX_ZIP_DIRECTORY_BYTES, CheckpointError)
+    f.seek(0)
     with zipfile.ZipFile(f) as archive:
         infos = {info.filename: info for info in archive.infolist()}
         pickles = [n for n in infos if n.count("/") == 1 and n.endswith("/data.pkl")]

@@ -184,6 +184,30 @@ def test_huge_header_is_refused_before_it_is_decoded(trained, tmp_path):
     assert_one_line_error(r, f"{path}: ", "damaged checkpoint header", f"over the limit of {MAX_HEADER_BYTES:,}")
 
 
+def test_archive_of_very_many_members_is_refused_before_zipfile_lists_them(trained, tmp_path):
+    """70,000 empty members (over 65,535, so the counts sit in a zip64 end record): refused from
+    the end record, before an object per member is built."""
+    from minialex.checkpoint import MAX_MEMBERS
+    path = tmp_path / "many_members.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(70_000):
+            z.writestr(f"m{i}.npy", b"")
+    r = run_cli_limited(["inference", "-input", trained.parent / "img.png", "-load", path], cwd=tmp_path,
+                        megabytes=1200)
+    assert_one_line_error(r, f"{path}: ", "archive declares 70,000 members", f"{MAX_MEMBERS:,}")
+
+
+def test_end_record_claiming_a_huge_directory_is_refused(trained, tmp_path):
+    """A real checkpoint whose end record says its central directory is 3 GB."""
+    path = tmp_path / "huge_directory.npz"
+    data = bytearray(trained.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<L", data, at + 12, 3 << 30)
+    path.write_bytes(bytes(data))
+    r = run_cli(["inference", "-input", trained.parent / "img.png", "-load", path], cwd=tmp_path, timeout=60)
+    assert_one_line_error(r, f"{path}: ", "3,221,225,472-byte directory", "over the limits of")
+
+
 # -- FIFOs and devices: refused at once, never waited on --------------------------------------------
 
 @pytest.mark.parametrize("command", ["inference", "resume", "pretrained"])

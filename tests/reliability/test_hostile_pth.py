@@ -191,6 +191,16 @@ def test_pickle_memo_is_bounded(tmp_path):
     assert_one_line_error(_convert(src, tmp_path), str(src), "more than 100,000 objects in its memo")
 
 
+def test_archive_of_very_many_members_is_refused_before_it_is_listed(cifar_state, tmp_path):
+    """A .pth whose zip holds 20,000 extra empty members: refused from its end record, before
+    Python's zipfile builds an object for each (millions would exhaust memory)."""
+    from minialex.interop.torch_pickle import MAX_ZIP_MEMBERS
+    extra = [(f"archive/extra/{i}", b"", 0) for i in range(20_000)]
+    src = write_pth(tmp_path / "many.pth", cifar_state, extra=extra)
+    assert_one_line_error(_convert(src, tmp_path, "-arch", "cifar"), str(src), "members in a",
+                          f"over the limits of {MAX_ZIP_MEMBERS:,}")
+
+
 def test_data_pkl_inflating_to_gigabytes(tmp_path):
     size = 4000 << 20
     src = write_zip(tmp_path / "pkl_bomb.pth", [("archive/data.pkl", ("deflate", deflated_zeros(size), 0), size)])
