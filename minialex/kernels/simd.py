@@ -47,6 +47,18 @@ class _F32x16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _vec)
 
 
+def has_cpu_flag(flag, cpuinfo="/proc/cpuinfo"):
+    """True when the CPU flags line lists `flag` (False when it cannot be read)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return flag in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
 def _is_f32_array(ty):
     return isinstance(ty, types.Array) and ty.dtype == types.float32
 

@@ -15,7 +15,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, models, register_model
 
-from .simd import f32x16
+from .simd import f32x16, has_cpu_flag
 
 llvm.initialize_native_asmparser()
 
@@ -25,14 +25,7 @@ _f32x16 = ir.VectorType(ir.FloatType(), 16)
 
 def has_avx512_bf16(cpuinfo="/proc/cpuinfo"):
     """True when the CPU flags list avx512_bf16 (False when they cannot be read)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512_bf16" in line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return False
+    return has_cpu_flag("avx512_bf16", cpuinfo)
 
 
 class BF16x32Type(types.Type):

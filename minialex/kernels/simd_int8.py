@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from .simd import f32x16
+from .simd import f32x16, has_cpu_flag
 
 llvm.initialize_native_asmparser()
 
@@ -39,14 +39,7 @@ _i8x16 = ir.VectorType(_i8, 16)
 
 def has_avx512_vnni(cpuinfo="/proc/cpuinfo"):
     """True when the CPU flags list avx512_vnni (False when they cannot be read)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512_vnni" in line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return False
+    return has_cpu_flag("avx512_vnni", cpuinfo)
 
 
 class U8x64Type(types.Type):
