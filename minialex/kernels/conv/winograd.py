@@ -85,6 +85,16 @@ def _at(src, so, ss, dst, do, ds):
 
 
 @njit(inline="always", cache=True)
+def _at5(src, so, ss, dst, do, ds):
+    # Aᵀ m of F(2x2, 5x5): 6 vectors -> 2 vectors
+    d1 = vload(src, so + ss); d2 = vload(src, so + 2 * ss); d3 = vload(src, so + 3 * ss); d4 = vload(src, so + 4 * ss)
+    s12, s34 = vadd(d1, d2), vadd(d3, d4)
+    vstore(dst, do, vadd(vadd(vload(src, so), s12), s34))
+    two = vsplat(np.float32(2.0))
+    vstore(dst, do + ds, vadd(vfma(two, vsub(d3, d4), vsub(d1, d2)), vload(src, so + 5 * ss)))
+
+
+@njit(inline="always", cache=True)
 def _g(src, so, ss, dst, do, ds):
     # G g: 3 vectors -> 4 vectors
     g0 = vload(src, so); g1 = vload(src, so + ss); g2 = vload(src, so + 2 * ss)
@@ -248,12 +258,12 @@ def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, at
                 if alpha == 4:
                     _at(mt, j * pstride + row + c, alpha * pstride, tmp, j * LANES, alpha * LANES)
                 else:
-                    _mat(at, mt, j * pstride + row + c, alpha * pstride, tmp, j * LANES, alpha * LANES)
+                    _at5(mt, j * pstride + row + c, alpha * pstride, tmp, j * LANES, alpha * LANES)
             for i in range(M):          # along row i: out[i, j] = (tmp A)[i, j]
                 if alpha == 4:
                     _at(tmp, i * alpha * LANES, LANES, out, i * M * LANES, LANES)
                 else:
-                    _mat(at, tmp, i * alpha * LANES, LANES, out, i * M * LANES, LANES)
+                    _at5(tmp, i * alpha * LANES, LANES, out, i * M * LANES, LANES)
             for lane in range(min(LANES, cout - c)):
                 co = c + lane
                 bv = b[co] if has_bias else np.float32(0.0)
@@ -275,8 +285,8 @@ def _winograd(xc, hp, wp, cp, n, th_n, tw_n, u, ldu, cop, y, b, has_bias, relu, 
     ntile = n * th_n * tw_n
     nblocks = (ntile + tile_block - 1) // tile_block
     ldv = _ld(cp)
-    vst = tile_block * ldv
-    mst = tile_block * cop
+    vst = tile_block * ldv + LANES   # point strides off a multiple of 4 KiB: the transforms read
+    mst = tile_block * cop + LANES   # one vector per point, and those must not share L1 sets
     upoint = cp * ldu
     for _ in prange(nthreads):
         v = aligned_f32(points * vst)
