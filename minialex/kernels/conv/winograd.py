@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from minialex.kernels.gemm import aligned_f32, gemm32_slab
 from minialex.kernels.parallel import take
-from minialex.kernels.simd import vadd, vload, vstore, vsub, vtranspose_8x16, vfma, vsplat
+from minialex.kernels.simd import vadd, vfma, vload, vmul, vsplat, vstore, vsub, vtranspose_8x16
 
 LANES = 16
 M = 2            # output tile
@@ -82,6 +82,24 @@ def _at(src, so, ss, dst, do, ds):
     d0 = vload(src, so); d1 = vload(src, so + ss); d2 = vload(src, so + 2 * ss); d3 = vload(src, so + 3 * ss)
     vstore(dst, do, vadd(vadd(d0, d1), d2))
     vstore(dst, do + ds, vsub(vsub(d1, d2), d3))
+
+
+@njit(inline="always", cache=True)
+def _bt5(src, so, ss, dst, do, ds):
+    # Bᵀ d of F(2x2, 5x5): 6 vectors -> 6 vectors
+    d0 = vload(src, so); d1 = vload(src, so + ss); d2 = vload(src, so + 2 * ss)
+    d3 = vload(src, so + 3 * ss); d4 = vload(src, so + 4 * ss); d5 = vload(src, so + 5 * ss)
+    m4, m5, two = vsplat(np.float32(-4.0)), vsplat(np.float32(-5.0)), vsplat(np.float32(2.0))
+    vstore(dst, do, vfma(m5, d2, vfma(vsplat(np.float32(4.0)), d0, d4)))     # 4d0 - 5d2 + d4
+    t0 = vfma(m4, d2, d4)                                                     # d4 - 4d2
+    t1 = vfma(m4, d1, d3)                                                     # d3 - 4d1
+    vstore(dst, do + ds, vadd(t0, t1))
+    vstore(dst, do + 2 * ds, vsub(t0, t1))
+    t2 = vsub(d4, d2)
+    t3 = vmul(two, vsub(d3, d1))
+    vstore(dst, do + 3 * ds, vadd(t2, t3))
+    vstore(dst, do + 4 * ds, vsub(t2, t3))
+    vstore(dst, do + 5 * ds, vfma(m5, d3, vfma(vsplat(np.float32(4.0)), d1, d5)))  # 4d1 - 5d3 + d5
 
 
 @njit(inline="always", cache=True)
@@ -229,19 +247,19 @@ def _input_tiles(xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pstride, bt, tmp):
                 if alpha == 4:
                     _bt(xc, base + j * cp + c, wp * cp, tmp, j * LANES, alpha * LANES)
                 else:
-                    _mat(bt, xc, base + j * cp + c, wp * cp, tmp, j * LANES, alpha * LANES)
+                    _bt5(xc, base + j * cp + c, wp * cp, tmp, j * LANES, alpha * LANES)
             for i in range(alpha):      # along row i: v[i*alpha + j] = (tmp B)[i, j]
                 if alpha == 4:
                     _bt(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + c, pstride)
                 else:
-                    _mat(bt, tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + c, pstride)
+                    _bt5(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + c, pstride)
 
 
 @njit(cache=True)
-def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, at, tmp, out):
+def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, co0, co1, y, b, has_bias, relu, at, tmp, out):
     # mt: flat (alpha², pstride): mt[p, (t - t0)*ldm + co], the products summed over Cin ; at: Aᵀ (M, alpha)
-    # y: (N, Cout, H, W), written where inside: y[n, co, 2th + i, 2tw + j] = (Aᵀ M A)[i, j] + b[co]
-    # (rectified when relu)
+    # y: (N, Cout, H, W), written for co0 <= co < co1 (co0 a multiple of 16) where inside:
+    # y[n, co, 2th + i, 2tw + j] = (Aᵀ M A)[i, j] + b[co] (rectified when relu)
     _, cout, h, w = y.shape
     alpha = at.shape[1]
     yf = y.reshape(-1)
@@ -253,7 +271,7 @@ def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, at
         rows = min(M, h - th * M)
         cols = min(M, w - tw * M)
         row = (t - t0) * ldm
-        for c in range(0, cout, LANES):
+        for c in range(co0, co1, LANES):
             for j in range(alpha):      # down column j: tmp[i, j] = (Aᵀ M)[i, j]
                 if alpha == 4:
                     _at(mt, j * pstride + row + c, alpha * pstride, tmp, j * LANES, alpha * LANES)
@@ -264,7 +282,7 @@ def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, at
                     _at(tmp, i * alpha * LANES, LANES, out, i * M * LANES, LANES)
                 else:
                     _at5(tmp, i * alpha * LANES, LANES, out, i * M * LANES, LANES)
-            for lane in range(min(LANES, cout - c)):
+            for lane in range(min(LANES, co1 - c)):
                 co = c + lane
                 bv = b[co] if has_bias else np.float32(0.0)
                 for i in range(rows):
@@ -277,11 +295,12 @@ def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, at
 
 
 @njit(parallel=True, cache=True)
-def _winograd(xc, hp, wp, cp, n, th_n, tw_n, u, ldu, cop, y, b, has_bias, relu, bt, at, tile_block, nthreads,
-              counter):
+def _winograd(xc, hp, wp, cp, n, th_n, tw_n, u, ldu, cop, y, b, has_bias, relu, bt, at, tile_block, cout_block,
+              nthreads, counter):
     # xc: flat (N, hp, wp, cp) ; u: flat (alpha², cp, ldu) ; y: (N, Cout, H, W) ; counter: (1,) zero
     alpha = bt.shape[0]
     points = alpha * alpha
+    cout = y.shape[1]
     ntile = n * th_n * tw_n
     nblocks = (ntile + tile_block - 1) // tile_block
     ldv = _ld(cp)
@@ -301,13 +320,16 @@ def _winograd(xc, hp, wp, cp, n, th_n, tw_n, u, ldu, cop, y, b, has_bias, relu, 
             t0 = blk * tile_block
             t1 = min(ntile, t0 + tile_block)
             _input_tiles(xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, vst, bt, tin)
-            for p in range(points):     # (tiles x Cin) @ (Cin x Cout), U read in place
-                gemm32_slab(v[p * vst:(p + 1) * vst], ldv, False, u[p * upoint:(p + 1) * upoint], ldu, False,
-                            mt[p * mst:(p + 1) * mst], cop, 0, t1 - t0, 0, cop, cp, False, True, _NONE, 0)
-            _output_tiles(mt, cop, mst, th_n, tw_n, t0, t1, y, b, has_bias, relu, at, tout, out)
+            for co0 in range(0, cop, cout_block):   # the products of a block of Cout stay in L2
+                co1 = min(cop, co0 + cout_block)
+                for p in range(points):     # (tiles x Cin) @ (Cin x Cout block), U read in place
+                    gemm32_slab(v[p * vst:(p + 1) * vst], ldv, False, u[p * upoint:(p + 1) * upoint], ldu, False,
+                                mt[p * mst:(p + 1) * mst], cop, 0, t1 - t0, co0, co1, cp, False, True, _NONE, 0)
+                _output_tiles(mt, cop, mst, th_n, tw_n, t0, t1, co0, min(co1, cout), y, b, has_bias, relu, at,
+                              tout, out)
 
 
-def _conv(x, mask, u, r, cout, b, relu, nthreads, tile_block=TILE_BLOCK):
+def _conv(x, mask, u, r, cout, b, relu, nthreads, tile_block=TILE_BLOCK, cout_block=0):
     # x (N, C, H, W) -> (N, cout, H, W) through U (alpha², C padded, ld) of r x r weights, padding
     # (r - 1) / 2; x masked by `mask` > 0
     n, c, h, w = x.shape
@@ -320,7 +342,7 @@ def _conv(x, mask, u, r, cout, b, relu, nthreads, tile_block=TILE_BLOCK):
     _to_channels_last(x, x if mask is None else mask, mask is not None, xc, hp, wp, cp, (r - 1) // 2)
     bias = np.zeros(1, dtype=np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
     _winograd(xc, hp, wp, cp, n, th_n, tw_n, u.reshape(-1), u.shape[2], _pad16(cout), y, bias, b is not None,
-              relu, bt, at, tile_block, nthreads, np.zeros(1, dtype=np.int64))
+              relu, bt, at, tile_block, cout_block or _pad16(cout), nthreads, np.zeros(1, dtype=np.int64))
     return y
 
 
