@@ -149,16 +149,10 @@ def cases(draw, path, phase):
         assert plan.accepts(path, case.call(phase)), plan.broken(path, case.call(phase))
         return case
     direct = path in ("direct", "direct_split")
-    split_backward = path == "direct_split" and phase == "backward"
-    groups = 1 if split_backward else draw(st.integers(1, 3))
-    if split_backward:
-        cout = draw(st.sampled_from([32, 64]))
-    elif direct:   # full panels of 32, a masked last panel, or only a masked one, per group
-        cout = groups * draw(st.sampled_from([1, 5, 32, 40, 64]))
-    else:
-        cout = groups * draw(st.integers(1, 6))
+    groups = 1 if direct else draw(st.integers(1, 3))
+    cout = draw(st.sampled_from([32, 64])) if direct else groups * draw(st.integers(1, 6))
     if path == "direct" and phase == "backward":
-        cin = groups * draw(st.sampled_from([1, 3, 32, 48]))   # the input gradient's panels
+        cin = draw(st.sampled_from([32, 64]))          # the input gradient's panels
     else:
         cin = groups * draw(st.integers(1, 12 if direct else 6))
     k = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))

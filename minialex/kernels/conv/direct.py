@@ -209,11 +209,10 @@ def _micro_8x32_table(xp, b0, b1, b2, b3, b4, b5, b6, b7, table, k0, k1, vp, v_o
 
 
 @njit(cache=True)
-def _store_tile_nchw(tile, bias, relu, y, y_off, plane, valid, nch):
+def _store_tile_nchw(tile, bias, relu, y, y_off, plane, valid):
     # tile: (8 pixels x 32 channels) as _micro_8x32_table left it (ldo 32) ; adds bias[32 lanes],
     # rectifies, and writes it transposed: channel c's 8 pixels at y[y_off + c*plane ..+ 8]
-    # (the first `valid` of them when the tile runs past the end of its image's plane, the
-    # first `nch` channels in a masked last panel)
+    # (the first `valid` of them when the tile runs past the end of its image's plane)
     for h in range(2):
         bv = vload(bias, h * 16)
         for r in range(PIXELS):
@@ -221,25 +220,25 @@ def _store_tile_nchw(tile, bias, relu, y, y_off, plane, valid, nch):
             if relu:
                 v = vrelu(v)
             vstore(tile, r * PANEL + h * 16, v)
-    if valid == PIXELS and nch == PANEL:
+    if valid == PIXELS:
         vtranspose_8x16(tile, 0, PANEL, y, y_off, plane)
         vtranspose_8x16(tile, 16, PANEL, y, y_off + 16 * plane, plane)
     else:
-        for c in range(nch):
+        for c in range(PANEL):
             for r in range(valid):
                 y[y_off + c * plane + r] = tile[r * PANEL + c]
 
 
 @njit(parallel=True, cache=True)
-def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, cout, nch, n_img, oh_n, ow_n, nthreads, counter):
+def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, n_img, oh_n, ow_n, nthreads, counter):
     # xq: phase-split padded x (flat, see layout.pad_split) ; koff: (K,) offset of each weight column
-    # from an output pixel's base n*step_n + oh*step_oh + ow ; wpk: (P/32 * K * 32,) weights
-    # packed [panel][column][32], P = nch rounded up to 32 (zero columns past nch) ; bias: (P,) ;
-    # y: NCHW output of cout channels (flat), from the first of this call's nch channels.
+    # from an output pixel's base n*step_n + oh*step_oh + ow ; wpk: (Cout/32 * K * 32,) weights
+    # packed [panel][column][32] ; bias: (Cout,) ; y: (N*Cout*OH*OW,) NCHW output.
     # Tiles of 8 consecutive pixels of one image are taken in chunks of CHUNK_TILES from
     # counter, and each panel's weights serve the chunk's tiles back to back. (Slicing the
     # reduction so that a slice's weights stay in L1 measured the same on conv1.)
     plane = oh_n * ow_n
+    cout = bias.size
     kk = koff.size
     tpi = (plane + PIXELS - 1) // PIXELS
     ntiles = n_img * tpi
@@ -260,7 +259,7 @@ def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, cout, nch, n_im
                     pp = min(p + r, plane - 1)  # past the plane's end: repeat its last pixel
                     oh = pp // ow_n
                     b[(t - t0) * PIXELS + r] = n * step_n + oh * step_oh + pp - oh * ow_n
-            for pan in range(bias.size // PANEL):
+            for pan in range(cout // PANEL):
                 for t in range(t0, t1):
                     n = t // tpi
                     p = (t - n * tpi) * PIXELS
@@ -268,32 +267,27 @@ def _split_kernel(xq, step_n, step_oh, koff, wpk, bias, relu, y, cout, nch, n_im
                     _micro_8x32_table(xq, b[q], b[q + 1], b[q + 2], b[q + 3], b[q + 4], b[q + 5], b[q + 6],
                                       b[q + 7], koff, 0, kk, wpk, pan * kk * PANEL, tile, 0, PANEL, False)
                     _store_tile_nchw(tile, bias[pan * PANEL:], relu, y, (n * cout + pan * PANEL) * plane + p,
-                                     plane, min(PIXELS, plane - p), min(PANEL, nch - pan * PANEL))
+                                     plane, min(PIXELS, plane - p))
 
 
 @njit(parallel=True, cache=True)
 def _pack_weights_taps(w, flip, dst):
-    # w: (Cout, Cin, kh, kw) ; dst: (ceil(P/32), kh*kw, Q, 32) with, for the forward (flip False),
+    # w: (Cout, Cin, kh, kw) ; dst: (P/32, kh*kw, Q, 32) with, for the forward (flip False),
     # P = Cout, Q = Cin: dst[pp, i*kw + j, q, l] = w[pp*32 + l, q, i, j] ; for the input gradient
     # (flip True), P = Cin, Q = Cout and the taps reversed: w[q, pp*32 + l, kh-1-i, kw-1-j]
     cout, cin, kh, kw = w.shape
     npan, taps, nq = dst.shape[0], dst.shape[1], dst.shape[2]
-    # P not a multiple of 32: the last panel's lanes past P are zero
-    p_n = cin if flip else cout
     for task in prange(npan * taps):
         pp = task // taps
         t = task - pp * taps
         i = t // kw
         j = t - i * kw
-        lanes = min(PANEL, p_n - pp * PANEL)
         for q in range(nq):
-            for lane in range(lanes):
+            for lane in range(PANEL):
                 if flip:
                     dst[pp, t, q, lane] = w[q, pp * PANEL + lane, kh - 1 - i, kw - 1 - j]
                 else:
                     dst[pp, t, q, lane] = w[pp * PANEL + lane, q, i, j]
-            for lane in range(lanes, PANEL):
-                dst[pp, t, q, lane] = 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -399,26 +393,22 @@ def _weight_rows(cin, kh, kw, hp, s, wq):
 
 
 @njit(parallel=True, cache=True)
-def _pack_dy(dyp, qh, qw, oh_n, ow_n, c_lo, c_n, dyk):
+def _pack_dy(dyp, qh, qw, oh_n, ow_n, dyk):
     # dyp: (N, Hq, Wq, Cout) dy as padded NHWC (already masked), data from (qh, qw)
-    # -> dyk: (ceil(c_n/32), N*OH*OW, 32): each pixel's channels c_lo + 32*pan ..+ 32 (zero past
-    # c_n), one contiguous copy
+    # -> dyk: (Cout/32, N*OH*OW, 32): each pixel's 32 channels of a panel, one contiguous copy
     n = dyp.shape[0]
     npan = dyk.shape[0]
     for task in prange(npan * n):
         pan = task // n
         b = task - pan * n
         dst = dyk[pan]
-        c0 = c_lo + pan * PANEL
-        lanes = min(PANEL, c_n - pan * PANEL)
+        c0 = pan * PANEL
         for oh in range(oh_n):
             for ow in range(ow_n):
                 src = dyp[b, oh + qh, ow + qw]
                 d = dst[(b * oh_n + oh) * ow_n + ow]
-                for lane in range(lanes):
+                for lane in range(PANEL):
                     d[lane] = src[c0 + lane]
-                for lane in range(lanes, PANEL):
-                    d[lane] = 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -469,49 +459,25 @@ def _store_weight_grad(dwt, rowof, dw2, accumulate):
                 d[k] = v
 
 
-def _weight_grad(x, pack_dy, dw, g, accumulate, nthreads):
-    """dW (+)= into dw (Cout, Cin/groups, kh, kw), one group at a time: pack_dy(group) gives that
-    group's dy in _pack_dy's layout (a last panel past its Cout/groups channels zero)."""
+def _weight_grad(x, dyk, dw, g, accumulate, nthreads):
+    """dW (+)= into dw (Cout, Cin, kh, kw) from dy packed as dyk (_pack_dy's layout)."""
     xq = split_copy(x, g.ph, g.pw, g.sw, 0)
     hp, wq = xq.shape[2], xq.shape[4]
-    chan = hp * g.sw * wq  # one channel of xq
-    cin_g, cout_g = g.cin_g, g.cout // g.groups
-    poff, rowof = _weight_rows(cin_g, g.kh, g.kw, hp, g.sw, wq)
-    xo = pixel_offsets(g.n, g.oh, g.ow, g.cin * chan, g.sh * g.sw * wq)
-    xf = xq.reshape(-1)
-    dw2 = dw.reshape(g.cout, -1)
-    for grp in range(g.groups):
-        dyk = pack_dy(grp)
-        dwt = np.empty((poff.size, dyk.shape[0] * PANEL), dtype=np.float32)
-        _weight_grad_kernel(xf[grp * cin_g * chan:], dyk, xo, poff, dwt, nthreads, np.zeros(1, np.int64))
-        _store_weight_grad(dwt, rowof, dw2[grp * cout_g:(grp + 1) * cout_g], accumulate)
-
-
-def _panels(c):
-    """Panels of 32 that hold c channels (the last one masked when c is not a multiple of 32)."""
-    return (c + PANEL - 1) // PANEL
-
-
-def _group_offsets(kh, kw, wp, c, c_g):
-    """channels_last_offsets of a group's c_g channels in a channels-last image of c channels
-    (from the group's first channel)."""
-    return np.ascontiguousarray(channels_last_offsets(kh, kw, wp, c).reshape(kh * kw, c)[:, :c_g]).ravel()
-
-
-def _run_table(xpf, hp, wp, c, koff, wpk, npix, oh, ow, sh, sw, nthreads):
-    # the direct kernel on a flat padded NHWC array of c channels per pixel (starting at a
-    # group's first channel), weights wpk (panels, taps, c_g, 32): out (npix8, panels*32)
-    npix8 = (npix + PIXELS - 1) // PIXELS * PIXELS
-    out = np.empty((npix8, wpk.shape[0] * PANEL), dtype=np.float32)
-    _direct_kernel(xpf, hp, wp, c, wpk.reshape(-1), koff, out.reshape(-1), oh, ow, sh, sw, npix, nthreads,
-                   np.zeros(1, np.int64))
-    return out
+    poff, rowof = _weight_rows(g.cin, g.kh, g.kw, hp, g.sw, wq)
+    dwt = np.empty((poff.size, g.cout), dtype=np.float32)
+    xo = pixel_offsets(g.n, g.oh, g.ow, g.cin * hp * g.sw * wq, g.sh * g.sw * wq)
+    _weight_grad_kernel(xq.reshape(-1), dyk, xo, poff, dwt, nthreads, np.zeros(1, np.int64))
+    _store_weight_grad(dwt, rowof, dw.reshape(g.cout, -1), accumulate)
 
 
 def _run(xp, wpk, kh, kw, npix, oh, ow, sh, sw, cout, nthreads):
     n, hp, wp, cin = xp.shape
-    return _run_table(xp.reshape(-1), hp, wp, cin, channels_last_offsets(kh, kw, wp, cin), wpk, npix, oh, ow,
-                      sh, sw, nthreads)
+    koff = channels_last_offsets(kh, kw, wp, cin)
+    npix8 = (npix + PIXELS - 1) // PIXELS * PIXELS
+    out = np.empty((npix8, cout), dtype=np.float32)
+    _direct_kernel(xp.reshape(-1), hp, wp, cin, wpk.reshape(-1), koff, out.reshape(-1), oh, ow, sh, sw,
+                   npix, nthreads, np.zeros(1, np.int64))
+    return out
 
 
 def _run_bf16(xp, wpk, kh, kw, npix, oh, ow, cout, nthreads):
@@ -537,96 +503,59 @@ def _run_bf16(xp, wpk, kh, kw, npix, oh, ow, cout, nthreads):
 
 def forward(x, w, b, g, relu, nthreads):
     """Path `direct`, forward: y = conv2d(x, w, b) (rectified when relu) through channels-last
-    copies; float32, stride 1, any groups (one pass each) and channel counts (a masked last
-    panel when Cout/groups is not a multiple of 32; plan.py says when)."""
+    copies; float32, groups 1, Cout a multiple of 32 (plan.py says when)."""
     n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
-    cin_g, cout_g = g.cin_g, cout // g.groups
     y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
-    y3 = y.reshape(n, cout, g.oh * g.ow)
-    hp, wp = g.h + 2 * g.ph, g.w + 2 * g.pw
-    xp = np.empty((n, hp, wp, cin), dtype=np.float32)
+    xp = np.empty((n, g.h + 2 * g.ph, g.w + 2 * g.pw, cin), dtype=np.float32)
     _to_padded_nhwc(x, x, False, g.ph, g.pw, xp)
-    xpf = xp.reshape(-1)
-    koff = _group_offsets(kh, kw, wp, cin, cin_g)
-    wc = np.ascontiguousarray(w)
-    bias = np.zeros(cout, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    for grp in range(g.groups):
-        c0 = grp * cout_g
-        wpk = np.empty((_panels(cout_g), kh * kw, cin_g, PANEL), dtype=np.float32)
-        _pack_weights_taps(wc[c0:c0 + cout_g], False, wpk)
-        out = _run_table(xpf[grp * cin_g:], hp, wp, cin, koff, wpk, n * g.oh * g.ow, g.oh, g.ow, g.sh, g.sw,
-                         nthreads)
-        _from_nhwc(out, bias[c0:], b is not None, relu, y3[:, c0:c0 + cout_g])
+    wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
+    _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
+    out = _run(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, g.sh, g.sw, cout, nthreads)
+    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
     return y
 
 
 def forward_split(x, w, b, g, relu, nthreads):
     """Path `direct_split`, forward: as forward, any stride, NCHW in and out: 8 consecutive
     output pixels' inputs come from a phase-split padded copy of x and the 8 x 32 tile, bias
-    added and rectified, is transposed into y in registers (a masked last panel, one pass per
-    group, as forward)."""
+    added and rectified, is transposed into y in registers."""
     n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
-    cin_g, cout_g = g.cin_g, cout // g.groups
-    npan = _panels(cout_g)
     y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
     xq = split_copy(x, g.ph, g.pw, g.sw, 0)
     hp, wq = xq.shape[2], xq.shape[4]
-    chan = hp * g.sw * wq
-    k = cin_g * kh * kw
-    koff = column_offsets(cin_g, kh, kw, hp, g.sw, wq)
+    k = cin * kh * kw
+    # [panel][column][32]: a copy, no arithmetic
+    wpk = np.ascontiguousarray(w.reshape(cout // PANEL, PANEL, k).transpose(0, 2, 1))
     bias = np.zeros(cout, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    xf, yf, plane = xq.reshape(-1), y.reshape(-1), g.oh * g.ow
-    for grp in range(g.groups):
-        c0 = grp * cout_g
-        wg = w[c0:c0 + cout_g].reshape(cout_g, k)
-        bg = bias[c0:c0 + cout_g]
-        if cout_g != npan * PANEL:  # zero rows for the masked last panel
-            wg = np.concatenate([wg, np.zeros((npan * PANEL - cout_g, k), np.float32)])
-            bg = np.concatenate([bg, np.zeros(npan * PANEL - cout_g, np.float32)])
-        # [panel][column][32]: a copy, no arithmetic
-        wpk = np.ascontiguousarray(wg.reshape(npan, PANEL, k).transpose(0, 2, 1))
-        _split_kernel(xf[grp * cin_g * chan:], cin * chan, g.sh * g.sw * wq, koff, wpk.reshape(-1),
-                      np.ascontiguousarray(bg), relu, yf[c0 * plane:], cout, cout_g, n, g.oh, g.ow, nthreads,
-                      np.zeros(1, np.int64))
+    _split_kernel(xq.reshape(-1), cin * hp * g.sw * wq, g.sh * g.sw * wq, column_offsets(cin, kh, kw, hp, g.sw, wq),
+                  wpk.reshape(-1), bias, relu, y.reshape(-1), n, g.oh, g.ow, nthreads, np.zeros(1, np.int64))
     return y
 
 
 def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
-    """Path `direct`, backward (stride 1, any groups and channel counts): dW (+)= into dw,
+    """Path `direct`, backward (stride 1, Cin and Cout multiples of 32): dW (+)= into dw,
     db (+)= into db (or None); returns dx, or None when not need_dx.
 
     dy (masked by relu_out > 0 when given) is laid out once as a padded NHWC array: the input
     gradient convolves it with the flipped, transposed weights, the bias gradient sums its
-    columns, and its panels of 32 channels, copied pixel by pixel, feed the weight gradient;
-    one pass per group, each with a masked last panel of input (dx) or output (dW) channels
-    when their count per group is not a multiple of 32.
+    columns, and its panels of 32 channels, copied pixel by pixel, feed the weight gradient.
     """
     n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
-    cin_g, cout_g = g.cin_g, cout // g.groups
     qh, qw = kh - 1 - g.ph, kw - 1 - g.pw
-    hq, wq = g.oh + 2 * qh, g.ow + 2 * qw
-    dyp = np.empty((n, hq, wq, cout), dtype=np.float32)
+    dyp = np.empty((n, g.oh + 2 * qh, g.ow + 2 * qw, cout), dtype=np.float32)
     yr = dy if relu_out is None else np.ascontiguousarray(relu_out)
     _to_padded_nhwc(dy, yr, relu_out is not None, qh, qw, dyp)
     dx = None
     if need_dx:
         dx = np.empty((n, cin, g.h, g.w), dtype=np.float32)
-        dx3 = dx.reshape(n, cin, g.h * g.w)
-        koff = _group_offsets(kh, kw, wq, cout, cout_g)
-        wc = np.ascontiguousarray(w)
-        dypf = dyp.reshape(-1)
-        for grp in range(g.groups):
-            wpk = np.empty((_panels(cin_g), kh * kw, cout_g, PANEL), dtype=np.float32)
-            _pack_weights_taps(wc[grp * cout_g:(grp + 1) * cout_g], True, wpk)
-            out = _run_table(dypf[grp * cout_g:], hq, wq, cout, koff, wpk, n * g.h * g.w, g.h, g.w, 1, 1, nthreads)
-            _from_nhwc(out, np.zeros(1, np.float32), False, False, dx3[:, grp * cin_g:(grp + 1) * cin_g])
-
-    def pack_dy(grp):
-        dyk = np.empty((_panels(cout_g), n * g.oh * g.ow, PANEL), dtype=np.float32)
-        _pack_dy(dyp, qh, qw, g.oh, g.ow, grp * cout_g, cout_g, dyk)
-        return dyk
-
-    _weight_grad(x, pack_dy, dw, g, accumulate, nthreads)
+        wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
+        _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
+        out = _run(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, 1, 1, cin, nthreads)
+        _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
+    dyk = np.empty((cout // PANEL, n * g.oh * g.ow, PANEL), dtype=np.float32)
+    _pack_dy(dyp, qh, qw, g.oh, g.ow, dyk)
+    _weight_grad(x, dyk, dw, g, accumulate, nthreads)
     if db is not None:
         column_sums(dyp.reshape(-1, cout), db, accumulate)  # its zero padding adds nothing
     return dx
@@ -644,7 +573,7 @@ def backward_split(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads)
     dyk = np.empty((cout // PANEL, n * plane, PANEL), dtype=np.float32)
     dbp = np.empty((n, cout), dtype=np.float64)
     _pack_dy_nchw(dy3, yr3, relu_out is not None, dyk, dbp)
-    _weight_grad(x, lambda grp: dyk, dw, g, accumulate, nthreads)
+    _weight_grad(x, dyk, dw, g, accumulate, nthreads)
     if db is not None:
         total = dbp.sum(axis=0)
         db[...] = (db + total) if accumulate else total
