@@ -30,16 +30,14 @@ of each operand. The native kernels are compiled only when first called on a CPU
 the instruction faults elsewhere. `bf16_path()` says which path a call takes.
 """
 import functools
-import os
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from ..errors import MinialexError
 from .bf16 import bf16_round_ref, bf16_widen_ref, round_bits
 from .gemm import MR, NR, PAR_MIN_FLOPS, check_operands, flat_operand, gemm, store_tile_8x32
-from .simd import prefetch, vload, vtranspose_8x16, vzero
+from .simd import instruction_path, prefetch, vload, vtranspose_8x16, vzero
 from .simd_bf16 import bbroadcast, bload, bpack, bround_load, bstore, has_avx512_bf16, vdpbf16
 
 KCP = 192       # k pairs per packed block (384 k): a 32-column B micro-panel is 24 KiB, in L1
@@ -60,12 +58,7 @@ def _cpu_has_bf16():
 def bf16_path():
     """"native" (vdpbf16ps) or "emulated" (float32 GEMM on bf16-rounded operands): what
     gemm_bf16 runs now, from the CPU flags and the environment variable MINIALEX_BF16."""
-    mode = os.environ.get("MINIALEX_BF16", "")
-    if mode == "emulate":
-        return "emulated"
-    if mode not in ("", "auto"):
-        raise MinialexError(f"MINIALEX_BF16 must be 'emulate', 'auto' or unset, not {mode!r}")
-    return "native" if _cpu_has_bf16() else "emulated"
+    return instruction_path("MINIALEX_BF16", "native", _cpu_has_bf16)
 
 
 # -- native path ----------------------------------------------------------------------------------

@@ -27,15 +27,13 @@ How it runs (`int8_path()` says which path a call takes):
   layout, for CPUs without the instruction and for testing anywhere.
 """
 import functools
-import os
 from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from ..errors import MinialexError
-from .simd import prefetch, vload, vmul
+from .simd import instruction_path, prefetch, vload, vmul
 from .simd_int8 import (has_avx512_vnni, i2f, iadd, iload, izero, s8load, store_out, u8broadcast4,
                         vpdpbusd)
 
@@ -87,12 +85,7 @@ def _cpu_has_vnni():
 def int8_path():
     """"vnni" (vpdpbusd) or "emulated" (plain integer Numba code): what gemm_u8s8 runs now, from
     the CPU flags and the environment variable MINIALEX_INT8."""
-    mode = os.environ.get("MINIALEX_INT8", "")
-    if mode == "emulate":
-        return "emulated"
-    if mode not in ("", "auto"):
-        raise MinialexError(f"MINIALEX_INT8 must be 'emulate', 'auto' or unset, not {mode!r}")
-    return "vnni" if _cpu_has_vnni() else "emulated"
+    return instruction_path("MINIALEX_INT8", "vnni", _cpu_has_vnni)
 
 
 # -- vnni path ------------------------------------------------------------------------------------

@@ -19,10 +19,14 @@ bounds checking: callers guarantee that all 16 lanes lie inside the buffer.
 
 Usable only from `@njit` code.
 """
+import os
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
+
+from ..errors import MinialexError
 
 LANES = 16
 
@@ -45,6 +49,18 @@ f32x16 = F32x16Type()
 class _F32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _vec)
+
+
+def instruction_path(variable, fast, has_instruction):
+    """`fast`, or "emulated" when environment variable `variable` is "emulate" or the CPU lacks the
+    instruction (has_instruction() is false): which arithmetic a kernel family runs now. Any value
+    but emulate, auto or unset is a MinialexError (one line)."""
+    mode = os.environ.get(variable, "")
+    if mode == "emulate":
+        return "emulated"
+    if mode not in ("", "auto"):
+        raise MinialexError(f"{variable} must be 'emulate', 'auto' or unset, not {mode!r}")
+    return fast if has_instruction() else "emulated"
 
 
 def has_cpu_flag(flag, cpuinfo="/proc/cpuinfo"):
