@@ -298,3 +298,15 @@ def test_other_sections_keep_torch_as_their_only_peer(monkeypatch):
     result = harness.run_cases("layers", TINY[1:2], _opts())
     assert all("onnxruntime_s" not in r for r in result["records"])
     assert not any("onnxruntime" in n for n in result["notes"])
+
+
+def test_int8_rows_exist_only_where_a_section_supports_them():
+    """--precision int8: the inference section gets int8 copies of its cases (checked at the int8
+    tolerance); the step and layer sections, which train, get none."""
+    from benchmarks import harness, inference, step
+    opts = _opts("--precision", "fp32", "int8")
+    rows = inference.cases(opts)
+    assert [r["precision"] for r in rows] == ["fp32", "fp32", "int8", "int8"]
+    assert all(r["min_rtol"] == harness.INT8_RTOL and r["name"].endswith(" int8") for r in rows[2:])
+    assert {r["precision"] for r in step.cases(opts)} == {"fp32"}
+    assert step.cases(_opts("--precision", "int8")) == []
