@@ -12,6 +12,7 @@ TINY = [
     dict(name="conv", kind="conv", batch=2, x=[2, 3, 9, 9], w=[4, 3, 3, 3], stride=2, padding=1),
     dict(name="relu", kind="relu", batch=2, x=[2, 4, 5, 5]),
     dict(name="fc", kind="linear", batch=2, x=[2, 16], out=8),
+    dict(name="dropout", kind="dropout", batch=2, x=[2, 16], p=0.5),
 ]
 
 
