@@ -1,16 +1,17 @@
-"""The winograd convolution path on AlexNet's 3x3 layers: float32 error, and speed against the
+"""The winograd convolution paths on AlexNet's 3x3 layers: float32 error, and speed against the
 direct path and PyTorch.
 
     python -m benchmarks.winograd --errors             # float32 error against the float64 reference
-    python -m benchmarks.winograd --timing --rounds 4  # winograd, direct and torch, same run
+    python -m benchmarks.winograd --timing --rounds 4  # winograd4, winograd, direct and torch, same run
 
 Errors: max and mean over elements of |ours - ref|, divided by the largest |ref| of that tensor,
 for the output, the input gradient and the weight gradient (the plan's criterion: max within
-1e-5). Rows: the float32 paths `winograd` (F(2x2,3x3)) and `direct` forced through
-minialex.kernels.conv, and F(4x4,3x3) computed in float32 by the algorithm's NumPy twin with
-its matrices (the tile the plan does not take; its weight gradient is not computed); for the 5x5
-layer (conv2), the direct path and F(2x2,5x5) (36 multiplications per 4 outputs instead of 100)
-in float32 NumPy, forward only.
+1e-5). Rows: the float32 paths `winograd4` (F(4x4,3x3)), `winograd` (F(2x2,3x3)) and `direct`
+forced through minialex.kernels.conv (the Winograd paths' weight gradient is the direct one);
+F(4x4,3x3) on Lavin & Gray's points 0, +-1, +-2 computed in float32 by the algorithm's NumPy twin
+(the points winograd4 does not use; no weight gradient); for the 5x5 layer (conv2), the direct
+path and F(2x2,5x5) (36 multiplications per 4 outputs instead of 100) in float32 NumPy, forward
+only.
 
 Timing: each library runs in its own process per round (their OpenMP pools disturb one another
 on two cores), the order alternating between rounds; in our process the two paths alternate
@@ -27,14 +28,15 @@ from ._common import markdown_table, run_worker, set_threads, time_call, worker_
 
 LAYERS = [("conv3", 192, 384), ("conv4", 384, 256), ("conv5", 256, 256)]
 PLANE = 13
+PATHS = ("winograd4", "winograd", "direct")   # timed, alternating call by call
 CRITERION = 1e-5
 
-# F(4x4, 3x3) (Lavin & Gray, 2016; points 0, 1, -1, 2, -2, inf)
-BT4 = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+# F(4x4, 3x3) on Lavin & Gray's points (2016; 0, 1, -1, 2, -2, inf), for comparison with winograd4's
+LAVIN_BT4 = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                 [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64)
-G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+LAVIN_G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64)
-AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+LAVIN_AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
                 [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
 
@@ -117,17 +119,19 @@ def _case_errors(n, cin, cout, h, w, rng):
     dw_ref = np.zeros_like(w64)
     dx_ref = conv2d_backward_ref(dy64, x64, w64, dw_ref, None, 1, 1, 1)
     res = {}
-    for name, paths in (("winograd", ("winograd",)), ("direct (else blocked, batched)", ("direct", "blocked", "batched"))):
+    for name, paths in (("winograd4", ("winograd4",)), ("winograd", ("winograd",)),
+                        ("direct (else blocked, batched)", ("direct", "blocked", "batched"))):
         path = next(p for p in paths if _accepts(p, x, wt, need_dx=True))
         dw = np.zeros_like(wt)
         with force_path(path):
             y = conv2d_forward(x, wt, b, 1, 1, 1)
             dx = conv2d_backward(dy, x, wt, dw, None, 1, 1, 1)
         res[name] = (*_rel(y, y_ref), *_rel(dx, dx_ref), *_rel(dw, dw_ref))
-    y4 = winograd.winograd_forward_ref(x, wt, b, BT4, G4, AT4)
+    lavin = (LAVIN_BT4, LAVIN_G4, LAVIN_AT4)
+    y4 = winograd.winograd_forward_ref(x, wt, b, *lavin)
     dx4 = winograd.winograd_forward_ref(dy, np.ascontiguousarray(wt[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), None,
-                                        BT4, G4, AT4)
-    res["F(4x4) twin"] = (*_rel(y4, y_ref), *_rel(dx4, dx_ref), float("nan"), float("nan"))
+                                        *lavin)
+    res["F(4x4) on 0, +-1, +-2, twin"] = (*_rel(y4, y_ref), *_rel(dx4, dx_ref), float("nan"), float("nan"))
     return res
 
 
@@ -209,7 +213,7 @@ def _worker(lib, threads, batches, repeats):
                 for op, fn in _torch_ops(n, cin, cout).items():
                     out.append(dict(layer=name, batch=n, lib="torch", op=op, ms=time_call(fn, repeats)[0] * 1e3))
                 continue
-            ops = {path: _our_ops(n, cin, cout, path) for path in ("winograd", "direct")}
+            ops = {path: _our_ops(n, cin, cout, path) for path in PATHS}
             for op in ("forward", "backward"):
                 samples = {path: [] for path in ops}
                 for _ in range(repeats):         # alternate the paths call by call
@@ -236,14 +240,14 @@ def timing(rounds=4, threads=2, batches=(8, 64), repeats=5):
     for n in batches:
         for name, _, _ in LAYERS:
             for op in ("forward", "backward"):
-                wi, di, to = (med[(name, n, lib, op)] for lib in ("winograd", "direct", "torch"))
-                rows.append([name, n, op, f"{wi:.2f}", f"{di:.2f}", f"{to:.2f}", f"{di / wi:.2f}x",
-                             f"{to / wi:.2f}x", f"{to / di:.2f}x"])
-    header = ["layer", "batch", "op", "winograd ms", "direct ms", "torch ms", "direct/winograd",
-              "torch/winograd", "torch/direct"]
+                w4, wi, di, to = (med[(name, n, lib, op)] for lib in (*PATHS, "torch"))
+                rows.append([name, n, op, f"{w4:.2f}", f"{wi:.2f}", f"{di:.2f}", f"{to:.2f}", f"{wi / w4:.2f}x",
+                             f"{di / wi:.2f}x", f"{to / w4:.2f}x", f"{to / wi:.2f}x", f"{to / di:.2f}x"])
+    header = ["layer", "batch", "op", "winograd4 ms", "winograd ms", "direct ms", "torch ms", "winograd/winograd4",
+              "direct/winograd", "torch/winograd4", "torch/winograd", "torch/direct"]
     note = (f"{rounds} rounds, {threads} threads, medians; largest max/min ratio of one cell over the "
-            f"rounds: {spread:.2f}. backward = input, weight and bias gradients (winograd: its input "
-            "gradient beside the direct weight gradient).")
+            f"rounds: {spread:.2f}. backward = input, weight and bias gradients (winograd4, winograd: "
+            "their input gradient beside the direct weight gradient).")
     return markdown_table(header, rows) + "\n\n" + note
 
 

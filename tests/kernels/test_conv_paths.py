@@ -141,7 +141,7 @@ def cases(draw, path, phase):
                     draw(st.integers(0, 2**31)), precision="bf16")
         assert plan.accepts(path, case.call(phase)), plan.broken(path, case.call(phase))
         return case
-    if path == "winograd":      # float32, groups 1, 3x3, stride 1, padding 1; any channels and plane
+    if path in ("winograd", "winograd4"):   # float32, groups 1, 3x3, stride 1, padding 1; any channels, plane
         n, cin, cout = draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
         case = Case(n, cin, cout, draw(st.integers(1, 12)), draw(st.integers(1, 12)), (3, 3), (1, 1), (1, 1), 1,
                     np.float32, draw(st.booleans()), draw(st.booleans()), True, draw(st.booleans()),
@@ -255,6 +255,10 @@ def test_route_of_alexnet_layers():
             assert plan.route(_alexnet_call(conv[name], phase, 8, 2)) == "winograd"
         assert plan.label(_alexnet_call(conv[name], "backward", 8, 2)) == "winograd+direct"
         assert plan.route(_alexnet_call(conv[name], "backward", 8, 2, need_dx=False)) == "direct"
+        for phase in plan.PHASES:   # from batch x plane 8192 on: F(4x4)
+            assert plan.route(_alexnet_call(conv[name], phase, 48, 2)) == "winograd"
+            assert plan.route(_alexnet_call(conv[name], phase, 64, 2)) == "winograd4"
+        assert plan.label(_alexnet_call(conv[name], "backward", 64, 2)) == "winograd4+direct"
     # the cifar model's 3x3 layers (6x6 plane): winograd forward, direct backward
     cifar = ("cifar conv4", 128, 192, 6, 3, 1, 1, 1)
     assert plan.route(_alexnet_call(cifar, "forward", 128, 2)) == "winograd"

@@ -7,6 +7,8 @@ A path is named by what it is (see each module's docstring):
     batched       im2col + GEMM over chunks of the batch, any dtype               batched.py
     winograd      F(2x2, 3x3) minimal filtering: forward and input gradient        winograd.py
                   (its weight gradient takes the path routed for the call without dx)
+    winograd4     the same with F(4x4, 3x3): 4x fewer multiplications than direct,  winograd.py
+                  against 2.25x, for 2.2x the transformed weights
     direct_bf16   the direct micro-kernel on bf16 pairs (vdpbf16ps): forward and   direct.py
                   input gradient (its weight gradient takes the path routed without dx)
     bf16          im2col + bf16 GEMM (float32 sums) over chunks of the batch       batched.py
@@ -26,11 +28,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-PATHS = ("direct_bf16", "bf16", "winograd", "direct", "direct_split", "blocked", "batched")
+PATHS = ("direct_bf16", "bf16", "winograd4", "winograd", "direct", "direct_split", "blocked", "batched")
 PRECISIONS = ("fp32", "bf16")
 # paths whose backward computes only the input gradient; the weight and bias gradients come from
 # the path the table gives the same call without dx (weight_grad_call)
-INPUT_GRAD_ONLY = ("winograd", "direct_bf16")
+INPUT_GRAD_ONLY = ("winograd4", "winograd", "direct_bf16")
 BF16_PATHS = ("direct_bf16", "bf16")  # the paths whose products take bf16-rounded operands
 PHASES = ("forward", "backward")
 ENV = "MINIALEX_CONV_PATH"
@@ -43,6 +45,9 @@ SPLIT_MIN_PLANE = 400
 # backward also needing a plane of at least WINOGRAD_MIN_PLANE (13x13 yes, 6x6 no).
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_PLANE = 100
+# F(4x4) pays for transforming 36 points of weights (twice F(2x2)'s 16 per call) from this many
+# output pixels per call on (batch x plane: AlexNet's 3x3 layers from batch 49 on)
+WINOGRAD4_MIN_PIXELS = 8192
 PANEL = 32  # output (and, for the direct backward, input) channels per micro-tile
 
 
@@ -83,6 +88,8 @@ REQUIREMENTS = {
     f"channels >= {WINOGRAD_MIN_CHANNELS}": (lambda c: min(c.cin, c.cout) >= WINOGRAD_MIN_CHANNELS,
                                              lambda c: f"Cin {c.cin}, Cout {c.cout}"),
     f"plane >= {WINOGRAD_MIN_PLANE}": (lambda c: c.plane >= WINOGRAD_MIN_PLANE, lambda c: f"plane {c.plane}"),
+    f"batch x plane >= {WINOGRAD4_MIN_PIXELS}": (lambda c: c.batch * c.plane >= WINOGRAD4_MIN_PIXELS,
+                                                 lambda c: f"batch x plane {c.batch * c.plane}"),
     "float32 grads": (lambda c: c.grads_float32, lambda c: "dw/db not C-contiguous float32"),
     "batch >= threads": (lambda c: c.batch >= c.threads, lambda c: f"batch {c.batch} < {c.threads} threads"),
     f"plane < {SPLIT_MIN_PLANE}": (lambda c: c.plane < SPLIT_MIN_PLANE, lambda c: f"plane {c.plane}"),
@@ -90,6 +97,8 @@ REQUIREMENTS = {
 
 
 WINOGRAD = ("float32", "groups 1", "3x3", "stride 1", "padding 1")
+WINOGRAD4_PREFER = (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}",
+                    f"batch x plane >= {WINOGRAD4_MIN_PIXELS}")
 
 
 class Rule(NamedTuple):
@@ -103,6 +112,7 @@ RULES = (
     # phase       path            needs                                                   prefer
     Rule("forward", "direct_bf16", ("bf16", "groups 1", "Cout in 32s", "Cin even", "stride 1", "padding < kernel")),
     Rule("forward", "bf16", ("bf16",), ("stride 1", "Cin in 32s")),
+    Rule("forward", "winograd4", WINOGRAD, WINOGRAD4_PREFER),
     Rule("forward", "winograd", WINOGRAD, (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("forward", "direct", ("float32", "groups 1", "Cout in 32s", "stride 1", "padding < kernel"),
          (f"plane < {SPLIT_MIN_PLANE}",)),
@@ -112,6 +122,7 @@ RULES = (
     Rule("backward", "direct_bf16", ("bf16", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                      "padding < kernel", "dx wanted", "float32 grads")),
     Rule("backward", "bf16", ("bf16",), ("stride 1", "Cin in 32s", "no dx")),
+    Rule("backward", "winograd4", WINOGRAD + ("dx wanted", "float32 grads"), WINOGRAD4_PREFER),
     Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
          (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",

@@ -1,49 +1,64 @@
-"""Path `winograd`: Winograd's minimal filtering F(2x2, 3x3) for float32, groups 1, 3x3, stride 1,
-padding 1 convolutions (AlexNet's conv3-conv5): the forward pass and the input gradient.
+"""Paths `winograd` and `winograd4`: Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4, for
+float32, groups 1, 3x3, stride 1, padding 1 convolutions (AlexNet's conv3-conv5): the forward
+pass and the input gradient.
 
-Each 2x2 output tile is computed from the 4x4 input window d around it as
+Each m x m output tile is computed from the (m+2) x (m+2) input window d around it as
 
     Y = Aᵀ [ U ⊙ (Bᵀ d B) ] A,   U = G g Gᵀ       (summed over input channels)
 
-so the sum over input channels becomes, for each of the 16 transform points p, one GEMM
-(tiles x Cin) @ (Cin x Cout) on the GEMM's micro-kernel: 2.25x fewer multiplications than
-the direct sum. The input gradient is the same convolution of dy with the flipped weights, their
-channel axes swapped. A thread takes TILE_BLOCK tiles at a time and carries them through input
-transform, the 16 GEMMs (U read in place) and output transform while they are in cache.
+so the sum over input channels becomes, for each of the (m+2)² transform points p, one GEMM
+(tiles x Cin) @ (Cin x Cout) on the GEMM's micro-kernel: 2.25x (m = 2) or 4x (m = 4) fewer
+multiplications than the direct sum. The input gradient is the same convolution of dy with the
+flipped weights, their channel axes swapped. U is written once per call as the GEMM's 32-column
+panels; a thread takes TILE_BLOCK tiles at a time and carries them through input transform,
+the GEMMs and output transform while they are in cache.
 
 Layout: channels-last, channels zero-padded to multiples of 16, so every transform works on
 16-channel vectors (simd.py) loaded from contiguous memory; each 2-D transform is a 1-D kernel
 applied down the columns of a tile, then along its rows.
 
 The weight gradient is not computed here: routed through this path, it takes the path the plan
-gives the same call without an input gradient (plan.weight_grad_call). Why this and only this:
-F(2x2) is the tile within 1e-5 of the largest output in float32; F(4x4) is not, and a
-Winograd weight gradient was slower than the direct one (docs/performance.md).
+gives the same call without an input gradient (plan.weight_grad_call). Why this: both tiles are
+within 1e-5 of the largest output in float32 (F(4x4) with the points below), and a Winograd
+weight gradient was slower than the direct one (docs/performance.md).
 """
 import numpy as np
 from numba import njit, prange
 
-from minialex.kernels.gemm import aligned_f32, gemm32_slab
+from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels
 from minialex.kernels.parallel import take
-from minialex.kernels.simd import vadd, vload, vstore, vsub, vtranspose_8x16, vfma, vsplat
+from minialex.kernels.simd import vadd, vfma, vload, vmul, vsplat, vstore, vsub, vtranspose_8x16, vzero
 
 LANES = 16
-M = 2            # output tile
-ALPHA = M + 2    # input tile
-POINTS = ALPHA * ALPHA
 TILE_BLOCK = 32  # tiles a thread carries through one pass: transforms and products stay in L2
-_NONE = np.empty(0, dtype=np.float32)  # gemm32_slab's "A not pre-packed"
 
-# The transform matrices (Lavin & Gray, 2016; interpolation points 0, 1, -1, inf). The Numba
+# The transform matrices of F(m x m, 3x3) for the two output tiles m built here. The Numba
 # kernels spell them out term by term; the NumPy twins use them as written.
-BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
-G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype=np.float64)
-AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+# m = 2: Lavin & Gray (2016), interpolation points 0, 1, -1, inf.
+BT2 = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+G2 = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype=np.float64)
+AT2 = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+# m = 4: points 0, 1, -1, 2, -1/2, inf. Lavin & Gray's 0, +-1, +-2 err up to 2e-5 of the largest
+# output on AlexNet's layers in float32; trading -2 for -1/2 (Barabasz et al., 2020) keeps F(4x4)
+# within 6e-6 (docs/performance.md).
+BT4 = np.array([[1, 1.5, -2, -1.5, 1, 0], [0, -1, -2.5, -.5, 1, 0], [0, 1, .5, -2.5, 1, 0],
+                [0, -.5, -1, .5, 1, 0], [0, 2, -1, -2, 1, 0], [0, 1, 1.5, -2, -1.5, 1]], dtype=np.float64)
+G4 = np.array([[1, 0, 0], [-1 / 3, -1 / 3, -1 / 3], [1 / 3, -1 / 3, 1 / 3], [1 / 15, 2 / 15, 4 / 15],
+               [-16 / 15, 8 / 15, -4 / 15], [0, 0, 1]], dtype=np.float64)
+AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -.5, 0], [0, 1, 1, 4, .25, 0],
+                [0, 1, -1, 8, -.125, 1]], dtype=np.float64)
+MATRICES = {2: (BT2, G2, AT2), 4: (BT4, G4, AT4)}
+BT, G, AT = BT2, G2, AT2
 
 
 @njit(cache=True)
 def _pad16(c):
     return (c + LANES - 1) // LANES * LANES
+
+
+@njit(cache=True)
+def _pad32(c):
+    return (c + NR - 1) // NR * NR
 
 
 @njit(cache=True)
@@ -86,6 +101,51 @@ def _g(src, so, ss, dst, do, ds):
     vstore(dst, do + 3 * ds, g2)
 
 
+@njit(inline="always", cache=True)
+def _bt6(src, so, ss, dst, do, ds):
+    # Bᵀ d of F(4x4): 6 vectors -> 6 vectors (rows of BT4)
+    d0 = vload(src, so); d1 = vload(src, so + ss); d2 = vload(src, so + 2 * ss)
+    d3 = vload(src, so + 3 * ss); d4 = vload(src, so + 4 * ss); d5 = vload(src, so + 5 * ss)
+    h, one5, two, two5 = vsplat(np.float32(0.5)), vsplat(np.float32(1.5)), vsplat(np.float32(2.0)), vsplat(np.float32(2.5))
+    d13 = vsub(d1, d3)
+    d42 = vsub(d4, d2)
+    vstore(dst, do, vfma(one5, d13, vsub(vadd(d0, d4), vmul(two, d2))))
+    vstore(dst, do + ds, vsub(vsub(d4, d1), vfma(two5, d2, vmul(h, d3))))
+    vstore(dst, do + 2 * ds, vsub(vfma(h, d2, vadd(d4, d1)), vmul(two5, d3)))
+    vstore(dst, do + 3 * ds, vsub(d42, vmul(h, d13)))
+    vstore(dst, do + 4 * ds, vfma(two, d13, d42))
+    vstore(dst, do + 5 * ds, vsub(vfma(one5, vsub(d2, d4), vadd(d5, d1)), vmul(two, d3)))
+
+
+@njit(inline="always", cache=True)
+def _at6(src, so, ss, dst, do, ds):
+    # Aᵀ m of F(4x4): 6 vectors -> 4 vectors (rows of AT4)
+    m0 = vload(src, so); m1 = vload(src, so + ss); m2 = vload(src, so + 2 * ss)
+    m3 = vload(src, so + 3 * ss); m4 = vload(src, so + 4 * ss); m5 = vload(src, so + 5 * ss)
+    p = vadd(m1, m2)
+    q = vsub(m1, m2)
+    vstore(dst, do, vadd(vadd(m0, p), vadd(m3, m4)))
+    vstore(dst, do + ds, vfma(vsplat(np.float32(2.0)), m3, vfma(vsplat(np.float32(-0.5)), m4, q)))
+    vstore(dst, do + 2 * ds, vfma(vsplat(np.float32(4.0)), m3, vfma(vsplat(np.float32(0.25)), m4, p)))
+    vstore(dst, do + 3 * ds, vfma(vsplat(np.float32(8.0)), m3, vfma(vsplat(np.float32(-0.125)), m4, vadd(q, m5))))
+
+
+@njit(inline="always", cache=True)
+def _g6(src, so, ss, dst, do, ds):
+    # G g of F(4x4): 3 vectors -> 6 vectors (rows of G4)
+    g0 = vload(src, so); g1 = vload(src, so + ss); g2 = vload(src, so + 2 * ss)
+    third = vsplat(np.float32(1 / 3))
+    e = vadd(g0, g2)
+    vstore(dst, do, g0)
+    vstore(dst, do + ds, vmul(vsplat(np.float32(-1 / 3)), vadd(e, g1)))
+    vstore(dst, do + 2 * ds, vmul(third, vsub(e, g1)))
+    vstore(dst, do + 3 * ds, vmul(vsplat(np.float32(1 / 15)), vfma(vsplat(np.float32(2.0)), g1,
+                                                                      vfma(vsplat(np.float32(4.0)), g2, g0))))
+    vstore(dst, do + 4 * ds, vmul(vsplat(np.float32(4 / 15)), vfma(vsplat(np.float32(2.0)), g1,
+                                                                      vfma(vsplat(np.float32(-4.0)), g0, vsub(vsplat(np.float32(0.0)), g2)))))
+    vstore(dst, do + 5 * ds, g2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights: U[p, ci, co] = (G w[co, ci] Gᵀ)[p]
 
@@ -117,31 +177,47 @@ def _taps_last_flipped(w, out, ldo):
 
 
 @njit(parallel=True, cache=True)
-def _weight_transform(wt, rows, ldw, u, ldu):
-    # wt: flat (rows, 9, ldw) taps-last weights ; u: flat (POINTS, rows padded, ldu):
-    # u[p, r, lane] = (G g Gᵀ)[p] of the 3x3 g = wt[r, :, lane]
-    pstride = u.size // POINTS
-    for r in prange(rows):
-        tmp = np.empty(ALPHA * 3 * LANES, dtype=np.float32)
+def _weight_transform(m, wt, rows, ldw, u, kp):
+    # wt: flat (rows, 9, ldw) taps-last weights, ldw in 32s ; u: flat (a*a, ldw/32, kp, 32) for
+    # gemm32_panels, a = m + 2: u[p, lane // 32, r, lane % 32] = (G g Gᵀ)[p] of the 3x3
+    # g = wt[r, :, lane], zero for the padding rows r >= rows
+    alpha = m + 2
+    pstride = kp * ldw
+    for r in prange(kp):
+        tmp = np.empty(alpha * 3 * LANES, dtype=np.float32)
         for c in range(0, ldw, LANES):
+            dst = ((c // NR) * kp + r) * NR + c % NR
+            if r >= rows:
+                for p in range(alpha * alpha):
+                    vstore(u, p * pstride + dst, vzero())
+                continue
             for kw in range(3):         # down column kw: tmp[i, kw] = (G g)[i, kw]
-                _g(wt, (r * 9 + kw) * ldw + c, 3 * ldw, tmp, kw * LANES, 3 * LANES)
-            for i in range(ALPHA):      # along row i: u[i*ALPHA + j] = (tmp Gᵀ)[i, j]
-                _g(tmp, i * 3 * LANES, LANES, u, i * ALPHA * pstride + r * ldu + c, pstride)
+                if m == 4:
+                    _g6(wt, (r * 9 + kw) * ldw + c, 3 * ldw, tmp, kw * LANES, 3 * LANES)
+                else:
+                    _g(wt, (r * 9 + kw) * ldw + c, 3 * ldw, tmp, kw * LANES, 3 * LANES)
+            for i in range(alpha):      # along row i: u[i*alpha + j] = (tmp Gᵀ)[i, j]
+                if m == 4:
+                    _g6(tmp, i * 3 * LANES, LANES, u, i * alpha * pstride + dst, pstride)
+                else:
+                    _g(tmp, i * 3 * LANES, LANES, u, i * alpha * pstride + dst, pstride)
 
 
-def transform_weights(w, flipped=False):
-    """w (Cout, Cin, 3, 3) float32 -> U (16, Cin padded to 16, row stride) float32 with
-    U[p, ci, co] = (G w[co, ci] Gᵀ)[p]; flipped: the same for the weights of the input gradient,
-    w[:, :, ::-1, ::-1] with the channel axes swapped, i.e. U[p, co, ci]."""
+def transform_weights(w, flipped=False, m=2):
+    """w (Cout, Cin, 3, 3) float32 -> U ((m+2)², Cout padded to 32 / 32, Cin padded to 16, 32)
+    float32, the GEMM's B panels: U[p, co // 32, ci, co % 32] = (G w[co, ci] Gᵀ)[p]; flipped: the
+    same for the weights of the input gradient, w[:, :, ::-1, ::-1] with the channel axes
+    swapped (Cin and Cout trade places)."""
     w = np.ascontiguousarray(w)
     rows, lanes = (w.shape[0], w.shape[1]) if flipped else (w.shape[1], w.shape[0])
-    ldw, ldu = _pad16(lanes), _ld(_pad16(lanes))
-    u = np.zeros((POINTS, _pad16(rows), ldu), dtype=np.float32)
+    ldw, kp = _pad32(lanes), _pad16(rows)
+    u = np.empty(((m + 2) ** 2, ldw // NR, kp, NR), dtype=np.float32)
     if rows and lanes:
         wt = np.zeros(rows * 9 * ldw, dtype=np.float32)
         (_taps_last_flipped if flipped else _taps_last)(w, wt, ldw)
-        _weight_transform(wt, rows, ldw, u.reshape(-1), ldu)
+        _weight_transform(m, wt, rows, ldw, u.reshape(-1), kp)
+    else:
+        u[...] = 0
     return u
 
 
@@ -170,28 +246,36 @@ def _to_channels_last(x, mask, use_mask, out, hp, wp, cp):
 
 
 @njit(cache=True)
-def _input_tiles(xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pstride, tmp):
+def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pstride, tmp):
     # xc: flat (N, hp, wp, cp) zero-bordered channels-last input
-    # v: flat (POINTS, pstride): v[p, (t - t0)*ldv + c] = (Bᵀ d B)[p] of tile t's 4x4 window
+    # v: flat (a*a, pstride), a = m + 2: v[p, (t - t0)*ldv + c] = (Bᵀ d B)[p] of tile t's a x a window
+    alpha = m + 2
     for t in range(t0, t1):
         img = t // (th_n * tw_n)
         r = t - img * (th_n * tw_n)
         th = r // tw_n
         tw = r - th * tw_n
-        base = ((img * hp + th * M) * wp + tw * M) * cp
+        base = ((img * hp + th * m) * wp + tw * m) * cp
         row = (t - t0) * ldv
         for c in range(0, cp, LANES):
-            for j in range(ALPHA):      # down column j: tmp[i, j] = (Bᵀ d)[i, j]
-                _bt(xc, base + j * cp + c, wp * cp, tmp, j * LANES, ALPHA * LANES)
-            for i in range(ALPHA):      # along row i: v[i*ALPHA + j] = (tmp B)[i, j]
-                _bt(tmp, i * ALPHA * LANES, LANES, v, i * ALPHA * pstride + row + c, pstride)
+            for j in range(alpha):      # down column j: tmp[i, j] = (Bᵀ d)[i, j]
+                if m == 4:
+                    _bt6(xc, base + j * cp + c, wp * cp, tmp, j * LANES, alpha * LANES)
+                else:
+                    _bt(xc, base + j * cp + c, wp * cp, tmp, j * LANES, alpha * LANES)
+            for i in range(alpha):      # along row i: v[i*alpha + j] = (tmp B)[i, j]
+                if m == 4:
+                    _bt6(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + c, pstride)
+                else:
+                    _bt(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + c, pstride)
 
 
 @njit(cache=True)
-def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, tmp, out):
-    # mt: flat (POINTS, pstride): mt[p, (t - t0)*ldm + co], the products summed over Cin
-    # y: (N, Cout, H, W), written where inside: y[n, co, 2th + i, 2tw + j] = (Aᵀ M A)[i, j] + b[co]
+def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, tmp, out):
+    # mt: flat (a*a, pstride), a = m + 2: mt[p, (t - t0)*ldm + co], the products summed over Cin
+    # y: (N, Cout, H, W), written where inside: y[n, co, m*th + i, m*tw + j] = (Aᵀ M A)[i, j] + b[co]
     # (rectified when relu)
+    alpha = m + 2
     _, cout, h, w = y.shape
     yf = y.reshape(-1)
     for t in range(t0, t1):
@@ -199,79 +283,89 @@ def _output_tiles(mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, tm
         r = t - img * (th_n * tw_n)
         th = r // tw_n
         tw = r - th * tw_n
-        rows = min(M, h - th * M)
-        cols = min(M, w - tw * M)
+        rows = min(m, h - th * m)
+        cols = min(m, w - tw * m)
         row = (t - t0) * ldm
         for c in range(0, cout, LANES):
-            for j in range(ALPHA):      # down column j: tmp[i, j] = (Aᵀ M)[i, j]
-                _at(mt, j * pstride + row + c, ALPHA * pstride, tmp, j * LANES, ALPHA * LANES)
-            for i in range(M):          # along row i: out[i, j] = (tmp A)[i, j]
-                _at(tmp, i * ALPHA * LANES, LANES, out, i * M * LANES, LANES)
+            for j in range(alpha):      # down column j: tmp[i, j] = (Aᵀ M)[i, j]
+                if m == 4:
+                    _at6(mt, j * pstride + row + c, alpha * pstride, tmp, j * LANES, alpha * LANES)
+                else:
+                    _at(mt, j * pstride + row + c, alpha * pstride, tmp, j * LANES, alpha * LANES)
+            for i in range(m):          # along row i: out[i, j] = (tmp A)[i, j]
+                if m == 4:
+                    _at6(tmp, i * alpha * LANES, LANES, out, i * m * LANES, LANES)
+                else:
+                    _at(tmp, i * alpha * LANES, LANES, out, i * m * LANES, LANES)
             for lane in range(min(LANES, cout - c)):
                 co = c + lane
                 bv = b[co] if has_bias else np.float32(0.0)
                 for i in range(rows):
-                    dst = ((img * cout + co) * h + th * M + i) * w + tw * M
+                    dst = ((img * cout + co) * h + th * m + i) * w + tw * m
                     for j in range(cols):
-                        v = out[(i * M + j) * LANES + lane] + bv
+                        v = out[(i * m + j) * LANES + lane] + bv
                         if relu and v <= 0.0:   # as relu_forward: a NaN passes through
                             v = np.float32(0.0)
                         yf[dst + j] = v
 
 
 @njit(parallel=True, cache=True)
-def _winograd(xc, hp, wp, cp, n, th_n, tw_n, u, ldu, cop, y, b, has_bias, relu, nthreads, counter):
-    # xc: flat (N, hp, wp, cp) ; u: flat (POINTS, cp, ldu) ; y: (N, Cout, H, W) ; counter: (1,) zero
+def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, y, b, has_bias, relu, nthreads, counter):
+    # xc: flat (N, hp, wp, cp) ; u: flat ((m+2)², cop/32, cp, 32) B panels ; y: (N, Cout, H, W)
+    # tb: tiles per block, in 8s ; counter: (1,) zero
+    alpha = m + 2
+    points = alpha * alpha
     ntile = n * th_n * tw_n
-    nblocks = (ntile + TILE_BLOCK - 1) // TILE_BLOCK
+    nblocks = (ntile + tb - 1) // tb
     ldv = _ld(cp)
-    vst = TILE_BLOCK * ldv
-    mst = TILE_BLOCK * cop
-    upoint = cp * ldu
+    vst = tb * ldv
+    mst = tb * cop
+    upoint = cp * cop
     for _ in prange(nthreads):
-        v = aligned_f32(POINTS * vst)
-        mt = aligned_f32(POINTS * mst)
-        tin = np.empty(POINTS * LANES, dtype=np.float32)
-        tout = np.empty(M * ALPHA * LANES, dtype=np.float32)
-        out = np.empty(M * M * LANES, dtype=np.float32)
+        v = aligned_f32(points * vst)
+        mt = aligned_f32(points * mst)
+        abuf = aligned_f32(tb * min(cp, KC))
+        tin = np.empty(points * LANES, dtype=np.float32)
+        tout = np.empty(m * alpha * LANES, dtype=np.float32)
+        out = np.empty(m * m * LANES, dtype=np.float32)
         while True:
             blk = take(counter)
             if blk >= nblocks:
                 break
-            t0 = blk * TILE_BLOCK
-            t1 = min(ntile, t0 + TILE_BLOCK)
-            _input_tiles(xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, vst, tin)
-            for p in range(POINTS):     # (tiles x Cin) @ (Cin x Cout), U read in place
-                gemm32_slab(v[p * vst:(p + 1) * vst], ldv, False, u[p * upoint:(p + 1) * upoint], ldu, False,
-                            mt[p * mst:(p + 1) * mst], cop, 0, t1 - t0, 0, cop, cp, False, True, _NONE, 0)
-            _output_tiles(mt, cop, mst, th_n, tw_n, t0, t1, y, b, has_bias, relu, tout, out)
+            t0 = blk * tb
+            t1 = min(ntile, t0 + tb)
+            _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, vst, tin)
+            for p in range(points):     # (tiles x Cin) @ (Cin x Cout) on U's panels
+                gemm32_panels(v[p * vst:], ldv, t1 - t0, cp, u[p * upoint:(p + 1) * upoint], cop,
+                              mt[p * mst:], cop, abuf)
+            _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, y, b, has_bias, relu, tout, out)
 
 
-def _conv(x, mask, u, cout, b, relu, nthreads):
-    # x (N, C, H, W) -> (N, cout, H, W) through U (POINTS, C padded, ld); x masked by `mask` > 0
+def _conv(m, x, mask, u, cout, b, relu, nthreads):
+    # x (N, C, H, W) -> (N, cout, H, W) through U ((m+2)², C padded, ld); x masked by `mask` > 0
     n, c, h, w = x.shape
     y = np.empty((n, cout, h, w), dtype=np.float32)
-    th_n, tw_n = (h + M - 1) // M, (w + M - 1) // M
+    th_n, tw_n = (h + m - 1) // m, (w + m - 1) // m
     cp = _pad16(c)
-    hp, wp = th_n * M + 2, tw_n * M + 2
+    hp, wp = th_n * m + 2, tw_n * m + 2
     xc = np.zeros(n * hp * wp * cp, dtype=np.float32)
     _to_channels_last(x, x if mask is None else mask, mask is not None, xc, hp, wp, cp)
     bias = np.zeros(1, dtype=np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    _winograd(xc, hp, wp, cp, n, th_n, tw_n, u.reshape(-1), u.shape[2], _pad16(cout), y, bias, b is not None,
-              relu, nthreads, np.zeros(1, dtype=np.int64))
+    _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, th_n, tw_n, u.reshape(-1), u.shape[1] * NR, y, bias,
+              b is not None, relu, nthreads, np.zeros(1, dtype=np.int64))
     return y
 
 
-def forward(x, w, b, g, relu, nthreads):
-    """The package's forward (x: (N, Cin, H, W) float32, g: layout.Geometry), by F(2x2, 3x3)."""
-    return _conv(x, None, transform_weights(w), g.cout, b, relu, nthreads)
+def forward(x, w, b, g, relu, nthreads, m=2):
+    """The package's forward (x: (N, Cin, H, W) float32, g: layout.Geometry), by F(m x m, 3x3)."""
+    return _conv(m, x, None, transform_weights(w, m=m), g.cout, b, relu, nthreads)
 
 
-def input_grad(dy, w, g, relu_out, nthreads):
+def input_grad(dy, w, g, relu_out, nthreads, m=2):
     """dx (N, Cin, H, W) of the forward: dy (masked where relu_out <= 0 when given) convolved with
-    the flipped weights, by F(2x2, 3x3)."""
+    the flipped weights, by F(m x m, 3x3)."""
     mask = None if relu_out is None else np.ascontiguousarray(relu_out)
-    return _conv(dy, mask, transform_weights(w, flipped=True), g.cin, None, False, nthreads)
+    return _conv(m, dy, mask, transform_weights(w, flipped=True, m=m), g.cin, None, False, nthreads)
 
 
 # ---------------------------------------------------------------------------------------------
