@@ -7,7 +7,7 @@ direct path and PyTorch.
 Errors: max and mean over elements of |ours - ref|, divided by the largest |ref| of that tensor,
 for the output, the input gradient and the weight gradient (the plan's criterion: max within
 1e-5). Rows: the float32 paths `winograd4` (F(4x4,3x3)), `winograd` (F(2x2,3x3)) and `direct`
-forced through minialex.kernels.conv (the Winograd paths' weight gradient is the direct one);
+forced through minialex.kernels.conv;
 F(4x4,3x3) on Lavin & Gray's points 0, +-1, +-2 computed in float32 by the algorithm's NumPy twin
 (the points winograd4 does not use; no weight gradient); for the 5x5 layer (conv2), the direct
 path and F(2x2,5x5) (36 multiplications per 4 outputs instead of 100) in float32 NumPy, forward
@@ -246,8 +246,7 @@ def timing(rounds=4, threads=2, batches=(8, 64), repeats=5):
     header = ["layer", "batch", "op", "winograd4 ms", "winograd ms", "direct ms", "torch ms", "winograd/winograd4",
               "direct/winograd", "torch/winograd4", "torch/winograd", "torch/direct"]
     note = (f"{rounds} rounds, {threads} threads, medians; largest max/min ratio of one cell over the "
-            f"rounds: {spread:.2f}. backward = input, weight and bias gradients (winograd4, winograd: "
-            "their input gradient beside the direct weight gradient).")
+            f"rounds: {spread:.2f}. backward = input, weight and bias gradients.")
     return markdown_table(header, rows) + "\n\n" + note
 
 

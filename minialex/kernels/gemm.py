@@ -199,6 +199,12 @@ def _pack_a32(a, lda, ta, ic, mc, pc, kc, dst):
                     dst[d + r] = a[(i0 + r) * lda + pc + p]
                 for r in range(h, MR):
                     dst[d + r] = 0.0
+        elif h == MR:
+            for p in range(kc):     # a constant-length copy: one 256-bit move per k
+                d = base + p * MR
+                s = (pc + p) * lda + i0
+                for r in range(MR):
+                    dst[d + r] = a[s + r]
         else:
             for p in range(kc):
                 d = base + p * MR

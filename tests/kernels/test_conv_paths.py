@@ -251,14 +251,11 @@ def test_route_of_alexnet_layers():
     assert plan.route(_alexnet_call(conv["conv2"], "forward", 8, 2)) == "direct_split"   # plane 729
     assert plan.route(_alexnet_call(conv["conv2"], "backward", 8, 2)) == "direct"
     for name in ("conv3", "conv4", "conv5"):
-        for phase in plan.PHASES:   # the 3x3 layers, plane 169: winograd, its weight gradient direct
+        for phase in plan.PHASES:   # the 3x3 layers, plane 169: winograd; from batch x plane 8192 F(4x4)
             assert plan.route(_alexnet_call(conv[name], phase, 8, 2)) == "winograd"
-        assert plan.label(_alexnet_call(conv[name], "backward", 8, 2)) == "winograd+direct"
-        assert plan.route(_alexnet_call(conv[name], "backward", 8, 2, need_dx=False)) == "direct"
-        for phase in plan.PHASES:   # from batch x plane 8192 on: F(4x4)
             assert plan.route(_alexnet_call(conv[name], phase, 48, 2)) == "winograd"
             assert plan.route(_alexnet_call(conv[name], phase, 64, 2)) == "winograd4"
-        assert plan.label(_alexnet_call(conv[name], "backward", 64, 2)) == "winograd4+direct"
+        assert plan.label(_alexnet_call(conv[name], "backward", 8, 2)) == "winograd"
     # the cifar model's 3x3 layers (6x6 plane): winograd forward, direct backward
     cifar = ("cifar conv4", 128, 192, 6, 3, 1, 1, 1)
     assert plan.route(_alexnet_call(cifar, "forward", 128, 2)) == "winograd"
@@ -308,14 +305,16 @@ def test_forced_path_by_environment_and_unknown_names(monkeypatch):
     assert plan.route(call) == "winograd"
 
 
-def test_winograd_forced_on_a_call_without_dx_refuses_it_and_routing_never_takes_it():
-    call = _alexnet_call(ALEXNET[3], "backward", 8, 2, need_dx=False)
-    assert "dx wanted" in " ".join(plan.broken("winograd", call))
-    with force_path("winograd"):
+def test_an_input_grad_only_path_forced_without_dx_refuses_it_and_its_weight_gradient_is_routed():
+    call = _alexnet_call(ALEXNET[3], "backward", 8, 2, need_dx=False, precision="bf16")
+    assert "dx wanted" in " ".join(plan.broken("direct_bf16", call))
+    with force_path("direct_bf16"):
         with pytest.raises(ValueError, match="dx wanted"):
             plan.route(call)
-        # the weight gradient beside a forced winograd input gradient is routed, not forced
-        assert plan.route_unforced(plan.weight_grad_call(call._replace(need_dx=True))) == "direct"
+        # the weight gradient beside a forced direct_bf16 input gradient is routed, not forced
+        assert plan.route_unforced(plan.weight_grad_call(call._replace(need_dx=True))) == "bf16"
+    # the Winograd paths compute the whole backward, with or without dx
+    assert plan.route(_alexnet_call(ALEXNET[3], "backward", 8, 2, need_dx=False)) == "winograd"
 
 
 def test_the_table_has_a_catch_all_last_rule_per_phase_and_bf16_rules_first():
@@ -335,14 +334,14 @@ def test_summary_shows_the_path_of_each_convolution(tmp_path):
     convs = [r for r in rows if r["layer"] == "Conv2d"]
     # batch 1 on 2 threads: the grouped layers' backward has fewer images than threads
     assert [r["paths"] for r in convs] == [("direct_split", "direct_split"), ("blocked", "batched"),
-                                           ("winograd", "winograd+direct"), ("blocked", "batched"),
+                                           ("winograd", "winograd"), ("blocked", "batched"),
                                            ("blocked", "batched")]
     assert all(r["paths"] is None for r in rows if r["layer"] != "Conv2d")
     r = run_cli(["summary", "-batch", "8", "-threads", "2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if "Conv2d" in line]
     assert [line.split()[-3:] for line in lines] == [["direct_split", "/", "direct_split"],
-                                                      ["direct_split", "/", "direct"]] + [["winograd", "/", "winograd+direct"]] * 3
+                                                      ["direct_split", "/", "direct"]] + [["winograd", "/", "winograd"]] * 3
     assert "(8, 64, 55, 55)" in lines[0]
 
 

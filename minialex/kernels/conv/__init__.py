@@ -3,7 +3,7 @@
 conv2d_forward / conv2d_backward check their arguments, handle an empty batch, ask plan.route
 which path computes the call and run it; the paths (direct.py, blocked.py, batched.py,
 winograd.py) share geometry and layouts through layout.py. A backward routed to a path that
-computes only the input gradient (plan.INPUT_GRAD_ONLY: winograd4, winograd, direct_bf16) gets its weight
+computes only the input gradient (plan.INPUT_GRAD_ONLY: direct_bf16) gets its weight
 and bias gradients from the path the plan routes the same call without dx to. force_path(name)
 (or the MINIALEX_CONV_PATH environment variable) makes every call take one path, for tests. The _ref twins are plain NumPy sums.
 """
@@ -23,9 +23,9 @@ _FORWARD = {"direct_bf16": direct.forward_bf16, "bf16": batched.forward_bf16,
             "winograd4": functools.partial(winograd.forward, m=4), "winograd": winograd.forward,
             "direct": direct.forward, "direct_split": direct.forward_split,
             "blocked": blocked.forward, "batched": batched.forward}
-_INPUT_GRAD = {"winograd4": functools.partial(winograd.input_grad, m=4), "winograd": winograd.input_grad,
-               "direct_bf16": direct.input_grad_bf16}
-_BACKWARD = {"bf16": batched.backward_bf16, "direct": direct.backward, "direct_split": direct.backward_split,
+_INPUT_GRAD = {"direct_bf16": direct.input_grad_bf16}
+_BACKWARD = {"bf16": batched.backward_bf16, "winograd4": functools.partial(winograd.backward, m=4),
+             "winograd": winograd.backward, "direct": direct.backward, "direct_split": direct.backward_split,
              "blocked": blocked.backward, "batched": batched.backward}
 
 

@@ -5,8 +5,7 @@ A path is named by what it is (see each module's docstring):
     direct_split  the same micro-kernel on a phase-split copy (any stride)        direct.py
     blocked       float32 im2col block -> GEMM -> bias/ReLU per cache block       blocked.py
     batched       im2col + GEMM over chunks of the batch, any dtype               batched.py
-    winograd      F(2x2, 3x3) minimal filtering: forward and input gradient        winograd.py
-                  (its weight gradient takes the path routed for the call without dx)
+    winograd      F(2x2, 3x3) minimal filtering: forward, input and weight gradient winograd.py
     winograd4     the same with F(4x4, 3x3): 4x fewer multiplications than direct,  winograd.py
                   against 2.25x, for 2.2x the transformed weights
     direct_bf16   the direct micro-kernel on bf16 pairs (vdpbf16ps): forward and   direct.py
@@ -32,7 +31,7 @@ PATHS = ("direct_bf16", "bf16", "winograd4", "winograd", "direct", "direct_split
 PRECISIONS = ("fp32", "bf16")
 # paths whose backward computes only the input gradient; the weight and bias gradients come from
 # the path the table gives the same call without dx (weight_grad_call)
-INPUT_GRAD_ONLY = ("winograd4", "winograd", "direct_bf16")
+INPUT_GRAD_ONLY = ("direct_bf16",)
 BF16_PATHS = ("direct_bf16", "bf16")  # the paths whose products take bf16-rounded operands
 PHASES = ("forward", "backward")
 ENV = "MINIALEX_CONV_PATH"
@@ -122,8 +121,8 @@ RULES = (
     Rule("backward", "direct_bf16", ("bf16", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                      "padding < kernel", "dx wanted", "float32 grads")),
     Rule("backward", "bf16", ("bf16",), ("stride 1", "Cin in 32s", "no dx")),
-    Rule("backward", "winograd4", WINOGRAD + ("dx wanted", "float32 grads"), WINOGRAD4_PREFER),
-    Rule("backward", "winograd", WINOGRAD + ("dx wanted", "float32 grads"),
+    Rule("backward", "winograd4", WINOGRAD + ("float32 grads",), WINOGRAD4_PREFER),
+    Rule("backward", "winograd", WINOGRAD + ("float32 grads",),
          (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                 "padding < kernel", "float32 grads")),

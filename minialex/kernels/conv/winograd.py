@@ -1,6 +1,6 @@
 """Paths `winograd` and `winograd4`: Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4, for
-float32, groups 1, 3x3, stride 1, padding 1 convolutions (AlexNet's conv3-conv5): the forward
-pass and the input gradient.
+float32, groups 1, 3x3, stride 1, padding 1 convolutions (AlexNet's conv3-conv5): forward, input
+gradient and weight gradient.
 
 Each m x m output tile is computed from the (m+2) x (m+2) input window d around it as
 
@@ -11,26 +11,27 @@ so the sum over input channels becomes, for each of the (m+2)² transform points
 multiplications than the direct sum. The input gradient is the same convolution of dy with the
 flipped weights, their channel axes swapped. U is written once per call as the GEMM's 32-column
 panels; a thread takes TILE_BLOCK tiles at a time and carries them through input transform,
-the GEMMs and output transform while they are in cache.
+the GEMMs and output transform while they are in cache. The weight gradient is the same
+identity read backwards, dW = Gᵀ [ sum over tiles (A dY Aᵀ) ⊙ (Bᵀ d B) ] G: every tile of the
+batch is transformed first, then each point's sum over tiles is one GEMM (Cout x T) @ (T x Cin).
 
 Layout: channels-last, channels zero-padded to multiples of 16, so every transform works on
 16-channel vectors (simd.py) loaded from contiguous memory; each 2-D transform is a 1-D kernel
 applied down the columns of a tile, then along its rows.
 
-The weight gradient is not computed here: routed through this path, it takes the path the plan
-gives the same call without an input gradient (plan.weight_grad_call). Why this: both tiles are
-within 1e-5 of the largest output in float32 (F(4x4) with the points below), and a Winograd
-weight gradient was slower than the direct one (docs/performance.md).
+Both tiles are within 1e-5 of the largest output and gradient in float32 (F(4x4) with the
+points below); the plan takes F(4x4) where its larger transforms pay (docs/performance.md).
 """
 import numpy as np
 from numba import njit, prange
 
-from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels
-from minialex.kernels.parallel import take
+from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels, gemm32_slab
+from minialex.kernels.parallel import column_sums, take
 from minialex.kernels.simd import vadd, vfma, vload, vmul, vsplat, vstore, vsub, vtranspose_8x16, vzero
 
 LANES = 16
 TILE_BLOCK = 32  # tiles a thread carries through one pass: transforms and products stay in L2
+_NONE = np.empty(0, dtype=np.float32)  # gemm32_slab's "A not pre-packed"
 
 # The transform matrices of F(m x m, 3x3) for the two output tiles m built here. The Numba
 # kernels spell them out term by term; the NumPy twins use them as written.
@@ -48,6 +49,7 @@ G4 = np.array([[1, 0, 0], [-1 / 3, -1 / 3, -1 / 3], [1 / 3, -1 / 3, 1 / 3], [1 /
 AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -.5, 0], [0, 1, 1, 4, .25, 0],
                 [0, 1, -1, 8, -.125, 1]], dtype=np.float64)
 MATRICES = {2: (BT2, G2, AT2), 4: (BT4, G4, AT4)}
+G_F32 = {m: mats[1].astype(np.float32) for m, mats in MATRICES.items()}   # the weight gradient's Gᵀ . G
 BT, G, AT = BT2, G2, AT2
 
 
@@ -341,31 +343,173 @@ def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, y, b, has_bias, relu
             _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, y, b, has_bias, relu, tout, out)
 
 
-def _conv(m, x, mask, u, cout, b, relu, nthreads):
-    # x (N, C, H, W) -> (N, cout, H, W) through U ((m+2)², C padded, ld); x masked by `mask` > 0
+def _channels_last(x, mask, m):
+    # x (N, C, H, W) -> (flat (N, hp, wp, C padded to 16) copy with a zero border of 1 and zero
+    # up to whole m x m tiles, hp, wp); x kept only where mask > 0 when mask is given
     n, c, h, w = x.shape
-    y = np.empty((n, cout, h, w), dtype=np.float32)
-    th_n, tw_n = (h + m - 1) // m, (w + m - 1) // m
+    hp, wp = (h + m - 1) // m * m + 2, (w + m - 1) // m * m + 2
     cp = _pad16(c)
-    hp, wp = th_n * m + 2, tw_n * m + 2
     xc = np.zeros(n * hp * wp * cp, dtype=np.float32)
     _to_channels_last(x, x if mask is None else mask, mask is not None, xc, hp, wp, cp)
+    return xc, hp, wp, cp
+
+
+def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
+    # xc from _channels_last -> (N, cout, H, W) through U ((m+2)², cout padded / 32, cp, 32)
+    y = np.empty((n, cout, h, w), dtype=np.float32)
     bias = np.zeros(1, dtype=np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, th_n, tw_n, u.reshape(-1), u.shape[1] * NR, y, bias,
-              b is not None, relu, nthreads, np.zeros(1, dtype=np.int64))
+    _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, (h + m - 1) // m, (w + m - 1) // m, u.reshape(-1),
+              u.shape[1] * NR, y, bias, b is not None, relu, nthreads, np.zeros(1, dtype=np.int64))
     return y
 
 
 def forward(x, w, b, g, relu, nthreads, m=2):
     """The package's forward (x: (N, Cin, H, W) float32, g: layout.Geometry), by F(m x m, 3x3)."""
-    return _conv(m, x, None, transform_weights(w, m=m), g.cout, b, relu, nthreads)
+    xc, hp, wp, cp = _channels_last(x, None, m)
+    return _conv(m, xc, hp, wp, cp, g.n, g.h, g.w, transform_weights(w, m=m), g.cout, b, relu, nthreads)
 
 
-def input_grad(dy, w, g, relu_out, nthreads, m=2):
-    """dx (N, Cin, H, W) of the forward: dy (masked where relu_out <= 0 when given) convolved with
-    the flipped weights, by F(m x m, 3x3)."""
-    mask = None if relu_out is None else np.ascontiguousarray(relu_out)
-    return _conv(m, dy, mask, transform_weights(w, flipped=True, m=m), g.cin, None, False, nthreads)
+def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads, m=2):
+    """The package's backward by F(m x m, 3x3): dW (+)= into dw (float32, C-contiguous), db (+)=
+    into db (or None); returns dx (dy, masked where relu_out <= 0 when given, convolved with the
+    flipped weights) or None when not need_dx. One channels-last copy of dy serves both."""
+    dc, hp, wp, cop = _channels_last(dy, None if relu_out is None else np.ascontiguousarray(relu_out), m)
+    _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate)
+    if not need_dx:
+        return None
+    return _conv(m, dc, hp, wp, cop, g.n, g.h, g.w, transform_weights(w, flipped=True, m=m), g.cin, None, False,
+                 nthreads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradient: dW[co, ci] = Gᵀ [ sum over tiles (A dY Aᵀ) ⊙ (Bᵀ d B) ] G, the sum over all
+# tiles of the batch being, per transform point, one GEMM (Cout x T) @ (T x Cin).
+
+@njit(inline="always", cache=True)
+def _a2(src, so, ss, dst, do, ds):
+    # A dy of F(2x2): 2 vectors -> 4 vectors (columns of AT2)
+    d0 = vload(src, so); d1 = vload(src, so + ss)
+    vstore(dst, do, d0)
+    vstore(dst, do + ds, vadd(d0, d1))
+    vstore(dst, do + 2 * ds, vsub(d0, d1))
+    vstore(dst, do + 3 * ds, vsub(vzero(), d1))
+
+
+@njit(inline="always", cache=True)
+def _a4(src, so, ss, dst, do, ds):
+    # A dy of F(4x4): 4 vectors -> 6 vectors (columns of AT4)
+    d0 = vload(src, so); d1 = vload(src, so + ss); d2 = vload(src, so + 2 * ss); d3 = vload(src, so + 3 * ss)
+    e = vadd(d0, d2)
+    o = vadd(d1, d3)
+    vstore(dst, do, d0)
+    vstore(dst, do + ds, vadd(e, o))
+    vstore(dst, do + 2 * ds, vsub(e, o))
+    vstore(dst, do + 3 * ds, vfma(vsplat(np.float32(8.0)), d3, vfma(vsplat(np.float32(4.0)), d2,
+                                                                    vfma(vsplat(np.float32(2.0)), d1, d0))))
+    vstore(dst, do + 4 * ds, vfma(vsplat(np.float32(-0.125)), d3, vfma(vsplat(np.float32(0.25)), d2,
+                                                                       vfma(vsplat(np.float32(-0.5)), d1, d0))))
+    vstore(dst, do + 5 * ds, d3)
+
+
+@njit(cache=True)
+def _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ldy, pstride, tmp):
+    # dc: flat (N, hp, wp, cop) zero-bordered channels-last dy (border 1, as _to_channels_last)
+    # yh: flat (a*a, pstride), a = m + 2: yh[p, (t - t0)*ldy + co] = (A dY Aᵀ)[p] of tile t's m x m dY
+    alpha = m + 2
+    for t in range(t0, t1):
+        img = t // (th_n * tw_n)
+        r = t - img * (th_n * tw_n)
+        th = r // tw_n
+        tw = r - th * tw_n
+        base = ((img * hp + th * m + 1) * wp + tw * m + 1) * cop
+        row = (t - t0) * ldy
+        for c in range(0, cop, LANES):
+            for j in range(m):          # down column j: tmp[i, j] = (A dY)[i, j]
+                if m == 4:
+                    _a4(dc, base + j * cop + c, wp * cop, tmp, j * LANES, m * LANES)
+                else:
+                    _a2(dc, base + j * cop + c, wp * cop, tmp, j * LANES, m * LANES)
+            for i in range(alpha):      # along row i: yh[i*alpha + j] = (tmp Aᵀ)[i, j]
+                if m == 4:
+                    _a4(tmp, i * m * LANES, LANES, yh, i * alpha * pstride + row + c, pstride)
+                else:
+                    _a2(tmp, i * m * LANES, LANES, yh, i * alpha * pstride + row + c, pstride)
+
+
+@njit(parallel=True, cache=True)
+def _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, ldx, yh, ldy):
+    # every tile of the batch: xh: flat (a*a, T, ldx) = Bᵀ d B ; yh: flat (a*a, T, ldy) = A dY Aᵀ
+    alpha = m + 2
+    ntile = n * th_n * tw_n
+    nblocks = (ntile + TILE_BLOCK - 1) // TILE_BLOCK
+    for blk in prange(nblocks):
+        t0 = blk * TILE_BLOCK
+        t1 = min(ntile, t0 + TILE_BLOCK)
+        tin = np.empty(alpha * alpha * LANES, dtype=np.float32)
+        _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, xh[t0 * ldx:], ldx, ntile * ldx, tin)
+        _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh[t0 * ldy:], ldy, ntile * ldy, tin)
+
+
+@njit(parallel=True, cache=True)
+def _grad_products(alpha, ntile, xh, ldx, cp, yh, ldy, cop, wh, ldw):
+    # wh: flat (a*a, cop, ldw): wh[p, co, ci] = sum over tiles t of yh[p, t, co] * xh[p, t, ci]
+    for p in prange(alpha * alpha):
+        gemm32_slab(yh[p * ntile * ldy:], ldy, True, xh[p * ntile * ldx:], ldx, False,
+                    wh[p * cop * ldw:], ldw, 0, cop, 0, cp, ntile, False, False, _NONE, 0)
+
+
+@njit(parallel=True, cache=True)
+def _grad_weights(alpha, wh, cop, ldw, gm, dw, accumulate):
+    # dw: (Cout, Cin, 3, 3) (+)= Gᵀ W G of wh[:, co, ci] (gm: G, (a, 3) float32)
+    cout, cin = dw.shape[0], dw.shape[1]
+    dwf = dw.reshape(-1)
+    pstride = cop * ldw
+    for co in prange(cout):
+        tmp = np.empty(3 * alpha * LANES, dtype=np.float32)
+        out = np.empty(9 * LANES, dtype=np.float32)
+        for c in range(0, cin, LANES):
+            for j in range(alpha):      # down column j: tmp[k, j] = (Gᵀ W)[k, j]
+                for k in range(3):
+                    acc = vzero()
+                    for i in range(alpha):
+                        acc = vfma(vsplat(gm[i, k]), vload(wh, (i * alpha + j) * pstride + co * ldw + c), acc)
+                    vstore(tmp, (k * alpha + j) * LANES, acc)
+            for k in range(3):          # along row k: out[k, l] = (tmp G)[k, l]
+                for l in range(3):
+                    acc = vzero()
+                    for j in range(alpha):
+                        acc = vfma(vsplat(gm[j, l]), vload(tmp, (k * alpha + j) * LANES), acc)
+                    vstore(out, (k * 3 + l) * LANES, acc)
+            for lane in range(min(LANES, cin - c)):
+                base = (co * cin + c + lane) * 9
+                for q in range(9):
+                    if accumulate:
+                        dwf[base + q] += out[q * LANES + lane]
+                    else:
+                        dwf[base + q] = out[q * LANES + lane]
+
+
+def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
+    # dc: flat (N, hp, wp, cop) masked dy from _channels_last ; dw (+)= Gᵀ [sum (A dY Aᵀ) ⊙ (Bᵀ d B)] G
+    n, cin, cout = g.n, g.cin, g.cout
+    th_n, tw_n = (g.h + m - 1) // m, (g.w + m - 1) // m
+    xc, _, _, cp = _channels_last(x, None, m)
+    ntile = n * th_n * tw_n
+    alpha = m + 2
+    ldx, ldy = _ld(cp), _ld(cop)
+    xh = aligned_f32(alpha * alpha * ntile * ldx)
+    yh = aligned_f32(alpha * alpha * ntile * ldy)
+    _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, ldx, yh, ldy)
+    wh = aligned_f32(alpha * alpha * cop * ldx)
+    _grad_products(alpha, ntile, xh, ldx, cp, yh, ldy, cop, wh, ldx)
+    _grad_weights(alpha, wh, cop, ldx, G_F32[m], dw, accumulate)
+    if db is not None:   # the zero border and channel padding add nothing
+        sums = np.zeros(cop, dtype=np.float32)
+        column_sums(dc.reshape(-1, cop), sums, False)
+        if accumulate:
+            db += sums[:cout]
+        else:
+            db[...] = sums[:cout]
 
 
 # ---------------------------------------------------------------------------------------------
