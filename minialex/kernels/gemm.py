@@ -297,16 +297,17 @@ def gemm32_slab(a, lda, ta, b, ldb, tb, c, ldc, m0, m1, n0, n1, k, accumulate, i
 
 
 @njit(cache=True)
-def gemm32_panels(a, lda, m, k, bp, n, c, ldc, abuf):
+def gemm32_panels(a, lda, ta, m, k, bp, n, c, ldc, abuf):
     # C[0:m8, 0:n] = A[0:m, 0:k] @ B, m8 = m rounded up to 8 (its extra rows are zero), n in 32s
-    # a: flat, A[i, p] = a[i*lda + p] ; c: flat, row stride ldc, m8 rows writable
+    # a: flat, A[i, p] = a[i*lda + p] (ta False) or a[p*lda + i] (ta True) ; c: flat, row stride
+    # ldc, m8 rows writable
     # bp: B as 32-column panels, B[p, 32q + j] = bp[(q*k + p)*32 + j] (written once by the caller,
     #     e.g. transformed weights): the micro-kernel streams them contiguously, which measured
     #     1.4-1.6x reading the same B in place row by row for m <= 64 (docs/performance.md)
     # abuf: 64-byte aligned scratch of at least m8 * min(k, KC) floats
     for pc in range(0, k, KC):
         kc = min(KC, k - pc)
-        _pack_a32(a, lda, False, 0, m, pc, kc, abuf)
+        _pack_a32(a, lda, ta, 0, m, pc, kc, abuf)
         for ir in range(0, m, MR):
             for q in range(n // NR):
                 _micro_8x32(kc, abuf, (ir // MR) * kc * MR, bp, (q * k + pc) * NR, NR, False,

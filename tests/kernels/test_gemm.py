@@ -219,20 +219,20 @@ def test_simd_helpers():
 
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 70), k=st.integers(1, 900), panels=st.integers(1, 4), pad=st.integers(0, 20),
-       seed=st.integers(0, 2**31))
-def test_gemm32_panels_matches_reference(m, k, panels, pad, seed):
+       ta=st.booleans(), seed=st.integers(0, 2**31))
+def test_gemm32_panels_matches_reference(m, k, panels, pad, ta, seed):
     # A read in place with a row stride; B given as 32-column panels; C rows rounded up to 8,
     # depth across KC blocks
     rng = np.random.default_rng(seed)
-    n, lda, ldc = 32 * panels, k + pad, 32 * panels + pad
-    a = rng.standard_normal((m, lda)).astype(np.float32)
+    n, lda, ldc = 32 * panels, (m if ta else k) + pad, 32 * panels + pad
+    a = rng.standard_normal((k, lda) if ta else (m, lda)).astype(np.float32)   # A or Aᵀ, row stride lda
     b = rng.standard_normal((k, n)).astype(np.float32)
     bp = np.ascontiguousarray(b.reshape(k, panels, 32).transpose(1, 0, 2)).reshape(-1)
     m8 = (m + 7) // 8 * 8
     c = np.full((m8, ldc), np.nan, dtype=np.float32)
     abuf = gemm_mod.aligned_f32(m8 * min(k, gemm_mod.KC))
-    gemm_mod.gemm32_panels(a.reshape(-1), lda, m, k, bp, n, c.reshape(-1), ldc, abuf)
-    ref = gemm_ref(a[:, :k].astype(np.float64), b.astype(np.float64))
+    gemm_mod.gemm32_panels(a.reshape(-1), lda, ta, m, k, bp, n, c.reshape(-1), ldc, abuf)
+    ref = gemm_ref((a[:, :m].T if ta else a[:, :k]).astype(np.float64), b.astype(np.float64))
     np.testing.assert_allclose(c[:m, :n], ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
     assert not c[m:, :n].any()                       # the rows past m are zero
     assert np.isnan(c[:, n:]).all()                  # nothing written past n

@@ -28,7 +28,8 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.bf16 import round_bits
-from minialex.kernels.conv.layout import channels_last_offsets, column_offsets, pixel_offsets, split_copy
+from minialex.kernels.conv.layout import (channels_last_offsets, column_offsets, pixel_offsets, split_copy,
+                                          to_padded_nhwc)
 from minialex.kernels.gemm import store_tile_8x32
 from minialex.kernels.gemm_bf16 import bf16_path, bf16_values
 from minialex.kernels.parallel import column_sums, mask_copy_sum, take
@@ -291,36 +292,6 @@ def _pack_weights_taps(w, flip, dst):
 
 
 @njit(parallel=True, cache=True)
-def _to_padded_nhwc(x, yr, relu, top, left, xp):
-    # x: (N, C, H, W) -> xp: (N, H + 2*top, W + 2*left, C), zero outside ; relu: keep x only
-    # where yr (the forward's rectified output, x's shape) is > 0 (a ReLU's backward)
-    # One task per padded row; pixel by pixel, the channels are gathered from x's planes and
-    # written contiguously (strided channel-by-channel writes are much slower).
-    n, c, h, w = x.shape
-    hp, wp = xp.shape[1], xp.shape[2]
-    for task in prange(n * hp):
-        b = task // hp
-        r = task - b * hp
-        ih = r - top
-        row = xp[b, r]
-        if ih < 0 or ih >= h:
-            row[:, :] = 0.0
-            continue
-        for col in range(left):
-            row[col, :] = 0.0
-        for col in range(left + w, wp):
-            row[col, :] = 0.0
-        for iw in range(w):
-            d = row[left + iw]
-            if relu:
-                for ch in range(c):
-                    d[ch] = 0.0 if yr[b, ch, ih, iw] <= 0.0 else x[b, ch, ih, iw]
-            else:
-                for ch in range(c):
-                    d[ch] = x[b, ch, ih, iw]
-
-
-@njit(parallel=True, cache=True)
 def _from_nhwc(out, bias, has_bias, relu, y):
     # out: (>= N*OH*OW, C) NHWC rows ; y: (N, C, OH*OW) = out transposed (+ bias, rectified)
     # One task per run of 16 pixels of an image: rows of out read contiguously, and the 16
@@ -507,7 +478,7 @@ def forward(x, w, b, g, relu, nthreads):
     n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
     y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
     xp = np.empty((n, g.h + 2 * g.ph, g.w + 2 * g.pw, cin), dtype=np.float32)
-    _to_padded_nhwc(x, x, False, g.ph, g.pw, xp)
+    to_padded_nhwc(x, x, False, g.ph, g.pw, xp)
     wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
     _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
     out = _run(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, g.sh, g.sw, cout, nthreads)
@@ -545,7 +516,7 @@ def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
     qh, qw = kh - 1 - g.ph, kw - 1 - g.pw
     dyp = np.empty((n, g.oh + 2 * qh, g.ow + 2 * qw, cout), dtype=np.float32)
     yr = dy if relu_out is None else np.ascontiguousarray(relu_out)
-    _to_padded_nhwc(dy, yr, relu_out is not None, qh, qw, dyp)
+    to_padded_nhwc(dy, yr, relu_out is not None, qh, qw, dyp)
     dx = None
     if need_dx:
         dx = np.empty((n, cin, g.h, g.w), dtype=np.float32)
@@ -588,7 +559,7 @@ def forward_bf16(x, w, b, g, relu, nthreads):
     n, cin, cout, kh, kw = g.n, g.cin, g.cout, g.kh, g.kw
     y = np.empty((n, cout, g.oh, g.ow), dtype=np.float32)
     xp = np.empty((n, g.h + 2 * g.ph, g.w + 2 * g.pw, cin), dtype=np.float32)
-    _to_padded_nhwc(x, x, False, g.ph, g.pw, xp)
+    to_padded_nhwc(x, x, False, g.ph, g.pw, xp)
     wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
     _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
     out = _run_bf16(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, cout, nthreads)
@@ -605,7 +576,7 @@ def input_grad_bf16(dy, w, g, relu_out, nthreads):
     qh, qw = kh - 1 - g.ph, kw - 1 - g.pw
     dyp = np.empty((n, g.oh + 2 * qh, g.ow + 2 * qw, cout), dtype=np.float32)
     yr = dy if relu_out is None else np.ascontiguousarray(relu_out)
-    _to_padded_nhwc(np.ascontiguousarray(dy), yr, relu_out is not None, qh, qw, dyp)
+    to_padded_nhwc(np.ascontiguousarray(dy), yr, relu_out is not None, qh, qw, dyp)
     wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
     _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
     out = _run_bf16(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, cin, nthreads)

@@ -106,6 +106,39 @@ def padded_to_image(acc, dxn, ph, pw, sw, wq):
                     df[d + m * sw] = acc[s + m]
 
 
+@njit(parallel=True, cache=True)
+def to_padded_nhwc(x, yr, relu, top, left, xp):
+    # x: (N, C, H, W) -> xp: (N, hp, wp, cp), xp[n, top + h, left + w, c] = x[n, c, h, w] and zero
+    # elsewhere (borders of any size, channels c >= C) ; relu: keep x only where yr (the forward's
+    # rectified output, x's shape) is not <= 0 (a ReLU's backward, as torch's threshold_backward)
+    # One task per padded row; pixel by pixel, the channels are gathered from x's planes and
+    # written contiguously (strided channel-by-channel writes are much slower).
+    n, c, h, w = x.shape
+    hp, wp, cp = xp.shape[1], xp.shape[2], xp.shape[3]
+    for task in prange(n * hp):
+        b = task // hp
+        r = task - b * hp
+        ih = r - top
+        row = xp[b, r]
+        if ih < 0 or ih >= h:
+            row[:, :] = 0.0
+            continue
+        for col in range(left):
+            row[col, :] = 0.0
+        for col in range(left + w, wp):
+            row[col, :] = 0.0
+        for iw in range(w):
+            d = row[left + iw]
+            if relu:
+                for ch in range(c):
+                    d[ch] = 0.0 if yr[b, ch, ih, iw] <= 0.0 else x[b, ch, ih, iw]
+            else:
+                for ch in range(c):
+                    d[ch] = x[b, ch, ih, iw]
+            for ch in range(c, cp):
+                d[ch] = 0.0
+
+
 def split_copy(x, ph, pw, sw, slack):
     """x (N, C, H, W) as a new phase-split padded array (N, C, H + 2*ph, sw, Wq)."""
     n, c, h, w = x.shape

@@ -25,6 +25,7 @@ points below); the plan takes F(4x4) where its larger transforms pay (docs/perfo
 import numpy as np
 from numba import njit, prange
 
+from minialex.kernels.conv.layout import to_padded_nhwc
 from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels, gemm32_slab
 from minialex.kernels.parallel import column_sums, take
 from minialex.kernels.simd import vadd, vfma, vload, vmul, vsplat, vstore, vsub, vtranspose_8x16, vzero
@@ -227,30 +228,11 @@ def transform_weights(w, flipped=False, m=2):
 # Tiles. T = N * th_n * tw_n, tile t = (n*th_n + th)*tw_n + tw covers outputs
 # (2th .. 2th+1, 2tw .. 2tw+1).
 
-@njit(parallel=True, cache=True)
-def _to_channels_last(x, mask, use_mask, out, hp, wp, cp):
-    # x: (N, C, H, W) ; mask: same shape (a ReLU output), x kept only where mask > 0
-    # out: flat (N, hp, wp, cp), zero on entry: out[n, r + 1, c + 1, ch] = x[n, ch, r, c]
-    n, ch_n, h, w = x.shape
-    for task in prange(n * h):
-        img = task // h
-        r = task - img * h
-        row = ((img * hp + r + 1) * wp + 1) * cp
-        for ch in range(ch_n):
-            src = x[img, ch, r]
-            if use_mask:
-                keep = mask[img, ch, r]
-                for c in range(w):
-                    out[row + c * cp + ch] = src[c] if keep[c] > 0.0 else np.float32(0.0)
-            else:
-                for c in range(w):
-                    out[row + c * cp + ch] = src[c]
-
-
 @njit(cache=True)
-def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pstride, tmp):
+def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pan, pstride, tmp):
     # xc: flat (N, hp, wp, cp) zero-bordered channels-last input
-    # v: flat (a*a, pstride), a = m + 2: v[p, (t - t0)*ldv + c] = (Bᵀ d B)[p] of tile t's a x a window
+    # v: flat (a*a, pstride), a = m + 2: v[p, (t - t0)*ldv + (c // 32)*pan + c % 32] = (Bᵀ d B)[p] of
+    # tile t's a x a window: rows of channels for pan = 32, the GEMM's B panels for ldv = 32
     alpha = m + 2
     for t in range(t0, t1):
         img = t // (th_n * tw_n)
@@ -260,6 +242,7 @@ def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pstride, tmp):
         base = ((img * hp + th * m) * wp + tw * m) * cp
         row = (t - t0) * ldv
         for c in range(0, cp, LANES):
+            col = (c // NR) * pan + c % NR
             for j in range(alpha):      # down column j: tmp[i, j] = (Bᵀ d)[i, j]
                 if m == 4:
                     _bt6(xc, base + j * cp + c, wp * cp, tmp, j * LANES, alpha * LANES)
@@ -267,9 +250,9 @@ def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pstride, tmp):
                     _bt(xc, base + j * cp + c, wp * cp, tmp, j * LANES, alpha * LANES)
             for i in range(alpha):      # along row i: v[i*alpha + j] = (tmp B)[i, j]
                 if m == 4:
-                    _bt6(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + c, pstride)
+                    _bt6(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + col, pstride)
                 else:
-                    _bt(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + c, pstride)
+                    _bt(tmp, i * alpha * LANES, LANES, v, i * alpha * pstride + row + col, pstride)
 
 
 @njit(cache=True)
@@ -336,22 +319,22 @@ def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, y, b, has_bias, relu
                 break
             t0 = blk * tb
             t1 = min(ntile, t0 + tb)
-            _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, vst, tin)
+            _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, NR, vst, tin)
             for p in range(points):     # (tiles x Cin) @ (Cin x Cout) on U's panels
-                gemm32_panels(v[p * vst:], ldv, t1 - t0, cp, u[p * upoint:(p + 1) * upoint], cop,
+                gemm32_panels(v[p * vst:], ldv, False, t1 - t0, cp, u[p * upoint:(p + 1) * upoint], cop,
                               mt[p * mst:], cop, abuf)
             _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, y, b, has_bias, relu, tout, out)
 
 
-def _channels_last(x, mask, m):
-    # x (N, C, H, W) -> (flat (N, hp, wp, C padded to 16) copy with a zero border of 1 and zero
-    # up to whole m x m tiles, hp, wp); x kept only where mask > 0 when mask is given
+def _channels_last(x, mask, m, lanes=LANES):
+    # x (N, C, H, W) -> (flat (N, hp, wp, C padded to `lanes`) copy with a zero border of 1 and zero
+    # up to whole m x m tiles, hp, wp, padded C); x zeroed where mask <= 0 when mask is given
     n, c, h, w = x.shape
     hp, wp = (h + m - 1) // m * m + 2, (w + m - 1) // m * m + 2
-    cp = _pad16(c)
-    xc = np.zeros(n * hp * wp * cp, dtype=np.float32)
-    _to_channels_last(x, x if mask is None else mask, mask is not None, xc, hp, wp, cp)
-    return xc, hp, wp, cp
+    cp = (c + lanes - 1) // lanes * lanes
+    xc = np.empty((n, hp, wp, cp), dtype=np.float32)
+    to_padded_nhwc(x, x if mask is None else mask, mask is not None, 1, 1, xc)
+    return xc.reshape(-1), hp, wp, cp
 
 
 def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
@@ -413,7 +396,7 @@ def _a4(src, so, ss, dst, do, ds):
 
 @njit(cache=True)
 def _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ldy, pstride, tmp):
-    # dc: flat (N, hp, wp, cop) zero-bordered channels-last dy (border 1, as _to_channels_last)
+    # dc: flat (N, hp, wp, cop) zero-bordered channels-last dy (border 1, as _channels_last)
     # yh: flat (a*a, pstride), a = m + 2: yh[p, (t - t0)*ldy + co] = (A dY Aᵀ)[p] of tile t's m x m dY
     alpha = m + 2
     for t in range(t0, t1):
@@ -437,8 +420,9 @@ def _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ldy, pstride, tm
 
 
 @njit(parallel=True, cache=True)
-def _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, ldx, yh, ldy):
-    # every tile of the batch: xh: flat (a*a, T, ldx) = Bᵀ d B ; yh: flat (a*a, T, ldy) = A dY Aᵀ
+def _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh, ldy):
+    # every tile of the batch: xh: flat (a*a, cp/32, T, 32) = Bᵀ d B as the GEMM's B panels (cp in
+    # 32s) ; yh: flat (a*a, T, ldy) = A dY Aᵀ
     alpha = m + 2
     ntile = n * th_n * tw_n
     nblocks = (ntile + TILE_BLOCK - 1) // TILE_BLOCK
@@ -446,16 +430,17 @@ def _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, ldx, yh, ldy):
         t0 = blk * TILE_BLOCK
         t1 = min(ntile, t0 + TILE_BLOCK)
         tin = np.empty(alpha * alpha * LANES, dtype=np.float32)
-        _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, xh[t0 * ldx:], ldx, ntile * ldx, tin)
+        _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, xh[t0 * NR:], NR, ntile * NR, ntile * cp, tin)
         _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh[t0 * ldy:], ldy, ntile * ldy, tin)
 
 
 @njit(parallel=True, cache=True)
-def _grad_products(alpha, ntile, xh, ldx, cp, yh, ldy, cop, wh, ldw):
+def _grad_products(alpha, ntile, xh, cp, yh, ldy, cop, wh, ldw):
     # wh: flat (a*a, cop, ldw): wh[p, co, ci] = sum over tiles t of yh[p, t, co] * xh[p, t, ci]
     for p in prange(alpha * alpha):
-        gemm32_slab(yh[p * ntile * ldy:], ldy, True, xh[p * ntile * ldx:], ldx, False,
-                    wh[p * cop * ldw:], ldw, 0, cop, 0, cp, ntile, False, False, _NONE, 0)
+        abuf = aligned_f32(cop * min(ntile, KC))
+        gemm32_panels(yh[p * ntile * ldy:], ldy, True, cop, ntile, xh[p * ntile * cp:(p + 1) * ntile * cp], cp,
+                      wh[p * cop * ldw:], ldw, abuf)
 
 
 @njit(parallel=True, cache=True)
@@ -493,16 +478,16 @@ def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     # dc: flat (N, hp, wp, cop) masked dy from _channels_last ; dw (+)= Gᵀ [sum (A dY Aᵀ) ⊙ (Bᵀ d B)] G
     n, cin, cout = g.n, g.cin, g.cout
     th_n, tw_n = (g.h + m - 1) // m, (g.w + m - 1) // m
-    xc, _, _, cp = _channels_last(x, None, m)
+    xc, _, _, cp = _channels_last(x, None, m, NR)
     ntile = n * th_n * tw_n
     alpha = m + 2
-    ldx, ldy = _ld(cp), _ld(cop)
-    xh = aligned_f32(alpha * alpha * ntile * ldx)
+    ldy, ldw = _ld(cop), _ld(cp)
+    xh = aligned_f32(alpha * alpha * ntile * cp)
     yh = aligned_f32(alpha * alpha * ntile * ldy)
-    _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, ldx, yh, ldy)
-    wh = aligned_f32(alpha * alpha * cop * ldx)
-    _grad_products(alpha, ntile, xh, ldx, cp, yh, ldy, cop, wh, ldx)
-    _grad_weights(alpha, wh, cop, ldx, G_F32[m], dw, accumulate)
+    _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh, ldy)
+    wh = aligned_f32(alpha * alpha * cop * ldw)
+    _grad_products(alpha, ntile, xh, cp, yh, ldy, cop, wh, ldw)
+    _grad_weights(alpha, wh, cop, ldw, G_F32[m], dw, accumulate)
     if db is not None:   # the zero border and channel padding add nothing
         sums = np.zeros(cop, dtype=np.float32)
         column_sums(dc.reshape(-1, cop), sums, False)
