@@ -256,10 +256,11 @@ def test_route_of_alexnet_layers():
             assert plan.route(_alexnet_call(conv[name], phase, 48, 2)) == "winograd"
             assert plan.route(_alexnet_call(conv[name], phase, 64, 2)) == "winograd4"
         assert plan.label(_alexnet_call(conv[name], "backward", 8, 2)) == "winograd"
-    # the cifar model's 3x3 layers (6x6 plane): winograd forward, direct backward
+    # the cifar model's 3x3 layers (6x6 plane): F(2x2) whatever the batch
     cifar = ("cifar conv4", 128, 192, 6, 3, 1, 1, 1)
-    assert plan.route(_alexnet_call(cifar, "forward", 128, 2)) == "winograd"
-    assert plan.route(_alexnet_call(cifar, "backward", 128, 2)) == "direct"
+    for phase in plan.PHASES:
+        assert plan.route(_alexnet_call(cifar, phase, 128, 2)) == "winograd"
+        assert plan.route(_alexnet_call(cifar, phase, 512, 2)) == "winograd"
     # grouped layers: blocked with an image per thread, batched below that; float64: batched
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "forward", 1, 2)) == "blocked"
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "backward", 2, 2)) == "blocked"

@@ -39,13 +39,13 @@ ENV = "MINIALEX_CONV_PATH"
 # Stride-1 forwards with at least this many output pixels per image take direct_split (NCHW
 # tiles) instead of direct (channels-last): conv2's 729 is faster that way, conv3-5's 169 not.
 SPLIT_MIN_PLANE = 400
-# Winograd is taken where it measured faster than direct (docs/performance.md): forward with at
-# least this many input and output channels (AlexNet's conv3-5, the cifar model's 3x3 layers),
-# backward also needing a plane of at least WINOGRAD_MIN_PLANE (13x13 yes, 6x6 no).
+# Winograd is taken where it measured faster than direct (docs/performance.md): with at least
+# this many input and output channels (AlexNet's conv3-5, the cifar model's 3x3 layers).
 WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MIN_PLANE = 100
 # F(4x4) pays for transforming 36 points of weights (twice F(2x2)'s 16 per call) from this many
-# output pixels per call on (batch x plane: AlexNet's 3x3 layers from batch 49 on)
+# output pixels per call on (batch x plane: AlexNet's 3x3 layers from batch 49 on), on planes
+# of at least WINOGRAD_MIN_PLANE (its 4x4 tiles cover a 6x6 plane as 8x8: F(2x2) there)
+WINOGRAD_MIN_PLANE = 100
 WINOGRAD4_MIN_PIXELS = 8192
 PANEL = 32  # output (and, for the direct backward, input) channels per micro-tile
 
@@ -122,8 +122,7 @@ RULES = (
                                      "padding < kernel", "dx wanted", "float32 grads")),
     Rule("backward", "bf16", ("bf16",), ("stride 1", "Cin in 32s", "no dx")),
     Rule("backward", "winograd4", WINOGRAD + ("float32 grads",), WINOGRAD4_PREFER),
-    Rule("backward", "winograd", WINOGRAD + ("float32 grads",),
-         (f"channels >= {WINOGRAD_MIN_CHANNELS}", f"plane >= {WINOGRAD_MIN_PLANE}")),
+    Rule("backward", "winograd", WINOGRAD + ("float32 grads",), (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                 "padding < kernel", "float32 grads")),
     Rule("backward", "direct_split", ("float32", "groups 1", "Cout in 32s", "no dx", "float32 grads")),
