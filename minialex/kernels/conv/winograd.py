@@ -228,6 +228,14 @@ def transform_weights(w, flipped=False, m=2):
 # Tiles. T = N * th_n * tw_n, tile t = (n*th_n + th)*tw_n + tw covers outputs
 # (2th .. 2th+1, 2tw .. 2tw+1).
 
+@njit(inline="always", cache=True)
+def _tile(t, th_n, tw_n):
+    # tile t = (img*th_n + th)*tw_n + tw -> (img, th, tw)
+    img = t // (th_n * tw_n)
+    r = t - img * (th_n * tw_n)
+    return img, r // tw_n, r % tw_n
+
+
 @njit(cache=True)
 def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pan, pstride, tmp):
     # xc: flat (N, hp, wp, cp) zero-bordered channels-last input
@@ -235,10 +243,7 @@ def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pan, pstride, tm
     # tile t's a x a window: rows of channels for pan = 32, the GEMM's B panels for ldv = 32
     alpha = m + 2
     for t in range(t0, t1):
-        img = t // (th_n * tw_n)
-        r = t - img * (th_n * tw_n)
-        th = r // tw_n
-        tw = r - th * tw_n
+        img, th, tw = _tile(t, th_n, tw_n)
         base = ((img * hp + th * m) * wp + tw * m) * cp
         row = (t - t0) * ldv
         for c in range(0, cp, LANES):
@@ -264,10 +269,7 @@ def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu,
     _, cout, h, w = y.shape
     yf = y.reshape(-1)
     for t in range(t0, t1):
-        img = t // (th_n * tw_n)
-        r = t - img * (th_n * tw_n)
-        th = r // tw_n
-        tw = r - th * tw_n
+        img, th, tw = _tile(t, th_n, tw_n)
         rows = min(m, h - th * m)
         cols = min(m, w - tw * m)
         row = (t - t0) * ldm
@@ -400,10 +402,7 @@ def _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ldy, pstride, tm
     # yh: flat (a*a, pstride), a = m + 2: yh[p, (t - t0)*ldy + co] = (A dY Aᵀ)[p] of tile t's m x m dY
     alpha = m + 2
     for t in range(t0, t1):
-        img = t // (th_n * tw_n)
-        r = t - img * (th_n * tw_n)
-        th = r // tw_n
-        tw = r - th * tw_n
+        img, th, tw = _tile(t, th_n, tw_n)
         base = ((img * hp + th * m + 1) * wp + tw * m + 1) * cop
         row = (t - t0) * ldy
         for c in range(0, cop, LANES):
