@@ -26,13 +26,12 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.conv.layout import to_padded_nhwc
-from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels, gemm32_slab
+from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels
 from minialex.kernels.parallel import column_sums, take
 from minialex.kernels.simd import vadd, vfma, vload, vmul, vsplat, vstore, vsub, vtranspose_8x16, vzero
 
 LANES = 16
 TILE_BLOCK = 32  # tiles a thread carries through one pass: transforms and products stay in L2
-_NONE = np.empty(0, dtype=np.float32)  # gemm32_slab's "A not pre-packed"
 
 # The transform matrices of F(m x m, 3x3) for the two output tiles m built here. The Numba
 # kernels spell them out term by term; the NumPy twins use them as written.
@@ -226,7 +225,7 @@ def transform_weights(w, flipped=False, m=2):
 
 # ---------------------------------------------------------------------------------------------
 # Tiles. T = N * th_n * tw_n, tile t = (n*th_n + th)*tw_n + tw covers outputs
-# (2th .. 2th+1, 2tw .. 2tw+1).
+# (m*th .. m*th + m-1, m*tw .. m*tw + m-1).
 
 @njit(inline="always", cache=True)
 def _tile(t, th_n, tw_n):
