@@ -486,13 +486,8 @@ def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     wh = aligned_f32(alpha * alpha * cop * ldw)
     _grad_products(alpha, ntile, xh, cp, yh, ldy, cop, wh, ldw)
     _grad_weights(alpha, wh, cop, ldw, G_F32[m], dw, accumulate)
-    if db is not None:   # the zero border and channel padding add nothing
-        sums = np.zeros(cop, dtype=np.float32)
-        column_sums(dc.reshape(-1, cop), sums, False)
-        if accumulate:
-            db += sums[:cout]
-        else:
-            db[...] = sums[:cout]
+    if db is not None:   # the zero border adds nothing; the padding channels are left out
+        column_sums(dc.reshape(-1, cop)[:, :cout], db, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------
