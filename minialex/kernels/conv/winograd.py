@@ -28,7 +28,7 @@ from numba import njit, prange
 from minialex.kernels.conv.layout import to_padded_nhwc
 from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels
 from minialex.kernels.parallel import column_sums, take
-from minialex.kernels.simd import vadd, vfma, vload, vmul, vsplat, vstore, vsub, vtranspose_8x16, vzero
+from minialex.kernels.simd import vadd, vfma, vload, vmul, vrelu, vsplat, vstore, vsub, vtranspose_8x16, vzero
 
 LANES = 16
 TILE_BLOCK = 32  # tiles a thread carries through one pass: transforms and products stay in L2
@@ -260,19 +260,17 @@ def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pan, pstride, tm
 
 
 @njit(cache=True)
-def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu, tmp, out):
+def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, yc, h, w, ldy, b, relu, tmp, out):
     # mt: flat (a*a, pstride), a = m + 2: mt[p, (t - t0)*ldm + co], the products summed over Cin
-    # y: (N, Cout, H, W), written where inside: y[n, co, m*th + i, m*tw + j] = (Aᵀ M A)[i, j] + b[co]
-    # (rectified when relu)
+    # yc: flat (N, H, W, ldy) channels-last, written where inside: yc[n, m*th + i, m*tw + j, co] =
+    # (Aᵀ M A)[i, j] + b[co] (rectified when relu) for co < ldy ; b: (ldy,)
     alpha = m + 2
-    _, cout, h, w = y.shape
-    yf = y.reshape(-1)
     for t in range(t0, t1):
         img, th, tw = _tile(t, th_n, tw_n)
         rows = min(m, h - th * m)
         cols = min(m, w - tw * m)
         row = (t - t0) * ldm
-        for c in range(0, cout, LANES):
+        for c in range(0, ldy, LANES):
             for j in range(alpha):      # down column j: tmp[i, j] = (Aᵀ M)[i, j]
                 if m == 4:
                     _at6(mt, j * pstride + row + c, alpha * pstride, tmp, j * LANES, alpha * LANES)
@@ -283,22 +281,38 @@ def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, y, b, has_bias, relu,
                     _at6(tmp, i * alpha * LANES, LANES, out, i * m * LANES, LANES)
                 else:
                     _at(tmp, i * alpha * LANES, LANES, out, i * m * LANES, LANES)
-            for lane in range(min(LANES, cout - c)):
-                co = c + lane
-                bv = b[co] if has_bias else np.float32(0.0)
-                for i in range(rows):
-                    dst = ((img * cout + co) * h + th * m + i) * w + tw * m
-                    for j in range(cols):
-                        v = out[(i * m + j) * LANES + lane] + bv
-                        if relu and v <= 0.0:   # as relu_forward: a NaN passes through
-                            v = np.float32(0.0)
-                        yf[dst + j] = v
+            bv = vload(b, c)
+            for i in range(rows):
+                dst = ((img * h + th * m + i) * w + tw * m) * ldy + c
+                for j in range(cols):
+                    v = vadd(vload(out, (i * m + j) * LANES), bv)
+                    vstore(yc, dst + j * ldy, vrelu(v) if relu else v)
 
 
 @njit(parallel=True, cache=True)
-def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, y, b, has_bias, relu, nthreads, counter):
-    # xc: flat (N, hp, wp, cp) ; u: flat ((m+2)², cop/32, cp, 32) B panels ; y: (N, Cout, H, W)
-    # tb: tiles per block, in 8s ; counter: (1,) zero
+def _to_planes(yc, ldy, y):
+    # yc: flat (N, H*W, ldy) channels-last -> y: (N, C, H, W), C <= ldy; 8 pixels x 16 channels
+    # a register transpose, the ragged pixel and channel edges one element at a time
+    n, c, h, w = y.shape
+    hw = h * w
+    yf = y.reshape(-1)
+    cb = (c + LANES - 1) // LANES
+    for u in prange(n * cb):
+        img, c0 = u // cb, u % cb * LANES
+        src = img * hw * ldy + c0
+        dst = (img * c + c0) * hw
+        p8 = hw - hw % 8 if c0 + LANES <= c else 0
+        for p in range(0, p8, 8):
+            vtranspose_8x16(yc, src + p * ldy, ldy, yf, dst + p, hw)
+        for ch in range(min(LANES, c - c0)):
+            for p in range(p8, hw):
+                yf[dst + ch * hw + p] = yc[src + p * ldy + ch]
+
+
+@njit(parallel=True, cache=True)
+def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, yc, h, w, ldy, b, relu, nthreads, counter):
+    # xc: flat (N, hp, wp, cp) ; u: flat ((m+2)², cop/32, cp, 32) B panels ; yc: flat (N, H, W, ldy)
+    # channels-last output, ldy <= cop in 16s ; b: (ldy,) ; tb: tiles per block, in 8s ; counter: (1,) zero
     alpha = m + 2
     points = alpha * alpha
     ntile = n * th_n * tw_n
@@ -324,7 +338,7 @@ def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, y, b, has_bias, relu
             for p in range(points):     # (tiles x Cin) @ (Cin x Cout) on U's panels
                 gemm32_panels(v[p * vst:], ldv, False, t1 - t0, cp, u[p * upoint:(p + 1) * upoint], cop,
                               mt[p * mst:], cop, abuf)
-            _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, y, b, has_bias, relu, tout, out)
+            _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, yc, h, w, ldy, b, relu, tout, out)
 
 
 def _channels_last(x, mask, m, lanes=LANES):
@@ -339,11 +353,17 @@ def _channels_last(x, mask, m, lanes=LANES):
 
 
 def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
-    # xc from _channels_last -> (N, cout, H, W) through U ((m+2)², cout padded / 32, cp, 32)
-    y = np.empty((n, cout, h, w), dtype=np.float32)
-    bias = np.zeros(1, dtype=np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    # xc from _channels_last -> (N, cout, H, W) through U ((m+2)², cout padded / 32, cp, 32): the
+    # tiles write channels-last with vector stores, one transpose makes the planes
+    ldy = _pad16(cout)
+    yc = aligned_f32(n * h * w * ldy)
+    bias = np.zeros(ldy, dtype=np.float32)
+    if b is not None:
+        bias[:cout] = b
     _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, (h + m - 1) // m, (w + m - 1) // m, u.reshape(-1),
-              u.shape[1] * NR, y, bias, b is not None, relu, nthreads, np.zeros(1, dtype=np.int64))
+              u.shape[1] * NR, yc, h, w, ldy, bias, relu, nthreads, np.zeros(1, dtype=np.int64))
+    y = np.empty((n, cout, h, w), dtype=np.float32)
+    _to_planes(yc, ldy, y)
     return y
 
 
