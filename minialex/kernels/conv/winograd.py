@@ -149,60 +149,77 @@ def _g6(src, so, ss, dst, do, ds):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights: U[p, ci, co] = (G w[co, ci] Gᵀ)[p]
+# Weights: U[p, row, lane] = (G g Gᵀ)[p] of the 3x3 g of weight (lane, row): lanes are Cout and
+# rows Cin for the forward; lanes Cin and rows Cout, the taps reversed, for the input gradient.
 
-@njit(parallel=True, cache=True)
-def _taps_last(w, out, ldo):
-    # w: (Cout, Cin, 3, 3) ; out: flat (Cin, 9, ldo): out[(ci*9 + t)*ldo + co] = w[co, ci, t]
-    # 8 x 16 blocks by register transposes, the ragged edges one element at a time
-    na, rows = w.shape[0], w.shape[1] * 9
-    wf = w.reshape(-1)
-    for ab in prange((na + 7) // 8):
-        a0 = ab * 8
-        r16 = rows - rows % 16 if a0 + 8 <= na else 0
-        for r0 in range(0, r16, 16):
-            vtranspose_8x16(wf, a0 * rows + r0, rows, out, r0 * ldo + a0, ldo)
-        for a in range(a0, min(na, a0 + 8)):
-            for r in range(r16, rows):
-                out[r * ldo + a] = wf[a * rows + r]
+TAP_BLOCK = LANES * LANES * LANES   # 16 rows x 16 lanes of 9 taps, each row padded to 16 taps
 
 
-@njit(parallel=True, cache=True)
-def _taps_last_flipped(w, out, ldo):
-    # w: (Cout, Cin, 3, 3) ; out: flat (Cout, 9, ldo): out[(co*9 + t)*ldo + ci] = w[co, ci, 8 - t]
+@njit(cache=True)
+def _gather_taps(w, lane0, r0, flipped, buf):
+    # w: (Cout, Cin, 3, 3) -> buf: the 9 taps of the 16 x 16 weights (lane0 + l, r0 + r) as 16-lane
+    # vectors, tap t of row r at buf[r*144 + t*16] (forward) or buf[r*256 + t*16] (flipped: taps of
+    # w[r0 + r, lane0 + l], in w's order), zero past w's edges. Whole blocks by 8 x 16 register
+    # transposes, ragged ones one element at a time.
     cout, cin = w.shape[0], w.shape[1]
     wf = w.reshape(-1)
-    for co in prange(cout):
-        for ci in range(cin):
-            for t in range(9):
-                out[(co * 9 + t) * ldo + ci] = wf[(co * cin + ci) * 9 + 8 - t]
+    nl, nr = (cin, cout) if flipped else (cout, cin)
+    if lane0 + LANES <= nl and r0 + LANES <= nr:
+        if flipped:   # row r's 16 lanes x 9 taps are 144 consecutive floats, read as 16 rows of 9
+            for r in range(LANES):
+                src = ((r0 + r) * cin + lane0) * 9
+                for h in range(0, LANES, 8):    # columns 9-15 of each row read the next lane's taps
+                    if src + (h + 7) * 9 + LANES <= wf.size:
+                        vtranspose_8x16(wf, src + h * 9, 9, buf, r * 256 + h, LANES)
+                    else:
+                        for l in range(h, h + 8):
+                            for t in range(9):
+                                buf[r * 256 + t * LANES + l] = wf[src + l * 9 + t]
+        else:         # lane l's rows r0.. r0+15 are 144 consecutive floats of w[lane0 + l]
+            for h in range(0, LANES, 8):
+                src = (lane0 + h) * cin * 9 + r0 * 9
+                for k in range(0, 144, LANES):
+                    vtranspose_8x16(wf, src + k, cin * 9, buf, k * LANES + h, LANES)
+        return
+    rs = 256 if flipped else 144
+    for r in range(LANES):
+        for t in range(9):
+            for l in range(LANES):
+                lane, row = lane0 + l, r0 + r
+                v = np.float32(0.0)
+                if lane < nl and row < nr:
+                    v = wf[(row * cin + lane) * 9 + t] if flipped else wf[(lane * cin + row) * 9 + t]
+                buf[r * rs + t * LANES + l] = v
 
 
 @njit(parallel=True, cache=True)
-def _weight_transform(m, wt, rows, ldw, u, kp):
-    # wt: flat (rows, 9, ldw) taps-last weights, ldw in 32s ; u: flat (a*a, ldw/32, kp, 32) for
-    # gemm32_panels, a = m + 2: u[p, lane // 32, r, lane % 32] = (G g Gᵀ)[p] of the 3x3
-    # g = wt[r, :, lane], zero for the padding rows r >= rows
+def _weight_transform(m, w, flipped, ldw, kp, u):
+    # w: (Cout, Cin, 3, 3) ; u: flat (a*a, ldw/32, kp, 32) for gemm32_panels, a = m + 2, lanes
+    # padded to ldw (in 32s), rows to kp (in 16s), both with zeros: u[p, lane // 32, row, lane % 32]
     alpha = m + 2
     pstride = kp * ldw
-    for r in prange(kp):
+    rblocks = kp // LANES
+    # tap t of a row at base + t*ts: the input gradient's weights w[:, :, ::-1, ::-1] read backwards
+    rs, ts, t0 = (256, -LANES, 8 * LANES) if flipped else (144, LANES, 0)
+    for blk in prange(ldw // NR * rblocks):   # a unit writes whole 32-lane panel rows
+        r0 = blk % rblocks * LANES
+        buf = np.empty(TAP_BLOCK, dtype=np.float32)
         tmp = np.empty(alpha * 3 * LANES, dtype=np.float32)
-        for c in range(0, ldw, LANES):
-            dst = ((c // NR) * kp + r) * NR + c % NR
-            if r >= rows:
-                for p in range(alpha * alpha):
-                    vstore(u, p * pstride + dst, vzero())
-                continue
-            for kw in range(3):         # down column kw: tmp[i, kw] = (G g)[i, kw]
-                if m == 4:
-                    _g6(wt, (r * 9 + kw) * ldw + c, 3 * ldw, tmp, kw * LANES, 3 * LANES)
-                else:
-                    _g(wt, (r * 9 + kw) * ldw + c, 3 * ldw, tmp, kw * LANES, 3 * LANES)
-            for i in range(alpha):      # along row i: u[i*alpha + j] = (tmp Gᵀ)[i, j]
-                if m == 4:
-                    _g6(tmp, i * 3 * LANES, LANES, u, i * alpha * pstride + dst, pstride)
-                else:
-                    _g(tmp, i * 3 * LANES, LANES, u, i * alpha * pstride + dst, pstride)
+        for c in range(blk // rblocks * NR, blk // rblocks * NR + NR, LANES):
+            _gather_taps(w, c, r0, flipped, buf)
+            for r in range(LANES):
+                dst = ((c // NR) * kp + r0 + r) * NR + c % NR
+                base = r * rs + t0
+                for kw in range(3):         # down column kw: tmp[i, kw] = (G g)[i, kw]
+                    if m == 4:
+                        _g6(buf, base + kw * ts, 3 * ts, tmp, kw * LANES, 3 * LANES)
+                    else:
+                        _g(buf, base + kw * ts, 3 * ts, tmp, kw * LANES, 3 * LANES)
+                for i in range(alpha):      # along row i: u[i*alpha + j] = (tmp Gᵀ)[i, j]
+                    if m == 4:
+                        _g6(tmp, i * 3 * LANES, LANES, u, i * alpha * pstride + dst, pstride)
+                    else:
+                        _g(tmp, i * 3 * LANES, LANES, u, i * alpha * pstride + dst, pstride)
 
 
 def transform_weights(w, flipped=False, m=2):
@@ -215,9 +232,7 @@ def transform_weights(w, flipped=False, m=2):
     ldw, kp = _pad32(lanes), _pad16(rows)
     u = np.empty(((m + 2) ** 2, ldw // NR, kp, NR), dtype=np.float32)
     if rows and lanes:
-        wt = np.zeros(rows * 9 * ldw, dtype=np.float32)
-        (_taps_last_flipped if flipped else _taps_last)(w, wt, ldw)
-        _weight_transform(m, wt, rows, ldw, u.reshape(-1), kp)
+        _weight_transform(m, w, flipped, ldw, kp, u.reshape(-1))
     else:
         u[...] = 0
     return u
