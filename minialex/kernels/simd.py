@@ -252,6 +252,21 @@ def vrelu(typingctx, v):
 
 
 @intrinsic
+def vkeep(typingctx, m, v):
+    """Lane-wise 0 where m <= 0, else v: a ReLU's backward (threshold_backward) with m the
+    rectified output, so a NaN in m keeps v."""
+    if not (m == f32x16 and v == f32x16):
+        return None
+    sig = f32x16(m, v)
+
+    def codegen(context, builder, signature, args):
+        zero = ir.Constant(_vec, [0.0] * LANES)
+        return builder.select(builder.fcmp_ordered("<=", args[0], zero), zero, args[1])
+
+    return sig, codegen
+
+
+@intrinsic
 def vmax(typingctx, a, b):
     """Lane-wise a if a > b else b (x86's max: a NaN in a gives b, a NaN in b gives NaN)."""
     if not (a == f32x16 and b == f32x16):

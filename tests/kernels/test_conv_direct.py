@@ -1,11 +1,12 @@
-"""The direct paths beyond what test_conv_paths.py checks: the phase-split padded copy, a NaN
+"""The direct paths beyond what test_conv_paths.py checks: the phase-split and channels-last padded
+copies, a NaN
 through the fused ReLU, AlexNet's conv1 weight gradient and conv3 against torch, empty batches."""
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from helpers import to_torch
 from minialex.kernels.conv import conv2d_backward, conv2d_forward
-from minialex.kernels.conv.layout import pad_split, split_width
+from minialex.kernels.conv.layout import pad_split, split_width, to_padded_nhwc
 
 
 def test_split_forward_relu_keeps_nan():
@@ -31,6 +32,24 @@ def test_phase_split_padding(c, h, w, s, top, left, seed):
     padded[:, :, top:top + h, left:left + w] = x
     # xq[..., r, ph, m] is padded column m*s + ph
     np.testing.assert_array_equal(xq, padded.reshape(2, c, hp, wq, s).transpose(0, 1, 2, 4, 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 80), h=st.integers(1, 20), w=st.integers(1, 40),
+       top=st.integers(0, 2), left=st.integers(0, 2), bottom=st.integers(0, 2), right=st.integers(0, 2),
+       extra=st.integers(0, 20), relu=st.booleans(), seed=st.integers(0, 2**31))
+def test_channels_last_padding(n, c, h, w, top, left, bottom, right, extra, relu, seed):
+    # register-transposed blocks, their spill past a row's end, the element-by-element edges and
+    # the ReLU mask (a NaN in the mask keeps the value, as threshold_backward), against NumPy
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    yr = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    yr[rng.random(yr.shape) < 0.05] = np.nan
+    xp = np.full((n, top + h + bottom, left + w + right, c + extra), np.nan, np.float32)
+    to_padded_nhwc(x, yr if relu else x, relu, top, left, xp)
+    want = np.zeros_like(xp)
+    want[:, top:top + h, left:left + w, :c] = (np.where(yr <= 0, 0, x) if relu else x).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(xp, want)
 
 
 def test_alexnet_conv1_weight_grad_matches_torch(torch):
