@@ -521,8 +521,9 @@ def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     wh = aligned_f32(alpha * alpha * cop * ldw)
     _grad_products(alpha, ntile, xh, cp, yh, ldy, cop, wh, ldw)
     _grad_weights(alpha, wh, cop, ldw, G_F32[m], dw, accumulate)
-    if db is not None:   # the zero border adds nothing; the padding channels are left out
-        column_sums(dc.reshape(-1, cop)[:, :cout], db, accumulate)
+    if db is not None:   # point (1, 1) of A dY Aᵀ is the sum of the tile (row 1 of A is all ones)
+        p11 = alpha + 1
+        column_sums(yh[p11 * ntile * ldy:(p11 + 1) * ntile * ldy].reshape(ntile, ldy)[:, :cout], db, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------
