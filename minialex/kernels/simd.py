@@ -135,6 +135,58 @@ def vstore(typingctx, arr, idx, v):
     return sig, codegen
 
 
+def _concat_halves(a, b, lanes):
+    # the 16-lane vector of lanes `lanes` of a followed by the same lanes of b
+    if not (a == f32x16 and b == f32x16):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        idx = list(lanes) + [LANES + i for i in lanes]
+        return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(_i32, LANES), idx))
+
+    return sig, codegen
+
+
+@intrinsic
+def vcat_lo(typingctx, a, b):
+    """(a[0:8], b[0:8]) as one vector."""
+    return _concat_halves(a, b, range(8))
+
+
+@intrinsic
+def vcat_hi(typingctx, a, b):
+    """(a[8:16], b[8:16]) as one vector."""
+    return _concat_halves(a, b, range(8, 16))
+
+
+def _store_half(typingctx, arr, idx, v, lanes):
+    # arr[idx : idx + 8] = the 8 lanes `lanes` of v (one 256-bit store)
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer) and v == f32x16):
+        return None
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        half = builder.shuffle_vector(args[2], args[2], ir.Constant(ir.VectorType(_i32, 8), list(lanes)))
+        builder.store(half, builder.bitcast(ptr, ir.VectorType(_f32, 8).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore_lo8(typingctx, arr, idx, v):
+    """arr[idx : idx + 8] = lanes 0-7 of v."""
+    return _store_half(typingctx, arr, idx, v, range(8))
+
+
+@intrinsic
+def vstore_hi8(typingctx, arr, idx, v):
+    """arr[idx : idx + 8] = lanes 8-15 of v."""
+    return _store_half(typingctx, arr, idx, v, range(8, 16))
+
+
 @intrinsic
 def vstore_nt(typingctx, arr, idx, v):
     """arr[idx : idx + 16] = v with a non-temporal (streaming) store, which writes the line

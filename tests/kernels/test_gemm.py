@@ -236,3 +236,22 @@ def test_gemm32_panels_matches_reference(m, k, panels, pad, ta, seed):
     np.testing.assert_allclose(c[:m, :n], ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
     assert not c[m:, :n].any()                       # the rows past m are zero
     assert np.isnan(c[:, n:]).all()                  # nothing written past n
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows8=st.integers(1, 9), k=st.integers(1, 900), panels=st.integers(1, 4), pad=st.integers(0, 20),
+       seed=st.integers(0, 2**31))
+def test_gemm32_packed_matches_reference(rows8, k, panels, pad, seed):
+    # both operands packed by the caller: A as 8-row panels along k, B as 32-column panels;
+    # depth across KC blocks, nothing written past n
+    rng = np.random.default_rng(seed)
+    m, n, ldc = 8 * rows8, 32 * panels, 32 * panels + pad
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    ap = np.ascontiguousarray(a.reshape(rows8, 8, k).transpose(0, 2, 1)).reshape(-1)
+    bp = np.ascontiguousarray(b.reshape(k, panels, 32).transpose(1, 0, 2)).reshape(-1)
+    c = np.full((m, ldc), np.nan, dtype=np.float32)
+    gemm_mod.gemm32_packed(ap, m, k, bp, n, c.reshape(-1), ldc)
+    ref = gemm_ref(a.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(c[:, :n], ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    assert np.isnan(c[:, n:]).all()

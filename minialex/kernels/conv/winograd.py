@@ -26,9 +26,10 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.conv.layout import to_padded_nhwc
-from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_panels
-from minialex.kernels.parallel import column_sums, take
-from minialex.kernels.simd import vadd, vfma, vload, vmul, vrelu, vsplat, vstore, vsub, vtranspose_8x16, vzero
+from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_packed, gemm32_panels
+from minialex.kernels.parallel import take
+from minialex.kernels.simd import (vadd, vcat_hi, vcat_lo, vfma, vload, vmul, vrelu, vsplat, vstore, vstore_hi8, vstore_lo8, vsub,
+                                  vtranspose_8x16, vzero)
 
 LANES = 16
 TILE_BLOCK = 32  # tiles a thread carries through one pass: transforms and products stay in L2
@@ -431,31 +432,46 @@ def _a4(src, so, ss, dst, do, ds):
 
 
 @njit(cache=True)
-def _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ldy, pstride, tmp):
+def _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ntile, tmp, pts):
     # dc: flat (N, hp, wp, cop) zero-bordered channels-last dy (border 1, as _channels_last)
-    # yh: flat (a*a, pstride), a = m + 2: yh[p, (t - t0)*ldy + co] = (A dY Aᵀ)[p] of tile t's m x m dY
+    # yh: flat (a*a, cop/8, T, 8), a = m + 2, T = ntile: yh[p, co // 8, t, co % 8] = (A dY Aᵀ)[p] of
+    # tile t's m x m dY: per point the GEMM's packed A (8-row panels of Cout along the tiles),
+    # written as half vectors, so the weight gradient's GEMM packs nothing
     alpha = m + 2
-    for t in range(t0, t1):
-        img, th, tw = _tile(t, th_n, tw_n)
-        base = ((img * hp + th * m + 1) * wp + tw * m + 1) * cop
-        row = (t - t0) * ldy
-        for c in range(0, cop, LANES):
+    pstride = cop * ntile
+    for c in range(0, cop, LANES):      # channels outer: each panel is written tile after tile
+        for t in range(t0, t1):
+            img, th, tw = _tile(t, th_n, tw_n)
+            base = ((img * hp + th * m + 1) * wp + tw * m + 1) * cop + c
             for j in range(m):          # down column j: tmp[i, j] = (A dY)[i, j]
                 if m == 4:
-                    _a4(dc, base + j * cop + c, wp * cop, tmp, j * LANES, m * LANES)
+                    _a4(dc, base + j * cop, wp * cop, tmp, j * LANES, m * LANES)
                 else:
-                    _a2(dc, base + j * cop + c, wp * cop, tmp, j * LANES, m * LANES)
-            for i in range(alpha):      # along row i: yh[i*alpha + j] = (tmp Aᵀ)[i, j]
+                    _a2(dc, base + j * cop, wp * cop, tmp, j * LANES, m * LANES)
+            odd = (t - t0) % 2        # along row i: pts[odd, i*alpha + j] = (tmp Aᵀ)[i, j]
+            for i in range(alpha):
                 if m == 4:
-                    _a4(tmp, i * m * LANES, LANES, yh, i * alpha * pstride + row + c, pstride)
+                    _a4(tmp, i * m * LANES, LANES, pts, (odd * alpha * alpha + i * alpha) * LANES, LANES)
                 else:
-                    _a2(tmp, i * m * LANES, LANES, yh, i * alpha * pstride + row + c, pstride)
+                    _a2(tmp, i * m * LANES, LANES, pts, (odd * alpha * alpha + i * alpha) * LANES, LANES)
+            lo = (c // 8 * ntile + t) * 8
+            if odd:                     # tiles t-1, t fill whole 64-byte lines of both panels
+                for p in range(alpha * alpha):
+                    a = vload(pts, p * LANES)
+                    b = vload(pts, (alpha * alpha + p) * LANES)
+                    vstore(yh, p * pstride + lo - 8, vcat_lo(a, b))
+                    vstore(yh, p * pstride + lo - 8 + ntile * 8, vcat_hi(a, b))
+            elif t + 1 == t1:           # an unpaired last tile: half lines
+                for p in range(alpha * alpha):
+                    v = vload(pts, p * LANES)
+                    vstore_lo8(yh, p * pstride + lo, v)
+                    vstore_hi8(yh, p * pstride + lo + ntile * 8, v)
 
 
 @njit(parallel=True, cache=True)
-def _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh, ldy):
+def _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh):
     # every tile of the batch: xh: flat (a*a, cp/32, T, 32) = Bᵀ d B as the GEMM's B panels (cp in
-    # 32s) ; yh: flat (a*a, T, ldy) = A dY Aᵀ
+    # 32s) ; yh: flat (a*a, cop/8, T, 8) = A dY Aᵀ as its packed A
     alpha = m + 2
     ntile = n * th_n * tw_n
     nblocks = (ntile + TILE_BLOCK - 1) // TILE_BLOCK
@@ -463,17 +479,34 @@ def _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh, ldy):
         t0 = blk * TILE_BLOCK
         t1 = min(ntile, t0 + TILE_BLOCK)
         tin = np.empty(alpha * alpha * LANES, dtype=np.float32)
+        pts = np.empty(2 * alpha * alpha * LANES, dtype=np.float32)
         _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, xh[t0 * NR:], NR, ntile * NR, ntile * cp, tin)
-        _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh[t0 * ldy:], ldy, ntile * ldy, tin)
+        _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ntile, tin, pts)
 
 
 @njit(parallel=True, cache=True)
-def _grad_products(alpha, ntile, xh, cp, yh, ldy, cop, wh, ldw):
-    # wh: flat (a*a, cop, ldw): wh[p, co, ci] = sum over tiles t of yh[p, t, co] * xh[p, t, ci]
+def _grad_products(alpha, ntile, xh, cp, yh, cop, wh, ldw):
+    # wh: flat (a*a, cop, ldw): wh[p, co, ci] = sum over tiles t of yh[p, co, t] * xh[p, t, ci]
     for p in prange(alpha * alpha):
-        abuf = aligned_f32(cop * min(ntile, KC))
-        gemm32_panels(yh[p * ntile * ldy:], ldy, True, cop, ntile, xh[p * ntile * cp:(p + 1) * ntile * cp], cp,
-                      wh[p * cop * ldw:], ldw, abuf)
+        gemm32_packed(yh[p * cop * ntile:(p + 1) * cop * ntile], cop, ntile, xh[p * ntile * cp:(p + 1) * ntile * cp],
+                      cp, wh[p * cop * ldw:], ldw)
+
+
+@njit(parallel=True, cache=True)
+def _panel_sums(yp, ntile, db, accumulate):
+    # db[co] (+)= sum over t of yp[co // 8, t, co % 8] (yp: flat (cop/8, T, 8)), summed in float64
+    # in tile order, one task per panel
+    cout = db.size
+    for q in prange((cout + 7) // 8):
+        acc = np.zeros(8, dtype=np.float64)
+        for t in range(ntile):
+            for r in range(8):
+                acc[r] += yp[(q * ntile + t) * 8 + r]
+        for r in range(min(8, cout - q * 8)):
+            if accumulate:
+                db[q * 8 + r] += acc[r]
+            else:
+                db[q * 8 + r] = acc[r]
 
 
 @njit(parallel=True, cache=True)
@@ -514,16 +547,16 @@ def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     xc, _, _, cp = _channels_last(x, None, m, NR)
     ntile = n * th_n * tw_n
     alpha = m + 2
-    ldy, ldw = _ld(cop), _ld(cp)
+    ldw = _ld(cp)
     xh = aligned_f32(alpha * alpha * ntile * cp)
-    yh = aligned_f32(alpha * alpha * ntile * ldy)
-    _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh, ldy)
+    yh = aligned_f32(alpha * alpha * cop * ntile)
+    _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh)
     wh = aligned_f32(alpha * alpha * cop * ldw)
-    _grad_products(alpha, ntile, xh, cp, yh, ldy, cop, wh, ldw)
+    _grad_products(alpha, ntile, xh, cp, yh, cop, wh, ldw)
     _grad_weights(alpha, wh, cop, ldw, G_F32[m], dw, accumulate)
     if db is not None:   # point (1, 1) of A dY Aᵀ is the sum of the tile (row 1 of A is all ones)
         p11 = alpha + 1
-        column_sums(yh[p11 * ntile * ldy:(p11 + 1) * ntile * ldy].reshape(ntile, ldy)[:, :cout], db, accumulate)
+        _panel_sums(yh[p11 * cop * ntile:(p11 + 1) * cop * ntile], ntile, db, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------
