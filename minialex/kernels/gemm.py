@@ -318,9 +318,9 @@ def gemm32_panels(a, lda, ta, m, k, bp, n, c, ldc, abuf):
 def gemm32_packed(ap, m, k, bp, n, c, ldc):
     # C[0:m8, 0:n] = A[0:m8, 0:k] @ B with both operands already packed by the caller, m8 = m
     # rounded up to 8, n in 32s ; c: flat, row stride ldc
-    # ap: A as 8-row panels, A[8q + r, p] = ap[(q*k + p)*8 + r] (rows past m zero), as a producer
-    #     writes it with half-vector stores (the Winograd weight gradient's transformed dY), so
-    #     that no pass re-reads A to pack it ; bp: B as gemm32_panels takes it
+    # ap: A as 8-row panels, A[8q + r, p] = ap[(q*k + p)*8 + r] (rows past m zero), written so by
+    #     its producer (the Winograd weight gradient's transformed dY), so that no pass re-reads
+    #     A to pack it ; bp: B as gemm32_panels takes it
     for pc in range(0, k, KC):
         kc = min(KC, k - pc)
         for ir in range(0, m, MR):

@@ -28,8 +28,8 @@ from numba import njit, prange
 from minialex.kernels.conv.layout import to_padded_nhwc
 from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_packed, gemm32_panels
 from minialex.kernels.parallel import take
-from minialex.kernels.simd import (vadd, vcat_hi, vcat_lo, vfma, vload, vmul, vrelu, vsplat, vstore, vstore_hi8, vstore_lo8, vsub,
-                                  vtranspose_8x16, vzero)
+from minialex.kernels.simd import (vadd, vcat_hi, vcat_lo, vfma, vload, vmul, vrelu, vsplat, vstore, vstore_hi8,
+                                  vstore_lo8, vsub, vtranspose_8x16, vzero)
 
 LANES = 16
 TILE_BLOCK = 32  # tiles a thread carries through one pass: transforms and products stay in L2
@@ -435,8 +435,8 @@ def _a4(src, so, ss, dst, do, ds):
 def _grad_out_tiles(m, dc, hp, wp, cop, th_n, tw_n, t0, t1, yh, ntile, tmp, pts):
     # dc: flat (N, hp, wp, cop) zero-bordered channels-last dy (border 1, as _channels_last)
     # yh: flat (a*a, cop/8, T, 8), a = m + 2, T = ntile: yh[p, co // 8, t, co % 8] = (A dY Aᵀ)[p] of
-    # tile t's m x m dY: per point the GEMM's packed A (8-row panels of Cout along the tiles),
-    # written as half vectors, so the weight gradient's GEMM packs nothing
+    # tile t's m x m dY: per point the GEMM's packed A (8-row panels of Cout along the tiles), so
+    # the weight gradient's GEMM packs nothing; two tiles' 8-lane halves make one 64-byte line
     alpha = m + 2
     pstride = cop * ntile
     for c in range(0, cop, LANES):      # channels outer: each panel is written tile after tile
