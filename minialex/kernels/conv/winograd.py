@@ -54,14 +54,9 @@ G_F32 = {m: mats[1].astype(np.float32) for m, mats in MATRICES.items()}   # the 
 BT, G, AT = BT2, G2, AT2
 
 
-@njit(cache=True)
-def _pad16(c):
-    return (c + LANES - 1) // LANES * LANES
-
-
-@njit(cache=True)
-def _pad32(c):
-    return (c + NR - 1) // NR * NR
+def _ceil(c, k):
+    """Whole k's covering c: the m x m tiles of a side (and the 16- or 32-lane groups of channels)."""
+    return (c + k - 1) // k
 
 
 @njit(cache=True)
@@ -230,7 +225,7 @@ def transform_weights(w, flipped=False, m=2):
     swapped (Cin and Cout trade places)."""
     w = np.ascontiguousarray(w)
     rows, lanes = (w.shape[0], w.shape[1]) if flipped else (w.shape[1], w.shape[0])
-    ldw, kp = _pad32(lanes), _pad16(rows)
+    ldw, kp = _ceil(lanes, NR) * NR, _ceil(rows, LANES) * LANES
     u = np.empty(((m + 2) ** 2, ldw // NR, kp, NR), dtype=np.float32)
     if rows and lanes:
         _weight_transform(m, w, flipped, ldw, kp, u.reshape(-1))
@@ -361,8 +356,8 @@ def _channels_last(x, mask, m, lanes=LANES):
     # x (N, C, H, W) -> (flat (N, hp, wp, C padded to `lanes`) copy with a zero border of 1 and zero
     # up to whole m x m tiles, hp, wp, padded C); x zeroed where mask <= 0 when mask is given
     n, c, h, w = x.shape
-    hp, wp = (h + m - 1) // m * m + 2, (w + m - 1) // m * m + 2
-    cp = (c + lanes - 1) // lanes * lanes
+    hp, wp = _ceil(h, m) * m + 2, _ceil(w, m) * m + 2
+    cp = _ceil(c, lanes) * lanes
     xc = np.empty((n, hp, wp, cp), dtype=np.float32)
     to_padded_nhwc(x, x if mask is None else mask, mask is not None, 1, 1, xc)
     return xc.reshape(-1), hp, wp, cp
@@ -371,12 +366,12 @@ def _channels_last(x, mask, m, lanes=LANES):
 def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
     # xc from _channels_last -> (N, cout, H, W) through U ((m+2)², cout padded / 32, cp, 32): the
     # tiles write channels-last with vector stores, one transpose makes the planes
-    ldy = _pad16(cout)
+    ldy = _ceil(cout, LANES) * LANES
     yc = aligned_f32(n * h * w * ldy)
     bias = np.zeros(ldy, dtype=np.float32)
     if b is not None:
         bias[:cout] = b
-    _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, (h + m - 1) // m, (w + m - 1) // m, u.reshape(-1),
+    _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, _ceil(h, m), _ceil(w, m), u.reshape(-1),
               u.shape[1] * NR, yc, h, w, ldy, bias, relu, nthreads, np.zeros(1, dtype=np.int64))
     y = np.empty((n, cout, h, w), dtype=np.float32)
     _to_planes(yc, ldy, y)
@@ -543,7 +538,7 @@ def _grad_weights(alpha, wh, cop, ldw, gm, dw, accumulate):
 def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     # dc: flat (N, hp, wp, cop) masked dy from _channels_last ; dw (+)= Gᵀ [sum (A dY Aᵀ) ⊙ (Bᵀ d B)] G
     n, cin, cout = g.n, g.cin, g.cout
-    th_n, tw_n = (g.h + m - 1) // m, (g.w + m - 1) // m
+    th_n, tw_n = _ceil(g.h, m), _ceil(g.w, m)
     xc, _, _, cp = _channels_last(x, None, m, NR)
     ntile = n * th_n * tw_n
     alpha = m + 2
