@@ -39,8 +39,9 @@ def test_phase_split_padding(c, h, w, s, top, left, seed):
        top=st.integers(0, 2), left=st.integers(0, 2), bottom=st.integers(0, 2), right=st.integers(0, 2),
        extra=st.integers(0, 20), relu=st.booleans(), seed=st.integers(0, 2**31))
 def test_channels_last_padding(n, c, h, w, top, left, bottom, right, extra, relu, seed):
-    # register-transposed blocks, their spill past a row's end, the element-by-element edges and
-    # the ReLU mask (a NaN in the mask keeps the value, as threshold_backward), against NumPy
+    # register-transposed blocks of 16 pixels (rows wider and narrower than 16), the element-by-
+    # element channels past the last 8, borders of any size, the padding channels and the ReLU
+    # mask (a NaN in the mask keeps the value, as threshold_backward), against NumPy
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     yr = rng.standard_normal((n, c, h, w)).astype(np.float32)
