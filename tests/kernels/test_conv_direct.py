@@ -1,12 +1,12 @@
 """The direct paths beyond what test_conv_paths.py checks: the phase-split and channels-last padded
-copies, a NaN
-through the fused ReLU, AlexNet's conv1 weight gradient and conv3 against torch, empty batches."""
+copies and the way back to planes, a NaN through the fused ReLU, AlexNet's conv1 weight gradient
+and conv3 against torch, empty batches."""
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from helpers import to_torch
 from minialex.kernels.conv import conv2d_backward, conv2d_forward
-from minialex.kernels.conv.layout import pad_split, split_width, to_padded_nhwc
+from minialex.kernels.conv.layout import from_nhwc, pad_split, split_width, to_padded_nhwc
 
 
 def test_split_forward_relu_keeps_nan():
@@ -51,6 +51,22 @@ def test_channels_last_padding(n, c, h, w, top, left, bottom, right, extra, relu
     want = np.zeros_like(xp)
     want[:, top:top + h, left:left + w, :c] = (np.where(yr <= 0, 0, x) if relu else x).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(xp, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 80), plane=st.integers(1, 60), extra=st.integers(0, 20),
+       has_bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**31))
+def test_from_channels_last(n, c, plane, extra, has_bias, relu, seed):
+    # the way back: channels-last rows (row stride past C) to planes, bias and ReLU on the way
+    # (a NaN passes the ReLU, as relu_forward), register-transposed blocks and ragged edges
+    rng = np.random.default_rng(seed)
+    src = rng.standard_normal((n * plane, c + extra)).astype(np.float32)
+    src[rng.random(src.shape) < 0.05] = np.nan
+    b = rng.standard_normal(c).astype(np.float32)
+    y = np.full((n, c, plane), np.inf, np.float32)
+    from_nhwc(src.reshape(-1), c + extra, b, has_bias, relu, y)
+    want = src[:, :c].reshape(n, plane, c).transpose(0, 2, 1) + (b[None, :, None] if has_bias else 0)
+    np.testing.assert_array_equal(y, np.where(want <= 0, 0, want) if relu else want)
 
 
 def test_alexnet_conv1_weight_grad_matches_torch(torch):

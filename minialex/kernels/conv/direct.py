@@ -28,8 +28,8 @@ import numpy as np
 from numba import njit, prange
 
 from minialex.kernels.bf16 import round_bits
-from minialex.kernels.conv.layout import (channels_last_offsets, column_offsets, pixel_offsets, split_copy,
-                                          to_padded_nhwc)
+from minialex.kernels.conv.layout import (channels_last_offsets, column_offsets, from_nhwc, pixel_offsets,
+                                          split_copy, to_padded_nhwc)
 from minialex.kernels.gemm import store_tile_8x32
 from minialex.kernels.gemm_bf16 import bf16_path, bf16_values
 from minialex.kernels.parallel import column_sums, mask_copy_sum, take
@@ -292,26 +292,6 @@ def _pack_weights_taps(w, flip, dst):
 
 
 @njit(parallel=True, cache=True)
-def _from_nhwc(out, bias, has_bias, relu, y):
-    # out: (>= N*OH*OW, C) NHWC rows ; y: (N, C, OH*OW) = out transposed (+ bias, rectified)
-    # One task per run of 16 pixels of an image: rows of out read contiguously, and the 16
-    # pixels of each channel land in one or two cache lines of y.
-    n, c, plane = y.shape
-    runs = (plane + 15) // 16
-    for task in prange(n * runs):
-        b = task // runs
-        p0 = (task - b * runs) * 16
-        p1 = min(plane, p0 + 16)
-        for p in range(p0, p1):
-            src = out[b * plane + p]
-            for ch in range(c):
-                v = src[ch] + (bias[ch] if has_bias else 0.0)
-                if relu:
-                    v = 0.0 if v <= 0.0 else v  # as relu_forward: NaN passes
-                y[b, ch, p] = v
-
-
-@njit(parallel=True, cache=True)
 def _weight_grad_kernel(xq, dyk, xo, poff, dwt, nthreads, counter):
     # xq: padded, phase-split x (flat) ; dyk: (Cout/32, N*OH*OW, 32) packed dy
     # xo: (N*OH*OW,) each output pixel's base offset in xq
@@ -483,7 +463,7 @@ def forward(x, w, b, g, relu, nthreads):
     _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
     out = _run(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, g.sh, g.sw, cout, nthreads)
     bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
+    from_nhwc(out.reshape(-1), cout, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
     return y
 
 
@@ -523,7 +503,7 @@ def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
         wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
         _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
         out = _run(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, 1, 1, cin, nthreads)
-        _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
+        from_nhwc(out.reshape(-1), cin, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
     dyk = np.empty((cout // PANEL, n * g.oh * g.ow, PANEL), dtype=np.float32)
     _pack_dy(dyp, qh, qw, g.oh, g.ow, dyk)
     _weight_grad(x, dyk, dw, g, accumulate, nthreads)
@@ -564,7 +544,7 @@ def forward_bf16(x, w, b, g, relu, nthreads):
     _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
     out = _run_bf16(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, cout, nthreads)
     bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    _from_nhwc(out, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
+    from_nhwc(out.reshape(-1), cout, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
     return y
 
 
@@ -581,5 +561,5 @@ def input_grad_bf16(dy, w, g, relu_out, nthreads):
     _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
     out = _run_bf16(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, cin, nthreads)
     dx = np.empty((n, cin, g.h, g.w), dtype=np.float32)
-    _from_nhwc(out, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
+    from_nhwc(out.reshape(-1), cin, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
     return dx

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from minialex.kernels.simd import LANES, vkeep, vload, vstore, vtranspose_8x16
+from minialex.kernels.simd import LANES, vadd, vkeep, vload, vrelu, vstore, vtranspose_8x16
 from minialex.shapes import conv_output_size, pair
 
 
@@ -154,6 +154,41 @@ def to_padded_nhwc(x, yr, relu, top, left, xp):
                         tt[j * cp + cb + k] = 0.0 if relu and yf[s0 + j] <= 0.0 else xf[s0 + j]
             dst = (left + col0) * cp
             rf[dst:dst + cols * cp] = tt[:cols * cp]   # one contiguous stream of whole pixels
+
+
+@njit(parallel=True, cache=True)
+def from_nhwc(src, lds, bias, has_bias, relu, y):
+    # src: flat (N*P, lds) channels-last rows, lds >= C -> y: (N, C, P) = src transposed, + bias[c]
+    # when has_bias, rectified when relu (as relu_forward: a NaN passes). One task per image's 16
+    # channels: 8 pixels x 16 channels a register transpose (bias and ReLU applied to the rows as
+    # vectors first), the ragged pixel and channel edges one element at a time.
+    n, c, plane = y.shape
+    yf = y.reshape(-1)
+    cb = (c + LANES - 1) // LANES
+    for task in prange(n * cb):
+        img, c0 = task // cb, task % cb * LANES
+        s0 = img * plane * lds + c0
+        d0 = (img * c + c0) * plane
+        p8 = plane - plane % 8 if c0 + LANES <= c else 0
+        tmp = np.empty(8 * LANES, dtype=np.float32)
+        for p in range(0, p8, 8):
+            if has_bias or relu:
+                for k in range(8):
+                    v = vload(src, s0 + (p + k) * lds)
+                    if has_bias:
+                        v = vadd(v, vload(bias, c0))
+                    vstore(tmp, k * LANES, vrelu(v) if relu else v)
+                vtranspose_8x16(tmp, 0, LANES, yf, d0 + p, plane)
+            else:
+                vtranspose_8x16(src, s0 + p * lds, lds, yf, d0 + p, plane)
+        for ch in range(min(LANES, c - c0)):
+            for p in range(p8, plane):
+                v = src[s0 + p * lds + ch]
+                if has_bias:
+                    v += bias[c0 + ch]
+                if relu and v <= 0.0:
+                    v = np.float32(0.0)
+                yf[d0 + ch * plane + p] = v
 
 
 def split_copy(x, ph, pw, sw, slack):

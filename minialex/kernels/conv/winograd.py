@@ -25,7 +25,7 @@ points below); the plan takes F(4x4) where its larger transforms pay (docs/perfo
 import numpy as np
 from numba import njit, prange
 
-from minialex.kernels.conv.layout import to_padded_nhwc
+from minialex.kernels.conv.layout import from_nhwc, to_padded_nhwc
 from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_packed, gemm32_panels
 from minialex.kernels.parallel import take
 from minialex.kernels.simd import (vadd, vcat_hi, vcat_lo, vfma, vload, vmul, vrelu, vsplat, vstore, vstore_hi8,
@@ -301,26 +301,6 @@ def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, yc, h, w, ldy, b, rel
 
 
 @njit(parallel=True, cache=True)
-def _to_planes(yc, ldy, y):
-    # yc: flat (N, H*W, ldy) channels-last -> y: (N, C, H, W), C <= ldy; 8 pixels x 16 channels
-    # a register transpose, the ragged pixel and channel edges one element at a time
-    n, c, h, w = y.shape
-    hw = h * w
-    yf = y.reshape(-1)
-    cb = (c + LANES - 1) // LANES
-    for u in prange(n * cb):
-        img, c0 = u // cb, u % cb * LANES
-        src = img * hw * ldy + c0
-        dst = (img * c + c0) * hw
-        p8 = hw - hw % 8 if c0 + LANES <= c else 0
-        for p in range(0, p8, 8):
-            vtranspose_8x16(yc, src + p * ldy, ldy, yf, dst + p, hw)
-        for ch in range(min(LANES, c - c0)):
-            for p in range(p8, hw):
-                yf[dst + ch * hw + p] = yc[src + p * ldy + ch]
-
-
-@njit(parallel=True, cache=True)
 def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, yc, h, w, ldy, b, relu, nthreads, counter):
     # xc: flat (N, hp, wp, cp) ; u: flat ((m+2)², cop/32, cp, 32) B panels ; yc: flat (N, H, W, ldy)
     # channels-last output, ldy <= cop in 16s ; b: (ldy,) ; tb: tiles per block, in 8s ; counter: (1,) zero
@@ -374,7 +354,7 @@ def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
     _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, _ceil(h, m), _ceil(w, m), u.reshape(-1),
               u.shape[1] * NR, yc, h, w, ldy, bias, relu, nthreads, np.zeros(1, dtype=np.int64))
     y = np.empty((n, cout, h, w), dtype=np.float32)
-    _to_planes(yc, ldy, y)
+    from_nhwc(yc, ldy, bias, False, False, y.reshape(n, cout, h * w))
     return y
 
 
