@@ -28,7 +28,7 @@ from numba import njit, prange
 from minialex.kernels.conv.layout import from_nhwc, to_padded_nhwc
 from minialex.kernels.gemm import KC, NR, aligned_f32, gemm32_packed, gemm32_panels
 from minialex.kernels.parallel import take
-from minialex.kernels.simd import (vadd, vcat_hi, vcat_lo, vfma, vload, vmul, vrelu, vsplat, vstore, vstore_hi8,
+from minialex.kernels.simd import (vadd, vcat_hi, vcat_lo, vfma, vload, vmul, vsplat, vstore, vstore_hi8,
                                   vstore_lo8, vsub, vtranspose_8x16, vzero)
 
 LANES = 16
@@ -271,10 +271,10 @@ def _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, pan, pstride, tm
 
 
 @njit(cache=True)
-def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, yc, h, w, ldy, b, relu, tmp, out):
+def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, yc, h, w, ldy, tmp, out):
     # mt: flat (a*a, pstride), a = m + 2: mt[p, (t - t0)*ldm + co], the products summed over Cin
     # yc: flat (N, H, W, ldy) channels-last, written where inside: yc[n, m*th + i, m*tw + j, co] =
-    # (Aᵀ M A)[i, j] + b[co] (rectified when relu) for co < ldy ; b: (ldy,)
+    # (Aᵀ M A)[i, j] for co < ldy (bias and ReLU come with the way back to planes)
     alpha = m + 2
     for t in range(t0, t1):
         img, th, tw = _tile(t, th_n, tw_n)
@@ -292,18 +292,16 @@ def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, yc, h, w, ldy, b, rel
                     _at6(tmp, i * alpha * LANES, LANES, out, i * m * LANES, LANES)
                 else:
                     _at(tmp, i * alpha * LANES, LANES, out, i * m * LANES, LANES)
-            bv = vload(b, c)
             for i in range(rows):
                 dst = ((img * h + th * m + i) * w + tw * m) * ldy + c
                 for j in range(cols):
-                    v = vadd(vload(out, (i * m + j) * LANES), bv)
-                    vstore(yc, dst + j * ldy, vrelu(v) if relu else v)
+                    vstore(yc, dst + j * ldy, vload(out, (i * m + j) * LANES))
 
 
 @njit(parallel=True, cache=True)
-def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, yc, h, w, ldy, b, relu, nthreads, counter):
+def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, yc, h, w, ldy, nthreads, counter):
     # xc: flat (N, hp, wp, cp) ; u: flat ((m+2)², cop/32, cp, 32) B panels ; yc: flat (N, H, W, ldy)
-    # channels-last output, ldy <= cop in 16s ; b: (ldy,) ; tb: tiles per block, in 8s ; counter: (1,) zero
+    # channels-last output, ldy <= cop in 16s ; tb: tiles per block, in 8s ; counter: (1,) zero
     alpha = m + 2
     points = alpha * alpha
     ntile = n * th_n * tw_n
@@ -329,7 +327,7 @@ def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, yc, h, w, ldy, b, re
             for p in range(points):     # (tiles x Cin) @ (Cin x Cout) on U's panels
                 gemm32_panels(v[p * vst:], ldv, False, t1 - t0, cp, u[p * upoint:(p + 1) * upoint], cop,
                               mt[p * mst:], cop, abuf)
-            _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, yc, h, w, ldy, b, relu, tout, out)
+            _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, yc, h, w, ldy, tout, out)
 
 
 def _channels_last(x, mask, m, lanes=LANES):
@@ -345,16 +343,14 @@ def _channels_last(x, mask, m, lanes=LANES):
 
 def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
     # xc from _channels_last -> (N, cout, H, W) through U ((m+2)², cout padded / 32, cp, 32): the
-    # tiles write channels-last with vector stores, one transpose makes the planes
+    # tiles write channels-last with vector stores, one transpose (+ bias, ReLU) makes the planes
     ldy = _ceil(cout, LANES) * LANES
     yc = aligned_f32(n * h * w * ldy)
-    bias = np.zeros(ldy, dtype=np.float32)
-    if b is not None:
-        bias[:cout] = b
     _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, _ceil(h, m), _ceil(w, m), u.reshape(-1),
-              u.shape[1] * NR, yc, h, w, ldy, bias, relu, nthreads, np.zeros(1, dtype=np.int64))
+              u.shape[1] * NR, yc, h, w, ldy, nthreads, np.zeros(1, dtype=np.int64))
     y = np.empty((n, cout, h, w), dtype=np.float32)
-    from_nhwc(yc, ldy, bias, False, False, y.reshape(n, cout, h * w))
+    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    from_nhwc(yc, ldy, bias, b is not None, relu, y.reshape(n, cout, h * w))
     return y
 
 
