@@ -100,8 +100,13 @@ def check_backward(path, c, y_ref=None):
     dw_r, db_r = start.astype(np.float64), (np.ones(c.w.shape[0]) if c.b is not None else None)
     # dy masked by the ReLU first (exact), then rounded as the products see it; db sums it unrounded
     dym = dy if relu_out is None else np.where(relu_out <= 0, 0, dy).astype(dtype)
-    dx_r = conv2d_backward_ref(c.operand(dym, path), c.operand(c.x, path), c.operand(c.w, path), dw_r, None,
-                               *c.args(), need_dx=c.need_dx, accumulate=c.accumulate)
+    dx_r = conv2d_backward_ref(c.operand(dym, path), c.operand(c.x, path), c.operand(c.w, path),
+                               np.zeros(c.w.shape), None, *c.args(), need_dx=c.need_dx)
+    # the weight gradient in the arithmetic of the path that computes it (an input-gradient-only
+    # path's comes from the path routed without dx, which may compute a bf16 call in float32)
+    wpath = plan.route_unforced(plan.weight_grad_call(c.call("backward"))) if path in plan.INPUT_GRAD_ONLY else path
+    conv2d_backward_ref(c.operand(dym, wpath), c.operand(c.x, wpath), c.operand(c.w, wpath), dw_r, None,
+                        *c.args(), need_dx=False, accumulate=c.accumulate)
     if db_r is not None:
         total = dym.astype(np.float64).sum(axis=(0, 2, 3))
         db_r = db_r + total if c.accumulate else total
@@ -281,7 +286,11 @@ def test_route_of_alexnet_layers_in_bf16(monkeypatch, emulate):
     for name in ("conv2", "conv3", "conv4", "conv5"):
         for phase in plan.PHASES:
             assert plan.route(_alexnet_call(conv[name], phase, 8, 2, precision="bf16")) == "direct_bf16"
-        assert plan.label(_alexnet_call(conv[name], "backward", 8, 2, precision="bf16")) == "direct_bf16+bf16"
+    # their weight gradients: float32 on Winograd (conv3-5) and direct_split (conv2), both measured
+    # faster than im2col + the bf16 GEMM
+    assert [plan.label(_alexnet_call(conv[name], "backward", 8, 2, precision="bf16"))
+            for name in ("conv2", "conv3", "conv4", "conv5")] == ["direct_bf16+direct_split"] + ["direct_bf16+winograd"] * 3
+    assert plan.label(_alexnet_call(conv["conv4"], "backward", 64, 2, precision="bf16")) == "direct_bf16+winograd4"
     # the grouped layers: forward im2col + bf16 GEMM, backward with dx float32 (blocked);
     # conv1 (stride 4, 3 channels): float32, as at precision fp32
     assert plan.route(_alexnet_call(conv["conv4 grouped"], "forward", 8, 2, precision="bf16")) == "bf16"
@@ -313,18 +322,23 @@ def test_an_input_grad_only_path_forced_without_dx_refuses_it_and_its_weight_gra
         with pytest.raises(ValueError, match="dx wanted"):
             plan.route(call)
         # the weight gradient beside a forced direct_bf16 input gradient is routed, not forced
-        assert plan.route_unforced(plan.weight_grad_call(call._replace(need_dx=True))) == "bf16"
+        assert plan.route_unforced(plan.weight_grad_call(call._replace(need_dx=True))) == "winograd"
     # the Winograd paths compute the whole backward, with or without dx
     assert plan.route(_alexnet_call(ALEXNET[3], "backward", 8, 2, need_dx=False)) == "winograd"
 
 
-def test_the_table_has_a_catch_all_last_rule_per_phase_and_bf16_rules_first():
+def test_the_table_has_a_catch_all_last_rule_per_phase_and_bf16_rules_where_they_pay():
     for phase in plan.PHASES:
         rules = [r for r in plan.RULES if r.phase == phase]
         assert {r.path for r in rules} == set(plan.PATHS)
         assert rules[-1].needs == () and rules[-1].prefer == ()
-        bf16 = [r for r in rules if "bf16" in r.needs]
-        assert rules[:len(bf16)] == bf16 and {r.path for r in bf16} == {"direct_bf16", "bf16"}
+        assert {r.path for r in rules if "bf16" in r.needs} == {"direct_bf16", "bf16"}
+        assert rules[0].path == "direct_bf16"
+    forward = [r.path for r in plan.RULES if r.phase == "forward"]
+    backward = [r.path for r in plan.RULES if r.phase == "backward"]
+    assert forward.index("bf16") == 1
+    # a weight gradient (no dx) takes Winograd or direct_split before im2col + the bf16 GEMM
+    assert max(backward.index(p) for p in ("winograd4", "winograd", "direct_split")) < backward.index("bf16")
     assert all(name in plan.REQUIREMENTS for r in plan.RULES for name in r.needs + r.prefer)
 
 

@@ -14,9 +14,10 @@ A path is named by what it is (see each module's docstring):
 
 RULES is read top to bottom for the call's phase; the first rule whose requirements all hold
 is taken. A bf16 call (precision "bf16": products of bf16-rounded operands) takes a bf16 path
-where one serves it and pays (docs/performance.md); others (a first layer's 3 input channels,
-a backward with an input gradient that direct_bf16 cannot take) fall through to the float32
-paths and compute in float32. `needs` is what a path can compute at all (a forced path must meet it); `prefer`
+where one serves it and pays (docs/performance.md); others compute in float32: a first layer's
+3 input channels, a backward with an input gradient that direct_bf16 cannot take, and the
+weight gradient beside direct_bf16's input gradient wherever Winograd or direct_split serve it
+(both measured faster than im2col + the bf16 GEMM, so the bf16 backward rule comes after them). `needs` is what a path can compute at all (a forced path must meet it); `prefer`
 adds when it is also the faster choice. The reasons and measurements behind each rule are in
 docs/performance.md.
 """
@@ -120,12 +121,12 @@ RULES = (
     Rule("forward", "batched", ()),
     Rule("backward", "direct_bf16", ("bf16", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
                                      "padding < kernel", "dx wanted", "float32 grads")),
-    Rule("backward", "bf16", ("bf16",), ("stride 1", "Cin in 32s", "no dx")),
     Rule("backward", "winograd4", WINOGRAD + ("float32 grads",), WINOGRAD4_PREFER),
     Rule("backward", "winograd", WINOGRAD + ("float32 grads",), (f"channels >= {WINOGRAD_MIN_CHANNELS}",)),
     Rule("backward", "direct", ("float32", "groups 1", "Cout in 32s", "Cin in 32s", "stride 1",
-                                "padding < kernel", "float32 grads")),
+                                "padding < kernel", "float32 grads"), ("dx wanted",)),
     Rule("backward", "direct_split", ("float32", "groups 1", "Cout in 32s", "no dx", "float32 grads")),
+    Rule("backward", "bf16", ("bf16",), ("stride 1", "Cin in 32s", "no dx")),
     Rule("backward", "blocked", ("float32", "batch >= threads")),
     Rule("backward", "batched", ()),
 )
