@@ -5,9 +5,14 @@ as torch's return_indices does. Like torch's CPU kernel a NaN always wins (the l
 window is taken), otherwise the first maximum in row-major window order.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
+from minialex.kernels.simd import LANES, vadd, veven, vload, vmax_index, vodd, vsplat, vstore, vstore_int64
 from minialex.shapes import pair, pool2d_output_size
+
+EXACT = 1 << 24   # flat indices below this are exact in float32
+_STEP2 = np.arange(0, 2 * LANES, 2, dtype=np.float32)   # window columns of 16 outputs: 0, 2, ..., 30
 
 
 @njit(cache=True)
@@ -56,16 +61,66 @@ def _row_3x3_s2(r0, r1, r2, i0, w, yo, ao, n):
         ao[q] = idx
 
 
+def _row_3x3_s2_any(xf, off, i0, w, yr, ar, a, n, room):
+    """n outputs yr[a:a+n], ar[a:a+n] of a row of 3x3 stride-2 windows inside the plane, the
+    first window's top-left input at xf[off] (flat index i0 in its plane); room: outputs of
+    the plane from yr[a] on, which this task writes later (overload below, per dtype)."""
+
+
+@overload(_row_3x3_s2_any)
+def _row_3x3_s2_dispatch(xf, off, i0, w, yr, ar, a, n, room):
+    if xf.dtype != types.float32:
+        def scalar(xf, off, i0, w, yr, ar, a, n, room):
+            _row_3x3_s2(xf[off:], xf[off + w:], xf[off + 2 * w:], i0, w, yr[a:], ar[a:], n)
+        return scalar
+
+    def simd(xf, off, i0, w, yr, ar, a, n, room):
+        _row_3x3_s2_f32(xf, off, i0, w, yr, ar, a, n, room)
+    return simd
+
+
+@njit(cache=True)
+def _row_3x3_s2_f32(xf, off, i0, w, yr, ar, a, n, room):
+    # float32: 16 outputs at a time. Per input row, the 32 floats from a window's left column
+    # split into even columns (each window's left tap), odd ones (its middle tap) and the even
+    # ones two further on (its right tap); the nine taps in row-major order through vmax_index,
+    # flat indices as exact float32. A vector may read up to 34 floats past its first window
+    # and write 16 outputs: near the end of x or of the plane's outputs the scalar rows finish.
+    step2 = vload(_STEP2, 0)
+    one, two = vsplat(np.float32(1.0)), vsplat(np.float32(2.0))
+    exact = i0 + 2 * w + 2 * n < EXACT
+    for q0 in range(0, n, LANES):
+        base = off + 2 * q0
+        if not exact or base + 2 * w + 2 * LANES + 2 > xf.size or q0 + LANES > room:
+            _row_3x3_s2(xf[base:], xf[base + w:], xf[base + 2 * w:], i0 + 2 * q0, w, yr[a + q0:], ar[a + q0:],
+                        n - q0)
+            return
+        at = vadd(vsplat(np.float32(i0 + 2 * q0)), step2)
+        best, bat = veven(vload(xf, base), vload(xf, base + LANES)), at    # the first tap
+        for r in range(3):
+            src = base + r * w
+            lo, hi = vload(xf, src), vload(xf, src + LANES)
+            if r > 0:
+                best, bat = vmax_index(best, bat, veven(lo, hi), at)
+            best, bat = vmax_index(best, bat, vodd(lo, hi), vadd(at, one))
+            best, bat = vmax_index(best, bat, veven(vload(xf, src + 2), vload(xf, src + 2 + LANES)), vadd(at, two))
+            at = vadd(at, vsplat(np.float32(w)))
+        vstore(yr, a + q0, best)
+        vstore_int64(ar, a + q0, bat)
+
+
 @njit(parallel=True, cache=True)
 def _maxpool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
     # x: (N*C, H, W) ; y: (N*C, OH, OW) ; arg: (N*C, OH, OW) int64
-    # 3x3 stride-2 windows inside the plane (all of AlexNet's) go through _row_3x3_s2: the nine
-    # taps as selects instead of branches (with a branch per new maximum, random data
-    # mispredicted about twice a window), vectorised across the row. Same row-major tap order,
-    # so the same first maximum or last NaN is chosen as by _window_max, which does the rest.
+    # 3x3 stride-2 windows inside the plane (all of AlexNet's) go through _row_3x3_s2_any: the
+    # nine taps as selects instead of branches (with a branch per new maximum, random data
+    # mispredicted about twice a window), across the row, in explicit 16-lane vectors for
+    # float32. Same row-major tap order, so the same first maximum or last NaN is chosen as by
+    # _window_max, which does the rest.
     planes, h, w = x.shape
     oh_n, ow_n = y.shape[1], y.shape[2]
     fast = kh == 3 and kw == 3 and sw == 2
+    xf = x.reshape(-1)
     lo = min(ow_n, (pw + sw - 1) // sw)
     hi = max(lo, min(ow_n, (w + pw - kw) // sw + 1))
     for pl in prange(planes):
@@ -80,8 +135,8 @@ def _maxpool_fwd(x, y, arg, kh, kw, sh, sw, ph, pw):
             if fast and h1 - h0 == 3:
                 a, b = lo, hi
                 c0 = a * sw - pw
-                _row_3x3_s2(xp[h0, c0:], xp[h0 + 1, c0:], xp[h0 + 2, c0:], h0 * w + c0, w,
-                            yr[a:], ar[a:], b - a)
+                _row_3x3_s2_any(xf, (pl * h + h0) * w + c0, h0 * w + c0, w, yr, ar, a, b - a,
+                                (oh_n - oh) * ow_n - a)
             for ow in range(ow_n):
                 if a <= ow < b:
                     continue

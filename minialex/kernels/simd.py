@@ -331,6 +331,66 @@ def vmax(typingctx, a, b):
     return sig, codegen
 
 
+def _every_other(typingctx, a, b, first):
+    # lanes first, first + 2, ..., first + 30 of the 32 lanes of a followed by b
+    if not (a == f32x16 and b == f32x16):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        mask = ir.Constant(ir.VectorType(_i32, LANES), [first + 2 * i for i in range(LANES)])
+        return builder.shuffle_vector(args[0], args[1], mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def veven(typingctx, a, b):
+    """Elements 0, 2, ..., 30 of the 32 floats a then b (one two-source permute)."""
+    return _every_other(typingctx, a, b, 0)
+
+
+@intrinsic
+def vodd(typingctx, a, b):
+    """Elements 1, 3, ..., 31 of the 32 floats a then b."""
+    return _every_other(typingctx, a, b, 1)
+
+
+@intrinsic
+def vmax_index(typingctx, best, at, v, v_at):
+    """(best, at) with each lane replaced by (v, v_at) where v > best or v is NaN: one tap of a
+    max pool's window in row-major order keeps the first maximum and the last NaN (torch's
+    rule), `at` carrying where it came from as exact small integers."""
+    if not all(t == f32x16 for t in (best, at, v, v_at)):
+        return None
+    sig = types.UniTuple(f32x16, 2)(best, at, v, v_at)
+
+    def codegen(context, builder, signature, args):
+        best, at, v, v_at = args
+        take = builder.or_(builder.fcmp_ordered(">", v, best), builder.fcmp_unordered("uno", v, v))
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.select(take, v, best), builder.select(take, v_at, at)])
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore_int64(typingctx, arr, idx, v):
+    """arr[idx : idx + 16] = v converted to int64 (truncating; v holds integers), arr int64."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(idx, types.Integer)
+            and v == f32x16):
+        return None
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, signature, args):
+        i64v = ir.VectorType(ir.IntType(64), LANES)
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        builder.store(builder.fptosi(args[2], i64v), builder.bitcast(ptr, i64v.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _reduce_lanes(builder, x, combine):
     """Lane 0 of a tree reduction: halves combined pairwise, 16 -> 8 -> 4 -> 2 -> 1 lanes."""
     width = LANES

@@ -119,3 +119,44 @@ def test_3x3_stride_2_rows_with_nan_match_torch(torch, c, seed):
     y, arg = maxpool2d_forward(x, k, s, p, ceil)
     np.testing.assert_array_equal(y, yt.numpy())
     np.testing.assert_array_equal(arg, it.numpy())
+
+
+GUARDED = """
+import ctypes, mmap, sys
+import numpy as np
+from minialex.kernels.maxpool import _maxpool_fwd, maxpool2d_forward_ref
+
+libc = ctypes.CDLL(None)
+maps = []
+
+def guarded(shape, dtype):
+    # an array whose last byte lies just before a page that may not be read or written
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    pages = -(-nbytes // mmap.PAGESIZE) + 1
+    m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+    maps.append(m)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(ctypes.c_void_p(start + (pages - 1) * mmap.PAGESIZE), mmap.PAGESIZE, 0) == 0
+    return np.frombuffer(m, dtype, int(np.prod(shape)), (pages - 1) * mmap.PAGESIZE - nbytes).reshape(shape)
+
+rng = np.random.default_rng(0)
+for c, h, w in [(3, 27, 27), (1, 13, 13), (2, 9, 35), (1, 5, 33), (1, 55, 55), (4, 5, 7)]:
+    oh, ow = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+    x = guarded((c, h, w), np.float32)
+    x[...] = rng.standard_normal((c, h, w))
+    y, arg = guarded((c, oh, ow), np.float32), guarded((c, oh, ow), np.int64)
+    _maxpool_fwd(x, y, arg, 3, 3, 2, 2, 0, 0)
+    y_r, arg_r = maxpool2d_forward_ref(x[None], 3, 2, 0, False)
+    assert np.array_equal(y, y_r[0]) and np.array_equal(arg, arg_r[0]), (c, h, w)
+print("ok")
+"""
+
+
+def test_3x3_stride_2_rows_touch_nothing_past_their_arrays():
+    # the vector rows read up to 34 floats past a window and write 16 outputs at a time: with
+    # x, y and argmax each ending where an inaccessible page begins, a stray access faults
+    # (run in a child process, which the fault ends)
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

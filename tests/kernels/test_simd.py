@@ -1,9 +1,11 @@
-"""The vector intrinsics that are more than one LLVM instruction: exp and the lane reductions."""
+"""The vector intrinsics that are more than one LLVM instruction: exp, the lane reductions and
+the max pool's permutes, select and index store."""
 import numpy as np
 import pytest
 from numba import njit
 
-from minialex.kernels.simd import LANES, vexp, vhmax, vhsum, vload, vmax, vstore
+from minialex.kernels.simd import (LANES, veven, vexp, vhmax, vhsum, vload, vmax, vmax_index, vodd, vstore,
+                                   vstore_int64)
 
 
 @njit(cache=True)
@@ -58,3 +60,32 @@ def test_lane_reductions(seed):
     _reduce(x, out)
     np.testing.assert_allclose(out[0], x.astype(np.float64).sum(), rtol=1e-6, atol=1e-6)
     assert out[1] == x.max() and out[2] == x.max()
+
+
+@njit(cache=True)
+def _pool_ops(x, best, at, out, idx):
+    # out[0:16] / out[16:32]: even and odd elements of x[0:32] ; out[32:48], idx[0:16]: vmax_index
+    # of (best, at) with (x[0:16], x[32:48]) ; idx[16:32]: x[32:48] as int64
+    lo, hi = vload(x, 0), vload(x, LANES)
+    vstore(out, 0, veven(lo, hi))
+    vstore(out, LANES, vodd(lo, hi))
+    b, a = vmax_index(vload(best, 0), vload(at, 0), lo, vload(x, 2 * LANES))
+    vstore(out, 2 * LANES, b)
+    vstore_int64(idx, 0, a)
+    vstore_int64(idx, LANES, vload(x, 2 * LANES))
+
+
+def test_max_pool_permutes_select_and_index_store():
+    x = np.arange(3 * LANES, dtype=np.float32)
+    x[:LANES] = [1, 5, np.nan, 2, -np.inf, 3, 3, np.nan, 0, -1, 4, 4, 7, 7, -0.0, 8]
+    best = np.array([2, 5, 1, np.nan, -np.inf, 2, 3, np.nan, 0, -2, 5, 4, 6, 8, 0.0, 8], np.float32)
+    at = np.full(LANES, 100, np.float32)
+    out, idx = np.empty(3 * LANES, np.float32), np.empty(2 * LANES, np.int64)
+    _pool_ops(x, best, at, out, idx)
+    np.testing.assert_array_equal(out[:LANES], x[0:2 * LANES:2])
+    np.testing.assert_array_equal(out[LANES:2 * LANES], x[1:2 * LANES:2])
+    v = x[:LANES]
+    take = (v > best) | np.isnan(v)      # the later tap wins only when larger or NaN
+    np.testing.assert_array_equal(out[2 * LANES:], np.where(take, v, best))
+    np.testing.assert_array_equal(idx[:LANES], np.where(take, x[2 * LANES:], at).astype(np.int64))
+    np.testing.assert_array_equal(idx[LANES:], np.arange(2 * LANES, 3 * LANES))
