@@ -288,8 +288,9 @@ def test_route_of_alexnet_layers_in_bf16(monkeypatch, emulate):
             assert plan.route(_alexnet_call(conv[name], phase, 8, 2, precision="bf16")) == "direct_bf16"
     # their weight gradients: float32 on Winograd (conv3-5) and direct_split (conv2), both measured
     # faster than im2col + the bf16 GEMM
-    assert [plan.label(_alexnet_call(conv[name], "backward", 8, 2, precision="bf16"))
-            for name in ("conv2", "conv3", "conv4", "conv5")] == ["direct_bf16+direct_split"] + ["direct_bf16+winograd"] * 3
+    labels = [plan.label(_alexnet_call(conv[name], "backward", 8, 2, precision="bf16"))
+              for name in ("conv2", "conv3", "conv4", "conv5")]
+    assert labels == ["direct_bf16+direct_split"] + ["direct_bf16+winograd"] * 3
     assert plan.label(_alexnet_call(conv["conv4"], "backward", 64, 2, precision="bf16")) == "direct_bf16+winograd4"
     # the grouped layers: forward im2col + bf16 GEMM, backward with dx float32 (blocked);
     # conv1 (stride 4, 3 channels): float32, as at precision fp32

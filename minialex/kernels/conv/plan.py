@@ -17,8 +17,9 @@ is taken. A bf16 call (precision "bf16": products of bf16-rounded operands) take
 where one serves it and pays (docs/performance.md); others compute in float32: a first layer's
 3 input channels, a backward with an input gradient that direct_bf16 cannot take, and the
 weight gradient beside direct_bf16's input gradient wherever Winograd or direct_split serve it
-(both measured faster than im2col + the bf16 GEMM, so the bf16 backward rule comes after them). `needs` is what a path can compute at all (a forced path must meet it); `prefer`
-adds when it is also the faster choice. The reasons and measurements behind each rule are in
+(both measured faster than im2col + the bf16 GEMM, so the bf16 backward rule comes after
+them). `needs` is what a path can compute at all (a forced path must meet it); `prefer` adds
+when it is also the faster choice. The reasons and measurements behind each rule are in
 docs/performance.md.
 """
 import contextlib
