@@ -64,7 +64,7 @@ def test_from_channels_last(n, c, plane, extra, has_bias, relu, seed):
     src[rng.random(src.shape) < 0.05] = np.nan
     b = rng.standard_normal(c).astype(np.float32)
     y = np.full((n, c, plane), np.inf, np.float32)
-    from_nhwc(src.reshape(-1), c + extra, b, has_bias, relu, y)
+    from_nhwc(src.reshape(-1), c + extra, b if has_bias else None, relu, y)
     want = src[:, :c].reshape(n, plane, c).transpose(0, 2, 1) + (b[None, :, None] if has_bias else 0)
     np.testing.assert_array_equal(y, np.where(want <= 0, 0, want) if relu else want)
 

@@ -462,8 +462,7 @@ def forward(x, w, b, g, relu, nthreads):
     wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
     _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
     out = _run(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, g.sh, g.sw, cout, nthreads)
-    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    from_nhwc(out.reshape(-1), cout, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
+    from_nhwc(out.reshape(-1), cout, b, relu, y.reshape(n, cout, g.oh * g.ow))
     return y
 
 
@@ -503,7 +502,7 @@ def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads):
         wpk = np.empty((cin // PANEL, kh * kw, cout, PANEL), dtype=np.float32)
         _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
         out = _run(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, 1, 1, cin, nthreads)
-        from_nhwc(out.reshape(-1), cin, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
+        from_nhwc(out.reshape(-1), cin, None, False, dx.reshape(n, cin, g.h * g.w))
     dyk = np.empty((cout // PANEL, n * g.oh * g.ow, PANEL), dtype=np.float32)
     _pack_dy(dyp, qh, qw, g.oh, g.ow, dyk)
     _weight_grad(x, dyk, dw, g, accumulate, nthreads)
@@ -543,8 +542,7 @@ def forward_bf16(x, w, b, g, relu, nthreads):
     wpk = np.empty((cout // PANEL, kh * kw, cin, PANEL), dtype=np.float32)
     _pack_weights_taps(np.ascontiguousarray(w), False, wpk)
     out = _run_bf16(xp, wpk, kh, kw, n * g.oh * g.ow, g.oh, g.ow, cout, nthreads)
-    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    from_nhwc(out.reshape(-1), cout, bias, b is not None, relu, y.reshape(n, cout, g.oh * g.ow))
+    from_nhwc(out.reshape(-1), cout, b, relu, y.reshape(n, cout, g.oh * g.ow))
     return y
 
 
@@ -561,5 +559,5 @@ def input_grad_bf16(dy, w, g, relu_out, nthreads):
     _pack_weights_taps(np.ascontiguousarray(w), True, wpk)
     out = _run_bf16(dyp, wpk, kh, kw, n * g.h * g.w, g.h, g.w, cin, nthreads)
     dx = np.empty((n, cin, g.h, g.w), dtype=np.float32)
-    from_nhwc(out.reshape(-1), cin, np.zeros(1, np.float32), False, False, dx.reshape(n, cin, g.h * g.w))
+    from_nhwc(out.reshape(-1), cin, None, False, dx.reshape(n, cin, g.h * g.w))
     return dx

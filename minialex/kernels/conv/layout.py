@@ -156,10 +156,16 @@ def to_padded_nhwc(x, yr, relu, top, left, xp):
             rf[dst:dst + cols * cp] = tt[:cols * cp]   # one contiguous stream of whole pixels
 
 
+def from_nhwc(src, lds, b, relu, y):
+    """src: flat (N*P, lds) float32 channels-last rows, lds >= C -> y: (N, C, P) = src transposed,
+    + b[c] unless b is None, rectified when relu (as relu_forward: a NaN passes)."""
+    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    _from_nhwc(src, lds, bias, b is not None, relu, y)
+
+
 @njit(parallel=True, cache=True)
-def from_nhwc(src, lds, bias, has_bias, relu, y):
-    # src: flat (N*P, lds) channels-last rows, lds >= C -> y: (N, C, P) = src transposed, + bias[c]
-    # when has_bias, rectified when relu (as relu_forward: a NaN passes). One task per image's 16
+def _from_nhwc(src, lds, bias, has_bias, relu, y):
+    # from_nhwc with bias: (C,) float32, read only when has_bias. One task per image's 16
     # channels: 8 pixels x 16 channels a register transpose (bias and ReLU applied to the rows as
     # vectors first), the ragged pixel and channel edges one element at a time.
     n, c, plane = y.shape

@@ -349,8 +349,7 @@ def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
     _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, _ceil(h, m), _ceil(w, m), u.reshape(-1),
               u.shape[1] * NR, yc, h, w, ldy, nthreads, np.zeros(1, dtype=np.int64))
     y = np.empty((n, cout, h, w), dtype=np.float32)
-    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
-    from_nhwc(yc, ldy, bias, b is not None, relu, y.reshape(n, cout, h * w))
+    from_nhwc(yc, ldy, b, relu, y.reshape(n, cout, h * w))
     return y
 
 
