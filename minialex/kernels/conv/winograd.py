@@ -50,7 +50,9 @@ G4 = np.array([[1, 0, 0], [-1 / 3, -1 / 3, -1 / 3], [1 / 3, -1 / 3, 1 / 3], [1 /
 AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -.5, 0], [0, 1, 1, 4, .25, 0],
                 [0, 1, -1, 8, -.125, 1]], dtype=np.float64)
 MATRICES = {2: (BT2, G2, AT2), 4: (BT4, G4, AT4)}
-G_F32 = {m: mats[1].astype(np.float32) for m, mats in MATRICES.items()}   # the weight gradient's Gᵀ . G
+# the weight gradient's Gᵀ W G as one (a*a, 9) table: GG[m][i*a + j, k*3 + l] = G[i, k] G[j, l]
+GG_F32 = {m: np.einsum("ik,jl->ijkl", mats[1], mats[1]).reshape((m + 2) ** 2, 9).astype(np.float32)
+          for m, mats in MATRICES.items()}
 BT, G, AT = BT2, G2, AT2
 
 
@@ -480,34 +482,46 @@ def _panel_sums(yp, ntile, db, accumulate):
 
 
 @njit(parallel=True, cache=True)
-def _grad_weights(alpha, wh, cop, ldw, gm, dw, accumulate):
-    # dw: (Cout, Cin, 3, 3) (+)= Gᵀ W G of wh[:, co, ci] (gm: G, (a, 3) float32)
+def _grad_weights(npts, wh, cop, ldw, gg, dw, accumulate):
+    # dw: (Cout, Cin, 3, 3) (+)= sum over points p of gg[p, q] * wh[p, co, ci] for the 9 taps q
+    # (gg: (a*a, 9) float32, (G ⊗ G)ᵀ: Gᵀ W G written out point by point). Each point's row of
+    # wh is one vector load; the 9 taps leave through a register transpose as 144 contiguous floats
     cout, cin = dw.shape[0], dw.shape[1]
     dwf = dw.reshape(-1)
     pstride = cop * ldw
     for co in prange(cout):
-        tmp = np.empty(3 * alpha * LANES, dtype=np.float32)
-        out = np.empty(9 * LANES, dtype=np.float32)
+        taps = np.empty(9 * LANES, dtype=np.float32)      # [tap][lane]
+        rows = np.empty(9 * LANES, dtype=np.float32)      # [lane][tap]: dw[co, c + lane, tap]
         for c in range(0, cin, LANES):
-            for j in range(alpha):      # down column j: tmp[k, j] = (Gᵀ W)[k, j]
-                for k in range(3):
-                    acc = vzero()
-                    for i in range(alpha):
-                        acc = vfma(vsplat(gm[i, k]), vload(wh, (i * alpha + j) * pstride + co * ldw + c), acc)
-                    vstore(tmp, (k * alpha + j) * LANES, acc)
-            for k in range(3):          # along row k: out[k, l] = (tmp G)[k, l]
-                for l in range(3):
-                    acc = vzero()
-                    for j in range(alpha):
-                        acc = vfma(vsplat(gm[j, l]), vload(tmp, (k * alpha + j) * LANES), acc)
-                    vstore(out, (k * 3 + l) * LANES, acc)
-            for lane in range(min(LANES, cin - c)):
-                base = (co * cin + c + lane) * 9
-                for q in range(9):
+            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero()
+            a5 = vzero(); a6 = vzero(); a7 = vzero(); a8 = vzero()
+            for p in range(npts):
+                v = vload(wh, p * pstride + co * ldw + c)
+                a0 = vfma(vsplat(gg[p, 0]), v, a0); a1 = vfma(vsplat(gg[p, 1]), v, a1)
+                a2 = vfma(vsplat(gg[p, 2]), v, a2); a3 = vfma(vsplat(gg[p, 3]), v, a3)
+                a4 = vfma(vsplat(gg[p, 4]), v, a4); a5 = vfma(vsplat(gg[p, 5]), v, a5)
+                a6 = vfma(vsplat(gg[p, 6]), v, a6); a7 = vfma(vsplat(gg[p, 7]), v, a7)
+                a8 = vfma(vsplat(gg[p, 8]), v, a8)
+            vstore(taps, 0, a0); vstore(taps, LANES, a1); vstore(taps, 2 * LANES, a2)
+            vstore(taps, 3 * LANES, a3); vstore(taps, 4 * LANES, a4); vstore(taps, 5 * LANES, a5)
+            vstore(taps, 6 * LANES, a6); vstore(taps, 7 * LANES, a7); vstore(taps, 8 * LANES, a8)
+            base = (co * cin + c) * 9
+            if c + LANES <= cin:
+                vtranspose_8x16(taps, 0, LANES, rows, 0, 9)     # taps 0-7; tap 8 below
+                for lane in range(LANES):
+                    rows[lane * 9 + 8] = taps[8 * LANES + lane]
+                for q in range(0, 9 * LANES, LANES):
                     if accumulate:
-                        dwf[base + q] += out[q * LANES + lane]
+                        vstore(dwf, base + q, vadd(vload(dwf, base + q), vload(rows, q)))
                     else:
-                        dwf[base + q] = out[q * LANES + lane]
+                        vstore(dwf, base + q, vload(rows, q))
+            else:
+                for lane in range(cin - c):
+                    for q in range(9):
+                        if accumulate:
+                            dwf[base + lane * 9 + q] += taps[q * LANES + lane]
+                        else:
+                            dwf[base + lane * 9 + q] = taps[q * LANES + lane]
 
 
 def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
@@ -523,7 +537,7 @@ def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh)
     wh = aligned_f32(alpha * alpha * cop * ldw)
     _grad_products(alpha, ntile, xh, cp, yh, cop, wh, ldw)
-    _grad_weights(alpha, wh, cop, ldw, G_F32[m], dw, accumulate)
+    _grad_weights(alpha * alpha, wh, cop, ldw, GG_F32[m], dw, accumulate)
     if db is not None:   # point (1, 1) of A dY Aᵀ is the sum of the tile (row 1 of A is all ones)
         p11 = alpha + 1
         _panel_sums(yh[p11 * cop * ntile:(p11 + 1) * cop * ntile], ntile, db, accumulate)
