@@ -63,8 +63,9 @@ def _ceil(c, k):
 
 @njit(cache=True)
 def _ld(c):
-    """Row stride (elements) for a matrix of c (multiple of 16) columns that the GEMM reads in
-    place: an odd number of 64-byte lines, so successive rows do not share cache sets."""
+    """Stride (elements) for rows of c (a multiple of 16) elements, or between the transformed
+    weights' points of c elements each: an odd number of 64-byte lines, so that successive rows,
+    or the 16 or 36 points the weight transform writes together, do not share cache sets."""
     return c if (c // LANES) % 2 == 1 else c + LANES
 
 
@@ -191,11 +192,11 @@ def _gather_taps(w, lane0, r0, flipped, buf):
 
 
 @njit(parallel=True, cache=True)
-def _weight_transform(m, w, flipped, ldw, kp, u):
-    # w: (Cout, Cin, 3, 3) ; u: flat (a*a, ldw/32, kp, 32) for gemm32_panels, a = m + 2, lanes
-    # padded to ldw (in 32s), rows to kp (in 16s), both with zeros: u[p, lane // 32, row, lane % 32]
+def _weight_transform(m, w, flipped, ldw, kp, u, pstride):
+    # w: (Cout, Cin, 3, 3) ; u: flat, point p's (ldw/32, kp, 32) panels for gemm32_panels from
+    # p*pstride, a = m + 2, lanes padded to ldw (in 32s), rows to kp (in 16s), both with zeros:
+    # u[p*pstride + ((lane // 32)*kp + row)*32 + lane % 32]
     alpha = m + 2
-    pstride = kp * ldw
     rblocks = kp // LANES
     # tap t of a row at base + t*ts: the input gradient's weights w[:, :, ::-1, ::-1] read backwards
     rs, ts, t0 = (256, -LANES, 8 * LANES) if flipped else (144, LANES, 0)
@@ -220,20 +221,28 @@ def _weight_transform(m, w, flipped, ldw, kp, u):
                         _g(tmp, i * 3 * LANES, LANES, u, i * alpha * pstride + dst, pstride)
 
 
+def _transform(w, flipped, m):
+    # -> (u flat, its point stride, lanes padded to 32s, rows padded to 16s): transform_weights'
+    # panels, point p's from p * stride
+    w = np.ascontiguousarray(w)
+    rows, lanes = (w.shape[0], w.shape[1]) if flipped else (w.shape[1], w.shape[0])
+    ldw, kp = _ceil(lanes, NR) * NR, _ceil(rows, LANES) * LANES
+    ust = _ld(ldw * kp)
+    u = np.empty((m + 2) ** 2 * ust, dtype=np.float32)
+    if rows and lanes:
+        _weight_transform(m, w, flipped, ldw, kp, u, ust)
+    else:
+        u[...] = 0
+    return u, ust, ldw, kp
+
+
 def transform_weights(w, flipped=False, m=2):
     """w (Cout, Cin, 3, 3) float32 -> U ((m+2)², Cout padded to 32 / 32, Cin padded to 16, 32)
     float32, the GEMM's B panels: U[p, co // 32, ci, co % 32] = (G w[co, ci] Gᵀ)[p]; flipped: the
     same for the weights of the input gradient, w[:, :, ::-1, ::-1] with the channel axes
-    swapped (Cin and Cout trade places)."""
-    w = np.ascontiguousarray(w)
-    rows, lanes = (w.shape[0], w.shape[1]) if flipped else (w.shape[1], w.shape[0])
-    ldw, kp = _ceil(lanes, NR) * NR, _ceil(rows, LANES) * LANES
-    u = np.empty(((m + 2) ** 2, ldw // NR, kp, NR), dtype=np.float32)
-    if rows and lanes:
-        _weight_transform(m, w, flipped, ldw, kp, u.reshape(-1))
-    else:
-        u[...] = 0
-    return u
+    swapped (Cin and Cout trade places). A view: the points lie _ld(...) elements apart."""
+    u, ust, ldw, kp = _transform(w, flipped, m)
+    return u.reshape(-1, ust)[:, :ldw * kp].reshape(-1, ldw // NR, kp, NR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +310,10 @@ def _output_tiles(m, mt, ldm, pstride, th_n, tw_n, t0, t1, yc, h, w, ldy, tmp, o
 
 
 @njit(parallel=True, cache=True)
-def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, yc, h, w, ldy, nthreads, counter):
-    # xc: flat (N, hp, wp, cp) ; u: flat ((m+2)², cop/32, cp, 32) B panels ; yc: flat (N, H, W, ldy)
-    # channels-last output, ldy <= cop in 16s ; tb: tiles per block, in 8s ; counter: (1,) zero
+def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, ust, cop, yc, h, w, ldy, nthreads, counter):
+    # xc: flat (N, hp, wp, cp) ; u: flat, point p's (cop/32, cp, 32) B panels from p*ust ;
+    # yc: flat (N, H, W, ldy) channels-last output, ldy <= cop in 16s ; tb: tiles per block, in 8s ;
+    # counter: (1,) zero
     alpha = m + 2
     points = alpha * alpha
     ntile = n * th_n * tw_n
@@ -327,7 +337,7 @@ def _winograd(m, tb, xc, hp, wp, cp, n, th_n, tw_n, u, cop, yc, h, w, ldy, nthre
             t1 = min(ntile, t0 + tb)
             _input_tiles(m, xc, hp, wp, cp, th_n, tw_n, t0, t1, v, ldv, NR, vst, tin)
             for p in range(points):     # (tiles x Cin) @ (Cin x Cout) on U's panels
-                gemm32_panels(v[p * vst:], ldv, False, t1 - t0, cp, u[p * upoint:(p + 1) * upoint], cop,
+                gemm32_panels(v[p * vst:], ldv, False, t1 - t0, cp, u[p * ust:p * ust + upoint], cop,
                               mt[p * mst:], cop, abuf)
             _output_tiles(m, mt, cop, mst, th_n, tw_n, t0, t1, yc, h, w, ldy, tout, out)
 
@@ -343,13 +353,15 @@ def _channels_last(x, mask, m, lanes=LANES):
     return xc.reshape(-1), hp, wp, cp
 
 
-def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
-    # xc from _channels_last -> (N, cout, H, W) through U ((m+2)², cout padded / 32, cp, 32): the
-    # tiles write channels-last with vector stores, one transpose (+ bias, ReLU) makes the planes
+def _conv(m, xc, hp, wp, cp, n, h, w, transformed, cout, b, relu, nthreads):
+    # xc from _channels_last -> (N, cout, H, W) through _transform's U (cout padded to 32s, cp
+    # rows): the tiles write channels-last with vector stores, one transpose (+ bias, ReLU)
+    # makes the planes
+    u, ust, ldw, _ = transformed
     ldy = _ceil(cout, LANES) * LANES
     yc = aligned_f32(n * h * w * ldy)
-    _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, _ceil(h, m), _ceil(w, m), u.reshape(-1),
-              u.shape[1] * NR, yc, h, w, ldy, nthreads, np.zeros(1, dtype=np.int64))
+    _winograd(m, TILE_BLOCK, xc, hp, wp, cp, n, _ceil(h, m), _ceil(w, m), u, ust, ldw, yc, h, w, ldy,
+              nthreads, np.zeros(1, dtype=np.int64))
     y = np.empty((n, cout, h, w), dtype=np.float32)
     from_nhwc(yc, ldy, b, relu, y.reshape(n, cout, h * w))
     return y
@@ -358,7 +370,7 @@ def _conv(m, xc, hp, wp, cp, n, h, w, u, cout, b, relu, nthreads):
 def forward(x, w, b, g, relu, nthreads, m=2):
     """The package's forward (x: (N, Cin, H, W) float32, g: layout.Geometry), by F(m x m, 3x3)."""
     xc, hp, wp, cp = _channels_last(x, None, m)
-    return _conv(m, xc, hp, wp, cp, g.n, g.h, g.w, transform_weights(w, m=m), g.cout, b, relu, nthreads)
+    return _conv(m, xc, hp, wp, cp, g.n, g.h, g.w, _transform(w, False, m), g.cout, b, relu, nthreads)
 
 
 def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads, m=2):
@@ -369,7 +381,7 @@ def backward(dy, x, w, dw, db, g, accumulate, need_dx, relu_out, nthreads, m=2):
     _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate)
     if not need_dx:
         return None
-    return _conv(m, dc, hp, wp, cop, g.n, g.h, g.w, transform_weights(w, flipped=True, m=m), g.cin, None, False,
+    return _conv(m, dc, hp, wp, cop, g.n, g.h, g.w, _transform(w, True, m), g.cin, None, False,
                  nthreads)
 
 
