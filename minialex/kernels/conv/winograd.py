@@ -494,7 +494,7 @@ def _panel_sums(yp, ntile, db, accumulate):
 
 
 @njit(parallel=True, cache=True)
-def _grad_weights(npts, wh, cop, ldw, gg, dw, accumulate):
+def _grad_weights(wh, cop, ldw, gg, dw, accumulate):
     # dw: (Cout, Cin, 3, 3) (+)= sum over points p of gg[p, q] * wh[p, co, ci] for the 9 taps q
     # (gg: (a*a, 9) float32, (G ⊗ G)ᵀ: Gᵀ W G written out point by point). Each point's row of
     # wh is one vector load; the 9 taps leave through a register transpose as 144 contiguous floats
@@ -507,7 +507,7 @@ def _grad_weights(npts, wh, cop, ldw, gg, dw, accumulate):
         for c in range(0, cin, LANES):
             a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero()
             a5 = vzero(); a6 = vzero(); a7 = vzero(); a8 = vzero()
-            for p in range(npts):
+            for p in range(gg.shape[0]):
                 v = vload(wh, p * pstride + co * ldw + c)
                 a0 = vfma(vsplat(gg[p, 0]), v, a0); a1 = vfma(vsplat(gg[p, 1]), v, a1)
                 a2 = vfma(vsplat(gg[p, 2]), v, a2); a3 = vfma(vsplat(gg[p, 3]), v, a3)
@@ -549,7 +549,7 @@ def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     _grad_tiles(m, xc, cp, dc, cop, hp, wp, n, th_n, tw_n, xh, yh)
     wh = aligned_f32(alpha * alpha * cop * ldw)
     _grad_products(alpha, ntile, xh, cp, yh, cop, wh, ldw)
-    _grad_weights(alpha * alpha, wh, cop, ldw, GG_F32[m], dw, accumulate)
+    _grad_weights(wh, cop, ldw, GG_F32[m], dw, accumulate)
     if db is not None:   # point (1, 1) of A dY Aᵀ is the sum of the tile (row 1 of A is all ones)
         p11 = alpha + 1
         _panel_sums(yh[p11 * cop * ntile:(p11 + 1) * cop * ntile], ntile, db, accumulate)
