@@ -538,7 +538,7 @@ def _grad_weights(wh, cop, ldw, gg, dw, accumulate):
 
 def _weight_grad(m, dc, cop, hp, wp, x, dw, db, g, accumulate):
     # dc: flat (N, hp, wp, cop) masked dy from _channels_last ; dw (+)= Gᵀ [sum (A dY Aᵀ) ⊙ (Bᵀ d B)] G
-    n, cin, cout = g.n, g.cin, g.cout
+    n = g.n
     th_n, tw_n = _ceil(g.h, m), _ceil(g.w, m)
     xc, _, _, cp = _channels_last(x, None, m, NR)
     ntile = n * th_n * tw_n
